@@ -1,0 +1,1 @@
+"""The farm's application layer: settings, database, API, Celery tasks, storage, CLI."""

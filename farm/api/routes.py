@@ -1,0 +1,123 @@
+"""HTTP routes. HTTP errors are raised here only; the services below raise FarmErrors."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy import text
+
+from farm import jobs
+from farm.db.models import Job, JobState
+from farm.db.session import get_engine
+from farm.errors import JobNotFound
+from farm.schemas import JobAccepted, JobCreate, JobList, JobPublic, SegmentPublic
+from farm.storage import Storage
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def _settings(request: Request):
+    return request.app.state.settings
+
+
+def to_public(job: Job, request: Request) -> JobPublic:
+    queued = run = None
+    if job.started_at:
+        queued = (job.started_at - job.created_at).total_seconds()
+        if job.finished_at:
+            run = (job.finished_at - job.started_at).total_seconds()
+    url = None
+    if job.state == JobState.succeeded.value:
+        url = str(request.url_for("download_video", job_id=job.id))
+    return JobPublic(
+        id=job.id, state=job.state, progress=round(job.progress, 4), prompt=job.prompt,
+        model=job.model, width=job.width, height=job.height, frames=job.frames, fps=job.fps,
+        steps=job.steps, seed=job.seed, priority=job.priority, route=job.route, error=job.error,
+        output_url=url, output_sha256=job.output_sha256, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, queued_seconds=queued,
+        run_seconds=run, segments=[SegmentPublic.model_validate(s) for s in job.segments],
+    )
+
+
+def _get_or_404(db_url: str, job_id: str) -> Job:
+    try:
+        return jobs.get_job(db_url, job_id)
+    except JobNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+@router.post("/v1/jobs", status_code=202, response_model=JobAccepted)
+def submit_job(body: JobCreate, request: Request) -> JobAccepted:
+    settings = _settings(request)
+    job = jobs.create_job(settings.database_url, body)
+    request.app.state.enqueue(job)
+    return JobAccepted(id=job.id, state=job.state,
+                       url=str(request.url_for("get_job", job_id=job.id)))
+
+
+@router.get("/v1/jobs", response_model=JobList)
+def list_jobs(request: Request, state: JobState | None = None,
+              limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0)) -> JobList:
+    rows, total = jobs.list_jobs(_settings(request).database_url,
+                                 state.value if state else None, limit, offset)
+    return JobList(items=[to_public(j, request) for j in rows], total=total, limit=limit,
+                   offset=offset)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobPublic, name="get_job")
+def get_job(job_id: str, request: Request) -> JobPublic:
+    return to_public(_get_or_404(_settings(request).database_url, job_id), request)
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, request: Request) -> JobPublic:
+    db = _settings(request).database_url
+    _get_or_404(db, job_id)
+    if not jobs.cancel_job(db, job_id):
+        job = jobs.get_job(db, job_id)
+        raise HTTPException(409, f"job {job_id} has already ended: {job.state}")
+    return to_public(jobs.get_job(db, job_id), request)
+
+
+@router.get("/v1/jobs/{job_id}/video", name="download_video")
+def download_video(job_id: str, request: Request):
+    settings = _settings(request)
+    job = _get_or_404(settings.database_url, job_id)
+    if job.state != JobState.succeeded.value or not job.output_key:
+        raise HTTPException(409, f"job {job_id} has no video: it is {job.state}")
+    storage = Storage(settings.storage_url)
+    headers = {"ETag": f'"{job.output_sha256}"', "X-Content-SHA256": job.output_sha256 or ""}
+    local = storage.local_path(job.output_key)
+    if local is not None:
+        return FileResponse(local, media_type="video/mp4", filename=f"{job_id}.mp4",
+                            headers=headers)
+
+    def chunks():
+        with storage.open(job.output_key) as fh:
+            while block := fh.read(1 << 20):
+                yield block
+
+    return StreamingResponse(chunks(), media_type="video/mp4", headers=headers)
+
+
+@router.get("/healthz")
+def healthz(request: Request):
+    settings = _settings(request)
+    status = {"database": "ok", "broker": "ok"}
+    try:
+        with get_engine(settings.database_url).connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # reported, not raised: this route says what is down
+        status["database"] = f"error: {type(exc).__name__}"
+    try:
+        request.app.state.check_broker()
+    except Exception as exc:
+        status["broker"] = f"error: {type(exc).__name__}"
+    healthy = all(v == "ok" for v in status.values())
+    if not healthy:
+        log.warning("health check failed: %s", status)
+        raise HTTPException(503, status)
+    return status

@@ -1,0 +1,49 @@
+"""The Celery app, configured for long GPU tasks (ANCHORS.md: Celery conventions).
+
+Late acks and reject-on-worker-lost: a segment whose worker dies goes back to the queue.
+Prefetch 1: a worker holds no task it is not running, so priorities still apply to the
+backlog. The Redis visibility timeout exceeds the hard time limit, or Redis would hand a
+long task to a second worker.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from farm.settings import Settings, get_settings
+from scheduler.routing import STITCH_QUEUE
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("farm", broker=settings.broker_url, backend=settings.result_backend,
+                 include=["farm.tasks"])
+    transport_options: dict = {}
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # kombu's SQLAlchemy transport hands these to create_engine, which refuses them.
+        transport_options = {"visibility_timeout": settings.visibility_timeout_s,
+                             "queue_order_strategy": "priority", "priority_steps": list(range(10))}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,  # Flower sees every task
+        worker_redirect_stdouts=False,  # ray.init needs a real stdout fileno (RUNBOOK.md)
+        task_default_queue=STITCH_QUEUE,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_extended=True,
+        broker_connection_retry_on_startup=True,
+        task_always_eager=settings.celery_eager,
+        task_eager_propagates=True,
+    )
+    return app
+
+
+app = make_celery(get_settings())

@@ -1,0 +1,88 @@
+"""Commands that talk to a running farm over its HTTP API (FARM_API_URL)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from farm.settings import get_settings
+
+FINAL = {"succeeded", "failed", "canceled"}
+
+
+def _client() -> httpx.Client:
+    return httpx.Client(base_url=get_settings().api_url, timeout=30)
+
+
+def _check(resp: httpx.Response) -> dict:
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail")
+        except ValueError:
+            detail = resp.text
+        if isinstance(detail, list):
+            detail = "; ".join(d.get("message", str(d)) for d in detail)
+        typer.echo(f"error {resp.status_code}: {detail}", err=True)
+        raise typer.Exit(1)
+    return resp.json()
+
+
+def submit(prompt: str, model: str = "wan-tiny", frames: int = 17, width: int = 1280,
+           height: int = 720, fps: int = 16, steps: int = typer.Option(None),
+           seed: int = typer.Option(None), priority: int = 50,
+           negative_prompt: str = "") -> None:
+    """Submit a render job; prints its id."""
+    body = dict(prompt=prompt, model=model, frames=frames, width=width, height=height, fps=fps,
+                steps=steps, seed=seed, priority=priority, negative_prompt=negative_prompt)
+    with _client() as client:
+        job = _check(client.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None}))
+    typer.echo(job["id"])
+
+
+def status(job_id: str) -> None:
+    """Print a job's record as JSON."""
+    with _client() as client:
+        typer.echo(json.dumps(_check(client.get(f"/v1/jobs/{job_id}")), indent=2))
+
+
+def wait(job_id: str, timeout: float = typer.Option(3600.0, help="seconds")) -> None:
+    """Follow a job with a progress bar until it ends; exit 1 unless it succeeded."""
+    deadline = time.monotonic() + timeout
+    with _client() as client, Progress(TextColumn("{task.description}"), BarColumn(),
+                                       TextColumn("{task.percentage:>5.1f}%"),
+                                       TimeElapsedColumn()) as bar:
+        task = bar.add_task(job_id[:8], total=1.0)
+        while True:
+            job = _check(client.get(f"/v1/jobs/{job_id}"))
+            bar.update(task, completed=job["progress"], description=f"{job_id[:8]} {job['state']}")
+            if job["state"] in FINAL or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    if job["state"] != "succeeded":
+        typer.echo(f"job {job_id} {job['state']}: {job.get('error') or ''}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"job {job_id} succeeded: {job['output_url']}")
+
+
+def cancel(job_id: str) -> None:
+    """Cancel a job that has not ended."""
+    with _client() as client:
+        job = _check(client.post(f"/v1/jobs/{job_id}/cancel"))
+    typer.echo(f"job {job_id}: {job['state']}")
+
+
+def download(job_id: str, output: Path = typer.Option(..., "--output", "-o")) -> None:
+    """Save a succeeded job's MP4."""
+    with _client() as client, client.stream("GET", f"/v1/jobs/{job_id}/video") as resp:
+        if resp.status_code >= 400:
+            resp.read()
+            _check(resp)
+        with open(output, "wb") as fh:
+            for block in resp.iter_bytes():
+                fh.write(block)
+    typer.echo(str(output))

@@ -1,0 +1,115 @@
+"""Commands that run the farm's servers: api, worker, flower, ray, and `up` (all of them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import typer
+
+from farm.settings import get_settings
+from scheduler.catalog import TIERS
+from scheduler.routing import STITCH_QUEUE, render_queue
+
+ray_app = typer.Typer(help="Start or stop a Ray head on loopback with the farm's settings.")
+ALL_QUEUES = ",".join([render_queue(t) for t in TIERS] + [STITCH_QUEUE])
+
+
+def api(host: str = typer.Option(None, help="default: FARM_API_HOST (127.0.0.1)"),
+        port: int = typer.Option(None, help="default: FARM_API_PORT (8000)")) -> None:
+    """Serve the HTTP API (OpenAPI at /docs)."""
+    import uvicorn
+
+    from farm.api.app import create_app
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=host or settings.api_host,
+                port=port or settings.api_port, log_level="info")
+
+
+def worker(queues: str = typer.Option(ALL_QUEUES, "--queues", "-Q", help="comma-separated"),
+           concurrency: int = typer.Option(1, "--concurrency", "-c"),
+           hostname: str = typer.Option(None, "--hostname", "-n"),
+           loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
+    """Run a Celery worker. A render queue's concurrency is the actor groups it can feed."""
+    from farm.celery_app import app as celery
+
+    argv = ["worker", "-Q", queues, "-c", str(concurrency), "-l", loglevel, "-E",
+            "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv += ["-n", hostname]
+    celery.worker_main(argv)
+
+
+def flower(host: str = typer.Option(None), port: int = typer.Option(None)) -> None:
+    """Run Flower on loopback; basic auth when FARM_FLOWER_PASSWORD is set."""
+    from farm.celery_app import app as celery
+
+    settings = get_settings()
+    argv = ["flower", f"--address={host or settings.flower_host}",
+            f"--port={port or settings.flower_port}"]
+    password = settings.flower_password.get_secret_value()
+    if password:
+        argv.append(f"--basic-auth={settings.flower_user}:{password}")
+    celery.start(argv)
+
+
+@ray_app.command("start")
+def ray_start(port: int = typer.Option(None, help="default: FARM_RAY_HEAD_PORT (6380)"),
+              block: bool = typer.Option(False, help="stay in the foreground (containers)"),
+              num_cpus: int = typer.Option(None)) -> None:
+    """Start a Ray head on 127.0.0.1 with the cpu tier's resource."""
+    from workers import ray_cluster
+
+    settings = get_settings()
+    port = port or settings.ray_head_port
+    ray_cluster.start_head(port, tier_slots=settings.ray_tier_slots,
+                           temp_dir=str(settings.ray_temp_dir),
+                           object_store_bytes=settings.ray_object_store_bytes,
+                           num_cpus=num_cpus, block=block)
+    typer.echo(f"ray head on 127.0.0.1:{port}; set FARM_RAY_ADDRESS=127.0.0.1:{port}")
+
+
+@ray_app.command("stop")
+def ray_stop() -> None:
+    """Stop the Ray processes started on this machine."""
+    from workers import ray_cluster
+
+    ray_cluster.stop_all()
+
+
+def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
+    """Everything on one machine: database migrated, Ray head, API, Celery worker, Flower."""
+    from farm.db.migrate import upgrade
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    env = dict(os.environ)
+    if settings.ray_address == "local":
+        ray_start(port=settings.ray_head_port, block=False, num_cpus=None)
+        env["FARM_RAY_ADDRESS"] = f"127.0.0.1:{settings.ray_head_port}"
+    farm = [sys.executable, "-m", "farm.cli.main"]
+    commands = [farm + ["api"], farm + ["worker"]] + ([farm + ["flower"]] if with_flower else [])
+    procs = [subprocess.Popen(cmd, env=env) for cmd in commands]
+    typer.echo(f"farm is up: API {settings.api_url} (docs at /docs), Flower "
+               f"http://{settings.flower_host}:{settings.flower_port}; Ctrl-C stops it")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if settings.ray_address == "local":
+            ray_stop()

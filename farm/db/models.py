@@ -1,0 +1,98 @@
+"""SQLAlchemy 2 models of jobs and segments. The same code runs on PostgreSQL and SQLite.
+
+States (DESIGN.md): job queued -> waiting -> running -> stitching -> succeeded | failed |
+canceled; segment pending -> running -> done | failed. Only `farm.jobs` changes them.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    waiting = "waiting"
+    running = "running"
+    stitching = "stitching"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+
+class SegmentState(str, enum.Enum):
+    pending = "pending"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+FINAL_JOB_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.canceled})
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True)}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex
+    state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.queued.value)
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    model: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)  # output size, pixels
+    height: Mapped[int] = mapped_column(Integer)
+    frames: Mapped[int] = mapped_column(Integer)
+    fps: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    guidance_high: Mapped[float] = mapped_column(Float)
+    guidance_low: Mapped[float] = mapped_column(Float)
+    seed: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=50)
+    route: Mapped[dict] = mapped_column(JSON)  # scheduler.routing.Route as a dict
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    output_key: Mapped[str | None] = mapped_column(String(512), nullable=True)  # storage key
+    output_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    output_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    celery_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    segments: Mapped[list["Segment"]] = relationship(
+        back_populates="job", order_by="Segment.index", cascade="all, delete-orphan"
+    )
+
+
+class Segment(Base):
+    __tablename__ = "segments"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_segments_job_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default=SegmentState.pending.value)
+    frame_start: Mapped[int] = mapped_column(Integer)
+    render_frames: Mapped[int] = mapped_column(Integer)
+    skip_frames: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    chunk_keys: Mapped[list] = mapped_column(JSON, default=list)  # storage keys, in order
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="segments")

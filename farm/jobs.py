@@ -1,0 +1,173 @@
+"""The job service: the one module that creates jobs and changes job and segment states.
+
+Every state change is a compare-and-set UPDATE (``WHERE state IN (...)``): of two workers
+that race to finish or fail the same segment, exactly one sees its row count be 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from collections.abc import Iterable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from farm.db.models import FINAL_JOB_STATES, Job, JobState, Segment, SegmentState, utcnow
+from farm.db.session import session_scope
+from farm.errors import JobNotFound
+from farm.schemas import MAX_SEED, JobCreate
+from scheduler.catalog import get_model
+from scheduler.planner import plan_segments
+from scheduler.routing import route_job
+
+log = logging.getLogger(__name__)
+
+RENDER_SHARE = 0.95  # job progress while rendering runs to 0.95; stitching takes the rest
+LIVE_JOB_STATES = tuple(s.value for s in JobState if s not in FINAL_JOB_STATES)
+
+
+def create_job(db_url: str, request: JobCreate) -> Job:
+    """Route and plan the request, then write the job and its segments in one transaction."""
+    variant = get_model(request.model)
+    route = route_job(request.model)
+    seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED)
+    guidance_high = request.guidance if request.guidance is not None else variant.guidance_high
+    guidance_low = request.guidance if request.guidance is not None else variant.guidance_low
+    job = Job(
+        id=uuid.uuid4().hex, state=JobState.queued.value, prompt=request.prompt,
+        negative_prompt=request.negative_prompt, model=request.model, width=request.width,
+        height=request.height, frames=request.frames, fps=request.fps,
+        steps=request.steps or variant.default_steps, guidance_high=guidance_high,
+        guidance_low=guidance_low, seed=seed, priority=request.priority,
+        route=route.as_dict(), progress=0.0, created_at=utcnow(),
+    )
+    job.segments = [
+        Segment(index=p.index, state=SegmentState.pending.value, frame_start=p.frame_start,
+                render_frames=p.render_frames, skip_frames=p.skip_frames, seed=p.seed,
+                progress=0.0, attempts=0, chunk_keys=[])
+        for p in plan_segments(request.frames, variant.max_frames_per_segment, seed)
+    ]
+    with session_scope(db_url) as session:
+        session.add(job)
+    log.info("job %s created: model=%s frames=%d segments=%d route=%s",
+             job.id, job.model, job.frames, len(job.segments), route.rule)
+    return job
+
+
+def get_job(db_url: str, job_id: str) -> Job:
+    with session_scope(db_url) as session:
+        job = session.get(Job, job_id, options=[selectinload(Job.segments)])
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+
+def list_jobs(db_url: str, state: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+    with session_scope(db_url) as session:
+        query = select(Job).options(selectinload(Job.segments))
+        count = select(func.count()).select_from(Job)
+        if state:
+            query, count = query.where(Job.state == state), count.where(Job.state == state)
+        rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id)
+                               .limit(limit).offset(offset)).all()
+        return list(rows), session.scalar(count)
+
+
+def set_celery_id(db_url: str, job_id: str, celery_id: str) -> None:
+    with session_scope(db_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(celery_id=celery_id))
+
+
+# ---- compare-and-set transitions -----------------------------------------------------------
+
+def _cas_job(session: Session, job_id: str, from_states: Iterable[str], **values) -> bool:
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.state.in_(list(from_states)))
+        .values(updated_at=utcnow(), **values)
+    )
+    return result.rowcount == 1
+
+
+def _cas_segment(session: Session, seg_id: int, from_states: Iterable[str], **values) -> bool:
+    result = session.execute(
+        update(Segment).where(Segment.id == seg_id, Segment.state.in_(list(from_states)))
+        .values(**values)
+    )
+    return result.rowcount == 1
+
+
+def start_segment(db_url: str, seg_id: int, worker: str) -> bool:
+    """pending -> running (or running -> running when a lost attempt is re-run).
+
+    Also moves the job queued -> running. False if the job is no longer live.
+    """
+    with session_scope(db_url) as session:
+        seg = session.get(Segment, seg_id)
+        if seg is None:
+            raise JobNotFound(f"segment {seg_id}")
+        now = utcnow()
+        _cas_job(session, seg.job_id, [JobState.queued.value, JobState.waiting.value],
+                 state=JobState.running.value, started_at=now)
+        job_state = session.scalar(select(Job.state).where(Job.id == seg.job_id))
+        if job_state != JobState.running.value:
+            return False
+        return _cas_segment(session, seg_id, [SegmentState.pending.value, SegmentState.running.value],
+                            state=SegmentState.running.value, worker=worker, started_at=now,
+                            attempts=Segment.attempts + 1, progress=0.0, error=None)
+
+
+def report_segment_progress(db_url: str, seg_id: int, fraction: float) -> str:
+    """Record a segment's progress and the job's; returns the job's state (to see a cancel)."""
+    with session_scope(db_url) as session:
+        seg = session.get(Segment, seg_id)
+        _cas_segment(session, seg_id, [SegmentState.running.value], progress=fraction)
+        mean = session.scalar(select(func.avg(Segment.progress)).where(Segment.job_id == seg.job_id))
+        _cas_job(session, seg.job_id, [JobState.running.value], progress=RENDER_SHARE * float(mean))
+        return session.scalar(select(Job.state).where(Job.id == seg.job_id))
+
+
+def finish_segment(db_url: str, seg_id: int, chunk_keys: list[str]) -> bool:
+    with session_scope(db_url) as session:
+        return _cas_segment(session, seg_id, [SegmentState.running.value],
+                            state=SegmentState.done.value, chunk_keys=chunk_keys,
+                            progress=1.0, finished_at=utcnow())
+
+
+def fail_segment(db_url: str, seg_id: int, error: str) -> bool:
+    with session_scope(db_url) as session:
+        return _cas_segment(session, seg_id, [SegmentState.pending.value, SegmentState.running.value],
+                            state=SegmentState.failed.value, error=error[:4000],
+                            finished_at=utcnow())
+
+
+def begin_stitch(db_url: str, job_id: str) -> bool:
+    with session_scope(db_url) as session:
+        return _cas_job(session, job_id, [JobState.running.value], state=JobState.stitching.value,
+                        progress=RENDER_SHARE)
+
+
+def succeed_job(db_url: str, job_id: str, output_key: str, sha256: str, size: int) -> bool:
+    with session_scope(db_url) as session:
+        return _cas_job(session, job_id, [JobState.stitching.value],
+                        state=JobState.succeeded.value, progress=1.0, output_key=output_key,
+                        output_sha256=sha256, output_bytes=size, finished_at=utcnow())
+
+
+def fail_job(db_url: str, job_id: str, error: str) -> bool:
+    with session_scope(db_url) as session:
+        ok = _cas_job(session, job_id, LIVE_JOB_STATES, state=JobState.failed.value,
+                      error=error[:4000], finished_at=utcnow())
+    if ok:
+        log.error("job %s failed: %s", job_id, error)
+    return ok
+
+
+def cancel_job(db_url: str, job_id: str) -> bool:
+    """Any live state -> canceled. False if the job had already ended."""
+    with session_scope(db_url) as session:
+        if session.get(Job, job_id) is None:
+            raise JobNotFound(job_id)
+        return _cas_job(session, job_id, LIVE_JOB_STATES, state=JobState.canceled.value,
+                        finished_at=utcnow())

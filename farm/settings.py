@@ -1,0 +1,80 @@
+"""Configuration read from the environment (prefix ``FARM_``), with embedded defaults.
+
+The defaults need no server at all: a SQLite database, kombu's SQLAlchemy transport on
+SQLite as the Celery broker, a local Ray started in-process, and a local folder for outputs,
+all under ``FARM_HOME`` (``./.farm`` unless set).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FARM_", env_file=None, extra="ignore")
+
+    home: Path = Field(default=Path(".farm"), description="folder for the embedded defaults")
+
+    database_url: str = ""  # default: sqlite:///{home}/farm.db
+    broker_url: str = ""  # default: sqla+sqlite:///{home}/broker.db
+    result_backend: str = ""  # default: db+sqlite:///{home}/results.db
+    ray_address: str = "local"  # "local": start Ray in-process; else "host:port" of a head
+    storage_url: str = ""  # default: file://{home}/storage
+    models_dir: Path | None = None  # default: {home}/models
+    work_dir: Path | None = None  # scratch space for encoding; default: {home}/work
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_url: str = ""  # what the CLI talks to; default: http://{api_host}:{api_port}
+    flower_host: str = "127.0.0.1"
+    flower_port: int = 5555
+    flower_user: str = "admin"
+    flower_password: SecretStr = SecretStr("")
+
+    # Ray start-up (see RUNBOOK: loopback only, no usage stats, bounded memory).
+    ray_head_port: int = 6380
+    ray_temp_dir: Path = Path("/tmp/ray-farm")
+    ray_object_store_bytes: int = 512 * 1024 * 1024
+    ray_tier_slots: int = 2  # actors of the cpu tier a local head can hold
+
+    # Celery: long GPU tasks (ANCHORS.md "Celery, Flower and Ray conventions").
+    celery_eager: bool = False  # run tasks in the calling process (the one-process `farm render`)
+    task_soft_time_limit_s: int = 3300
+    task_time_limit_s: int = 3600
+    visibility_timeout_s: int = 7200  # above the hard limit, or Redis hands a task out twice
+    segment_max_retries: int = 3
+
+    encode_chunk_frames: int = 16  # frames per H.264 chunk
+    x264_preset: str = "veryfast"
+    x264_crf: int = 18
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        home = self.home.resolve()
+        self.home = home
+        self.database_url = self.database_url or f"sqlite:///{home}/farm.db"
+        self.broker_url = self.broker_url or f"sqla+sqlite:///{home}/broker.db"
+        self.result_backend = self.result_backend or f"db+sqlite:///{home}/results.db"
+        self.storage_url = self.storage_url or f"file://{home}/storage"
+        self.models_dir = (self.models_dir or home / "models").resolve()
+        self.work_dir = (self.work_dir or home / "work").resolve()
+        self.api_url = self.api_url or f"http://{self.api_host}:{self.api_port}"
+        if self.task_time_limit_s >= self.visibility_timeout_s:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
+                f"task_time_limit_s ({self.task_time_limit_s}), or a long task runs twice"
+            )
+        return self
+
+    def ensure_dirs(self) -> None:
+        for path in (self.home, self.models_dir, self.work_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

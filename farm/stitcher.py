@@ -1,0 +1,52 @@
+"""The last step of a job: join its chunks, check the result with ffprobe, store it."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from farm import jobs
+from farm.db.models import SegmentState
+from farm.errors import OutputInvalid
+from farm.settings import Settings
+from farm.storage import Storage
+from workers.video import concat, probe, thumbnail
+
+log = logging.getLogger(__name__)
+
+
+def video_key(job_id: str) -> str:
+    return f"jobs/{job_id}/video.mp4"
+
+
+def stitch(settings: Settings, job_id: str) -> dict:
+    db = settings.database_url
+    if not jobs.begin_stitch(db, job_id):  # canceled or failed meanwhile: store nothing
+        return {"job_id": job_id, "stitched": False}
+    job = jobs.get_job(db, job_id)
+    not_done = [s.index for s in job.segments if s.state != SegmentState.done.value]
+    if not_done:
+        raise OutputInvalid(f"segments {not_done} are not done")
+    storage = Storage(settings.storage_url)
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix=f"stitch-{job_id}-") as tmp:
+        tmp = Path(tmp)
+        chunks = [storage.get_file(key, tmp / Path(key).name)
+                  for seg in job.segments for key in seg.chunk_keys]
+        video = concat(chunks, tmp / "video.mp4")
+        info = probe(video)
+        expected = (job.width, job.height, job.frames, "h264")
+        got = (info.width, info.height, info.frames, info.codec)
+        if got != expected:
+            raise OutputInvalid(f"stitched video is (width, height, frames, codec) = {got}, "
+                                f"expected {expected}")
+        thumb = thumbnail(video, tmp / "thumbnail.jpg")
+        storage.put_file(thumb, f"jobs/{job_id}/thumbnail.jpg")
+        sha256, size = storage.put_file(video, video_key(job_id))
+    if not jobs.succeed_job(db, job_id, video_key(job_id), sha256, size):
+        # Canceled while stitching: the video must not stand as the job's result.
+        storage.remove(video_key(job_id))
+        return {"job_id": job_id, "stitched": False}
+    log.info("job %s succeeded: %d frames, %d bytes, sha256 %s", job_id, info.frames, size, sha256)
+    return {"job_id": job_id, "stitched": True, "sha256": sha256}

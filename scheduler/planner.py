@@ -1,0 +1,43 @@
+"""Split a job's frames into segments, each one diffusion run of at most the model's length.
+
+Wan renders 4k+1 frames per run. A job of F = 4k+1 frames longer than the model's
+maximum M becomes: a first segment of M frames, then segments that render 4j+1 frames and
+keep the last 4j (their first frame is where a continuation would be conditioned), so the
+kept frames add up to exactly F.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    index: int
+    frame_start: int  # index of the first kept frame in the job's video
+    render_frames: int  # frames the model renders (4k+1)
+    skip_frames: int  # leading rendered frames dropped (0 or 1)
+    seed: int
+
+    @property
+    def kept_frames(self) -> int:
+        return self.render_frames - self.skip_frames
+
+
+def is_4k_plus_1(n: int) -> bool:
+    return n >= 1 and (n - 1) % 4 == 0
+
+
+def plan_segments(frames: int, max_frames: int, seed: int) -> list[SegmentPlan]:
+    if not is_4k_plus_1(frames):
+        raise ValueError(f"frames must be 4k+1, got {frames}")
+    if not is_4k_plus_1(max_frames) or max_frames < 5:
+        raise ValueError(f"max_frames must be 4k+1 and >= 5, got {max_frames}")
+    first = min(frames, max_frames)
+    plans = [SegmentPlan(0, 0, first, 0, seed)]
+    done = first
+    while done < frames:
+        keep = min(frames - done, max_frames - 1)  # a multiple of 4
+        plans.append(SegmentPlan(len(plans), done, keep + 1, 1, seed + len(plans)))
+        done += keep
+    return plans

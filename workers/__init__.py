@@ -1,0 +1,1 @@
+"""GPU side: Ray actors, model runtime, parallelism, video encode/stitch/probe."""

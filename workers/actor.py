@@ -1,0 +1,116 @@
+"""The Ray actor that holds a model on its device and renders segments.
+
+Lifecycle, as in vLLM's workers: init device -> load model -> warm up -> render (many times)
+-> shut down. Loading Wan's weights takes minutes on real hardware, so an actor lives as
+long as the cluster and serves every job routed to its (variant, tier, rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import ray
+import torch
+
+from workers.wan_pipeline import RenderRequest, WanT2V
+
+log = logging.getLogger(__name__)
+
+
+class RenderCanceled(Exception):
+    """The request was canceled; raised between two denoising steps."""
+
+
+class RenderWorker:
+    def __init__(self, variant: str, model_dir: str, rank: int = 0):
+        self.variant, self.model_dir, self.rank = variant, model_dir, rank
+        self.device = self._init_device()
+        self.pipeline: WanT2V | None = None
+        self.warm = False
+        self.renders = 0
+        self._lock = threading.Lock()
+        self._canceled: set[str] = set()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def _init_device(self) -> torch.device:
+        if torch.cuda.is_available():
+            gpu_ids = ray.get_gpu_ids()
+            return torch.device("cuda", 0 if not gpu_ids else 0)  # Ray sets CUDA_VISIBLE_DEVICES
+        return torch.device("cpu")
+
+    def load(self) -> None:
+        with self._lock:
+            if self.pipeline is None:
+                started = time.monotonic()
+                dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+                self.pipeline = WanT2V.from_folder(self.model_dir, self.device, dtype)
+                log.info("%s rank %d loaded %s in %.1fs", self.variant, self.rank,
+                         self.model_dir, time.monotonic() - started)
+
+    def warm_up(self) -> None:
+        """One step at the smallest size: first-call costs are paid before a job waits on them."""
+        with self._lock:
+            if self.warm:
+                return
+            stride = self.pipeline.vae_stride_s * 2
+            req = RenderRequest("warm up", "", frames=1, height=stride, width=stride, steps=1,
+                                guidance_high=1.0, guidance_low=1.0, seed=0)
+            latents = self.pipeline.denoise(req)
+            next(self.pipeline.decode_chunks(latents))
+            self.warm = True
+
+    @ray.method(concurrency_group="control")
+    def ready(self) -> dict:
+        """Load and warm up if not done yet (idempotent); returns what this actor is."""
+        self.load()
+        self.warm_up()
+        return self.info()
+
+    @ray.method(concurrency_group="control")
+    def info(self) -> dict:
+        return {"variant": self.variant, "rank": self.rank, "device": str(self.device),
+                "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "loaded": self.pipeline is not None, "warm": self.warm, "renders": self.renders}
+
+    @ray.method(concurrency_group="control")
+    def shutdown(self) -> None:
+        with self._lock:
+            self.pipeline = None
+            self.warm = False
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # ---- work ----------------------------------------------------------------------------------
+
+    @ray.method(concurrency_group="control")
+    def cancel(self, request_id: str) -> None:
+        self._canceled.add(request_id)
+
+    def render(self, request: dict, request_id: str, latent_frames_per_chunk: int = 4
+               ) -> Iterator[dict]:
+        """Stream of events: {"kind": "progress", step, steps, expert} per denoising step,
+        then {"kind": "frames", "frames": uint8 (T, H, W, 3)} per decoded chunk."""
+        self.load()
+        req = RenderRequest(**request)
+        try:
+            latents = None
+            for step, steps, expert, latents in self.pipeline.denoise_steps(req):
+                if request_id in self._canceled:
+                    raise RenderCanceled(f"{request_id} canceled at step {step} of {steps}")
+                yield {"kind": "progress", "step": step, "steps": steps, "expert": expert}
+            for frames in self.pipeline.decode_chunks(latents, latent_frames_per_chunk):
+                yield {"kind": "frames", "frames": frames}
+            self.renders += 1
+        finally:
+            self._canceled.discard(request_id)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# Calls to `render` run one at a time; `control` calls (cancel, info) run beside them.
+RemoteRenderWorker = ray.remote(concurrency_groups={"control": 2})(RenderWorker)

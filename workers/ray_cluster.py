@@ -1,0 +1,82 @@
+"""Starting and joining Ray, kept on loopback and quiet (RUNBOOK.md "Ray").
+
+Without these settings Ray reports usage stats and probes a cloud metadata address at every
+start; nothing the farm starts may contact anything but loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+NAMESPACE = "farm"
+LOOPBACK = "127.0.0.1"
+
+
+def quiet_ray_env() -> None:
+    """Set Ray's environment for this process and its children; write the bootstrap file."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_USAGE_STATS_REPORT_URL"] = "http://127.0.0.1:9/"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
+    if not bootstrap.exists():  # its absence makes Ray probe 169.254.169.254
+        bootstrap.write_text("provider: {type: local}\n")
+
+
+def connect(address: str, *, tier_slots: int = 2, temp_dir: str = "/tmp/ray-farm",
+            object_store_bytes: int = 512 * 1024 * 1024) -> None:
+    """Join the cluster at ``address`` ("host:port"), or start one in-process for "local"."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet_ray_env()
+    if address == "local":
+        ray.init(namespace=NAMESPACE, _node_ip_address=LOOPBACK, include_dashboard=False,
+                 object_store_memory=object_store_bytes, _temp_dir=temp_dir,
+                 resources={"tier:cpu": tier_slots}, log_to_driver=False,
+                 configure_logging=False)
+    else:
+        ray.init(address=address, namespace=NAMESPACE, _node_ip_address=LOOPBACK,
+                 log_to_driver=False, configure_logging=False)
+
+
+def _ray_cli() -> list[str]:
+    exe = Path(sys.executable).parent / "ray"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def start_head(port: int, *, tier_slots: int, temp_dir: str, object_store_bytes: int,
+               num_cpus: int | None = None, dashboard: bool = False,
+               block: bool = False) -> subprocess.CompletedProcess:
+    """`ray start --head` on loopback with the farm's tier resources."""
+    quiet_ray_env()
+    cmd = _ray_cli() + [
+        "start", "--head", f"--port={port}", f"--node-ip-address={LOOPBACK}",
+        f"--resources={json.dumps({'tier:cpu': tier_slots})}", f"--temp-dir={temp_dir}",
+        f"--object-store-memory={object_store_bytes}", "--disable-usage-stats",
+        f"--include-dashboard={'true' if dashboard else 'false'}",
+        f"--dashboard-host={LOOPBACK}",
+    ]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if block:
+        cmd.append("--block")
+    return subprocess.run(cmd, check=True, capture_output=not block, text=True)
+
+
+def stop_all() -> None:
+    """`ray stop`: ends the Ray processes this user started on this machine."""
+    quiet_ray_env()
+    subprocess.run(_ray_cli() + ["stop", "--force"], check=False, capture_output=True)
+
+
+def shutdown_local() -> None:
+    """End an in-process Ray started by `connect("local")` (no-op otherwise)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,70 @@
+"""Write a tiny random-weight Wan2.2 T2V checkpoint in the real diffusers on-disk layout.
+
+model_index.json, transformer/ (high-noise expert), transformer_2/ (low-noise expert),
+vae/, text_encoder/, tokenizer/ and scheduler/, with ``boundary_ratio`` 0.875 as in
+Wan2.2-T2V-A14B. The tokenizer is built here from a word list: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+BOUNDARY_RATIO = 0.875  # high-noise expert while t >= 875 of 1000 (Wan2.2 T2V-A14B)
+TEXT_LEN = 64  # tokens per prompt for the tiny model (Wan2.2: 512)
+
+_WORDS = """a an the on in of with and is are moving left right up down still slowly quickly
+red green blue yellow orange purple white black pink cyan gray brown circle square triangle
+ball box shape background plain bouncing rotating growing shrinking cat dog city night day
+sky sea forest camera shot close wide view light dark bright""".split()
+
+
+def build_tokenizer(words: list[str] = _WORDS, max_length: int = TEXT_LEN) -> PreTrainedTokenizerFast:
+    """Word-level, lower-cased tokenizer with UMT5's special tokens (<pad>=0, </s>=1, <unk>=2)."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=max_length)
+
+
+def tiny_transformer() -> WanTransformer3DModel:
+    # Same class and patch (1,2,2) as A14B; 2 heads of 12 dims, 2 layers.
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+        out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+
+
+def make_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """Write the checkpoint to ``path`` (created) and return it. Same seed, same weights."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    # Wan2.1 VAE layout: stride 4x8x8, 16 latent channels.
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=tiny_transformer(), transformer_2=tiny_transformer(),
+                       boundary_ratio=BOUNDARY_RATIO)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

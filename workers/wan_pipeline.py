@@ -1,0 +1,200 @@
+"""Wan2.2 text-to-video, loaded from a local folder in the diffusers layout.
+
+One self-contained file for the Wan family: components are the diffusers / transformers
+classes (so the real Wan2.2-T2V-A14B-Diffusers folder and the farm's small models load the
+same way), and the denoising loop is written out here with the expert switch in plain sight.
+No Ray and no rank logic: parallelism is applied from outside, as a plan.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+MAX_TEXT_LEN = 512  # Wan2.2's text_len
+
+
+class ModelFolderError(ValueError):
+    """The folder is not a Wan diffusers checkpoint; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    prompt: str
+    negative_prompt: str
+    frames: int  # 4k+1
+    height: int  # pixels, multiple of 16
+    width: int
+    steps: int
+    guidance_high: float  # CFG scale while the high-noise expert runs
+    guidance_low: float  # CFG scale while the low-noise expert runs
+    seed: int
+
+
+def _load_component(folder: Path, name: str, library: str, class_name: str, dtype):
+    if name == "tokenizer":
+        return AutoTokenizer.from_pretrained(folder / name)
+    cls = getattr(importlib.import_module(library), class_name)
+    if name == "scheduler":
+        return cls.from_pretrained(folder / name)
+    return cls.from_pretrained(folder / name, torch_dtype=dtype)
+
+
+class WanT2V:
+    """Wan2.2 T2V: a text encoder, one or two transformer experts, a VAE and a scheduler."""
+
+    def __init__(self, components: dict, boundary_ratio: float | None, device: torch.device):
+        self.tokenizer = components["tokenizer"]
+        self.text_encoder = components["text_encoder"]
+        self.vae = components["vae"]
+        self.scheduler = components["scheduler"]
+        self.transformer = components["transformer"]  # high-noise expert (or the only one)
+        self.transformer_2 = components.get("transformer_2")  # low-noise expert
+        self.boundary_ratio = boundary_ratio
+        self.device = device
+        self.vae_stride_t = 2 ** sum(self.vae.config.temperal_downsample)
+        self.vae_stride_s = 2 ** len(self.vae.config.temperal_downsample)
+        self.text_len = min(MAX_TEXT_LEN, int(getattr(self.tokenizer, "model_max_length", MAX_TEXT_LEN)))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> "WanT2V":
+        folder = Path(folder)
+        index_path = folder / "model_index.json"
+        if not index_path.is_file():
+            raise ModelFolderError(f"{folder} has no model_index.json: not a diffusers checkpoint")
+        index = json.loads(index_path.read_text())
+        missing = [name for name in REQUIRED if name not in index or not (folder / name).is_dir()]
+        if missing:
+            raise ModelFolderError(f"{folder} lacks component(s) {missing}")
+        device = torch.device(device)
+        components = {}
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+                continue
+            components[name] = _load_component(folder, name, spec[0], spec[1], dtype)
+            if isinstance(components[name], torch.nn.Module):
+                components[name].to(device).eval().requires_grad_(False)
+        return cls(components, index.get("boundary_ratio"), device)
+
+    @property
+    def experts(self) -> list[torch.nn.Module]:
+        return [m for m in (self.transformer, self.transformer_2) if m is not None]
+
+    # ---- text ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """-> (1, text_len, text_dim); positions past the prompt's tokens are zero (as in Wan)."""
+        tokens = self.tokenizer([prompt], padding="max_length", max_length=self.text_len,
+                                truncation=True, return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        hidden = self.text_encoder(ids, mask).last_hidden_state
+        dtype = self.transformer.dtype
+        return (hidden * mask.unsqueeze(-1).to(hidden.dtype)).to(dtype)
+
+    # ---- denoising ---------------------------------------------------------------------------
+
+    def latent_shape(self, req: RenderRequest) -> tuple[int, ...]:
+        z_dim = self.vae.config.z_dim
+        return (1, z_dim, (req.frames - 1) // self.vae_stride_t + 1,
+                req.height // self.vae_stride_s, req.width // self.vae_stride_s)
+
+    def expert_for(self, t: float) -> tuple[torch.nn.Module, str]:
+        """Wan2.2's switch: the high-noise expert while t >= boundary_ratio * T, then low-noise."""
+        if self.transformer_2 is None or self.boundary_ratio is None:
+            return self.transformer, "high"
+        boundary = self.boundary_ratio * self.scheduler.config.num_train_timesteps
+        return (self.transformer, "high") if t >= boundary else (self.transformer_2, "low")
+
+    @torch.no_grad()
+    def denoise_steps(self, req: RenderRequest) -> Iterator[tuple[int, int, str, torch.Tensor]]:
+        """Run the sampler step by step, yielding (step, steps, expert, latents) after each.
+
+        Latents are normalised, shape (1, z, (frames-1)/4+1, height/8, width/8). A caller
+        that stops iterating stops the render within one step.
+        """
+        cond = self.encode_prompt(req.prompt)
+        uncond = self.encode_prompt(req.negative_prompt)
+        generator = torch.Generator("cpu").manual_seed(req.seed)
+        latents = torch.randn(self.latent_shape(req), generator=generator, dtype=torch.float32)
+        latents = latents.to(self.device)
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh state per render
+        scheduler.set_timesteps(req.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            expert, which = self.expert_for(float(t))
+            guidance = req.guidance_high if which == "high" else req.guidance_low
+            x = latents.to(expert.dtype)
+            timestep = t.expand(x.shape[0])
+            noise = expert(hidden_states=x, timestep=timestep, encoder_hidden_states=cond,
+                           return_dict=False)[0]
+            if guidance > 1.0:  # classifier-free guidance
+                noise_uncond = expert(hidden_states=x, timestep=timestep,
+                                      encoder_hidden_states=uncond, return_dict=False)[0]
+                noise = noise_uncond + guidance * (noise - noise_uncond)
+            latents = scheduler.step(noise.float(), t, latents, return_dict=False)[0]
+            yield i + 1, len(timesteps), which, latents
+
+    def denoise(self, req: RenderRequest,
+                on_step: Callable[[int, int, str], None] | None = None) -> torch.Tensor:
+        """The whole sampler; ``on_step(i, n, expert)`` after each step. Returns latents."""
+        latents = None
+        for step, steps, which, latents in self.denoise_steps(req):
+            if on_step is not None:
+                on_step(step, steps, which)
+        return latents
+
+    # ---- decoding ----------------------------------------------------------------------------
+
+    def _denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+        return latents * std.to(latents) + mean.to(latents)
+
+    @torch.no_grad()
+    def decode_chunks(self, latents: torch.Tensor, latent_frames_per_chunk: int = 4
+                      ) -> Iterator[np.ndarray]:
+        """Decode in temporal chunks, yielding uint8 frames (T, H, W, 3) chunk by chunk.
+
+        Wan's VAE is causal in time and decodes one latent frame at a time with a feature
+        cache; running that loop here lets frames leave before the whole clip is decoded,
+        so peak memory is one chunk, not the whole video.
+        """
+        vae = self.vae
+        z = self._denormalise(latents.to(self.device, vae.dtype))
+        vae.clear_cache()
+        x = vae.post_quant_conv(z)
+        pending = []
+        try:
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map,
+                                  feat_idx=vae._conv_idx, first_chunk=(i == 0))
+                pending.append(out)
+                if len(pending) == latent_frames_per_chunk or i == x.shape[2] - 1:
+                    yield _to_uint8(torch.cat(pending, dim=2), vae.config.patch_size)
+                    pending = []
+        finally:
+            vae.clear_cache()
+
+
+def _to_uint8(video: torch.Tensor, patch_size) -> np.ndarray:
+    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
+    if patch_size is not None:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+        video = unpatchify(video, patch_size=patch_size)
+    video = video.clamp(-1, 1)[0].permute(1, 2, 3, 0).float()
+    return ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
