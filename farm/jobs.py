@@ -75,9 +75,12 @@ def list_jobs(db_url: str, state: str | None, limit: int, offset: int) -> tuple[
         return list(rows), session.scalar(count)
 
 
-def set_celery_id(db_url: str, job_id: str, celery_id: str) -> None:
+def set_celery_ids(db_url: str, job_id: str, chord_id: str, segment_ids: dict[int, str]) -> None:
+    """Record the chord's id on the job and each render task's id on its segment."""
     with session_scope(db_url) as session:
-        session.execute(update(Job).where(Job.id == job_id).values(celery_id=celery_id))
+        session.execute(update(Job).where(Job.id == job_id).values(celery_id=chord_id))
+        for seg_id, task_id in segment_ids.items():
+            session.execute(update(Segment).where(Segment.id == seg_id).values(celery_id=task_id))
 
 
 # ---- compare-and-set transitions -----------------------------------------------------------

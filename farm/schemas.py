@@ -73,6 +73,7 @@ class SegmentPublic(BaseModel):
     progress: float
     attempts: int
     error: str | None
+    celery_id: str | None  # the render task's id: its progress state is in Flower
 
 
 class JobPublic(BaseModel):

@@ -73,7 +73,8 @@ def _actor_group(settings: Settings, job) -> ActorGroup:
             f"`farm models make-tiny {model_dir}`")
     ray_cluster.connect(settings.ray_address, tier_slots=settings.ray_tier_slots,
                         temp_dir=str(settings.ray_temp_dir),
-                        object_store_bytes=settings.ray_object_store_bytes)
+                        object_store_bytes=settings.ray_object_store_bytes,
+                        node_ip=settings.ray_node_ip)
     try:
         return ActorGroup.get_or_create(variant.name, TIERS[job.route["tier"]], str(model_dir),
                                         detached=settings.ray_address != "local")

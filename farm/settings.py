@@ -37,6 +37,7 @@ class Settings(BaseSettings):
 
     # Ray start-up (see RUNBOOK: loopback only, no usage stats, bounded memory).
     ray_head_port: int = 6380
+    ray_node_ip: str = "127.0.0.1"  # the address this machine's Ray node uses (loopback here)
     ray_temp_dir: Path = Path("/tmp/ray-farm")
     ray_object_store_bytes: int = 512 * 1024 * 1024
     ray_tier_slots: int = 2  # actors of the cpu tier a local head can hold

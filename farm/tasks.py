@@ -7,6 +7,7 @@ errors whose class says `retryable` (a lost actor) are retried first.
 from __future__ import annotations
 
 import logging
+import uuid
 
 from celery import chord
 
@@ -63,11 +64,18 @@ def stitch_job(self, segment_results: list, job_id: str) -> dict:
 
 
 def enqueue_job(job) -> str:
-    """Send the job's chord; returns the chord's id (the stitch task's)."""
+    """Send the job's chord; returns the chord's id (the stitch task's).
+
+    Task ids are chosen and recorded before sending, so a segment's custom progress state
+    can be looked up (in the result backend, or in Flower) from the database alone.
+    """
     priority = celery_priority(job.priority)
-    header = [render_segment.si(job.id, seg.id).set(queue=job.route["queue"], priority=priority)
+    task_ids = {seg.id: uuid.uuid4().hex for seg in job.segments}
+    chord_id = uuid.uuid4().hex
+    jobs.set_celery_ids(get_settings().database_url, job.id, chord_id, task_ids)
+    header = [render_segment.si(job.id, seg.id).set(queue=job.route["queue"], priority=priority,
+                                                    task_id=task_ids[seg.id])
               for seg in job.segments]
-    body = stitch_job.s(job.id).set(queue=STITCH_QUEUE, priority=priority)
-    result = chord(header)(body)
-    jobs.set_celery_id(get_settings().database_url, job.id, result.id)
-    return result.id
+    body = stitch_job.s(job.id).set(queue=STITCH_QUEUE, priority=priority, task_id=chord_id)
+    chord(header)(body)
+    return chord_id

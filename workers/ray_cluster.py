@@ -16,31 +16,44 @@ NAMESPACE = "farm"
 LOOPBACK = "127.0.0.1"
 
 
-def quiet_ray_env() -> None:
+def quiet_ray_env(node_ip: str = LOOPBACK) -> None:
     """Set Ray's environment for this process and its children; write the bootstrap file."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_USAGE_STATS_REPORT_URL"] = "http://127.0.0.1:9/"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Token auth (Ray's default for new clusters) stated outright, so that a driver joining
+    # an existing head sends the token in $HOME/.ray/auth_token too.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if node_ip in (LOOPBACK, "localhost"):
+        # Ray rewrites 127.0.0.1 to the machine's reachable address unless told this is a
+        # one-machine cluster; then every Ray server binds to loopback.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        # Ray reads that variable once, at import; a process that imported Ray already gets
+        # the same setting on the module.
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None:
+            constants.ENABLE_RAY_CLUSTER = False
     bootstrap = Path.home() / "ray_bootstrap_config.yaml"
     if not bootstrap.exists():  # its absence makes Ray probe 169.254.169.254
         bootstrap.write_text("provider: {type: local}\n")
 
 
 def connect(address: str, *, tier_slots: int = 2, temp_dir: str = "/tmp/ray-farm",
-            object_store_bytes: int = 512 * 1024 * 1024) -> None:
-    """Join the cluster at ``address`` ("host:port"), or start one in-process for "local"."""
+            object_store_bytes: int = 512 * 1024 * 1024, node_ip: str = LOOPBACK) -> None:
+    """Join the cluster at ``address`` ("host:port", or "auto" for this machine's node), or
+    start one in-process for "local"."""
     import ray
 
     if ray.is_initialized():
         return
-    quiet_ray_env()
+    quiet_ray_env(node_ip)
     if address == "local":
         ray.init(namespace=NAMESPACE, _node_ip_address=LOOPBACK, include_dashboard=False,
                  object_store_memory=object_store_bytes, _temp_dir=temp_dir,
                  resources={"tier:cpu": tier_slots}, log_to_driver=False,
                  configure_logging=False)
     else:
-        ray.init(address=address, namespace=NAMESPACE, _node_ip_address=LOOPBACK,
+        ray.init(address=address, namespace=NAMESPACE, _node_ip_address=node_ip,
                  log_to_driver=False, configure_logging=False)
 
 
@@ -49,18 +62,24 @@ def _ray_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
-def start_head(port: int, *, tier_slots: int, temp_dir: str, object_store_bytes: int,
-               num_cpus: int | None = None, dashboard: bool = False,
-               block: bool = False) -> subprocess.CompletedProcess:
-    """`ray start --head` on loopback with the farm's tier resources."""
-    quiet_ray_env()
+def start_node(port: int, *, tier_slots: int, temp_dir: str, object_store_bytes: int,
+               head_address: str | None = None, node_ip: str = LOOPBACK,
+               resources: dict | None = None, num_cpus: int | None = None,
+               dashboard: bool = False, block: bool = False) -> subprocess.CompletedProcess:
+    """`ray start`: a head on ``port``, or a node joining ``head_address``, with the tier
+    resources (default: the cpu tier's ``tier_slots`` actors)."""
+    quiet_ray_env(node_ip)
+    resources = resources if resources is not None else {"tier:cpu": tier_slots}
     cmd = _ray_cli() + [
-        "start", "--head", f"--port={port}", f"--node-ip-address={LOOPBACK}",
-        f"--resources={json.dumps({'tier:cpu': tier_slots})}", f"--temp-dir={temp_dir}",
+        "start", f"--node-ip-address={node_ip}", f"--resources={json.dumps(resources)}",
         f"--object-store-memory={object_store_bytes}", "--disable-usage-stats",
-        f"--include-dashboard={'true' if dashboard else 'false'}",
-        f"--dashboard-host={LOOPBACK}",
     ]
+    if head_address:
+        cmd.append(f"--address={head_address}")
+    else:
+        cmd += ["--head", f"--port={port}", f"--temp-dir={temp_dir}",
+                f"--include-dashboard={'true' if dashboard else 'false'}",
+                f"--dashboard-host={LOOPBACK}"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     if block:

@@ -22,6 +22,14 @@ for command in (render.render, client.submit, client.status, client.wait, client
     app.command()(command)
 
 
+@app.callback()
+def _before_any_command() -> None:
+    # Ray reads its environment when first imported: set it before any command imports Ray.
+    from workers.ray_cluster import quiet_ray_env
+
+    quiet_ray_env(get_settings().ray_node_ip)
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Migrate FARM_DATABASE_URL to REVISION (default: the newest)."""

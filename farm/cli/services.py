@@ -58,19 +58,29 @@ def flower(host: str = typer.Option(None), port: int = typer.Option(None)) -> No
 
 
 @ray_app.command("start")
-def ray_start(port: int = typer.Option(None, help="default: FARM_RAY_HEAD_PORT (6380)"),
+def ray_start(port: int = typer.Option(None, help="head port; default FARM_RAY_HEAD_PORT (6380)"),
+              address: str = typer.Option(None, help="join this head instead of starting one"),
+              node_ip: str = typer.Option(None, help="default FARM_RAY_NODE_IP (127.0.0.1)"),
+              resources: str = typer.Option(None, help='JSON, e.g. {"tier:a100": 8}; '
+                                                       'default: the cpu tier'),
               block: bool = typer.Option(False, help="stay in the foreground (containers)"),
               num_cpus: int = typer.Option(None)) -> None:
-    """Start a Ray head on 127.0.0.1 with the cpu tier's resource."""
+    """Start a Ray head (or join one) with the farm's tier resources, loopback by default."""
+    import json
+
     from workers import ray_cluster
 
     settings = get_settings()
     port = port or settings.ray_head_port
-    ray_cluster.start_head(port, tier_slots=settings.ray_tier_slots,
+    ray_cluster.start_node(port, tier_slots=settings.ray_tier_slots,
                            temp_dir=str(settings.ray_temp_dir),
                            object_store_bytes=settings.ray_object_store_bytes,
+                           head_address=address, node_ip=node_ip or settings.ray_node_ip,
+                           resources=json.loads(resources) if resources else None,
                            num_cpus=num_cpus, block=block)
-    typer.echo(f"ray head on 127.0.0.1:{port}; set FARM_RAY_ADDRESS=127.0.0.1:{port}")
+    if not address:
+        typer.echo(f"ray head on {node_ip or settings.ray_node_ip}:{port}; "
+                   f"set FARM_RAY_ADDRESS to that address")
 
 
 @ray_app.command("stop")
@@ -90,7 +100,8 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     upgrade(settings.database_url)
     env = dict(os.environ)
     if settings.ray_address == "local":
-        ray_start(port=settings.ray_head_port, block=False, num_cpus=None)
+        ray_start(port=settings.ray_head_port, address=None, node_ip=None, resources=None,
+                  block=False, num_cpus=None)
         env["FARM_RAY_ADDRESS"] = f"127.0.0.1:{settings.ray_head_port}"
     farm = [sys.executable, "-m", "farm.cli.main"]
     commands = [farm + ["api"], farm + ["worker"]] + ([farm + ["flower"]] if with_flower else [])

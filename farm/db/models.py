@@ -90,6 +90,7 @@ class Segment(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    celery_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # render task id
     chunk_keys: Mapped[list] = mapped_column(JSON, default=list)  # storage keys, in order
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)

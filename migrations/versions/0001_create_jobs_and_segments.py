@@ -60,6 +60,7 @@ def upgrade() -> None:
     sa.Column('progress', sa.Float(), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('worker', sa.String(length=128), nullable=True),
+    sa.Column('celery_id', sa.String(length=64), nullable=True),
     sa.Column('chunk_keys', sa.JSON(), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),

@@ -1,0 +1,34 @@
+# `make demo` and `make test` do all the set-up on a fresh machine.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_MODEL := .farm/models/wan-tiny
+DEMO_PROMPT ?= a red circle moving left on a blue background
+
+.PHONY: install system-deps demo test services clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU wheel first: a looser pin would pull several GB of CUDA packages.
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	touch $(STAMP)
+
+system-deps:
+	scripts/system-deps.sh
+
+install: $(STAMP) system-deps
+
+demo: install
+	test -f $(DEMO_MODEL)/model_index.json || $(BIN)/farm models make-tiny $(DEMO_MODEL)
+	$(BIN)/farm render "$(DEMO_PROMPT)" -o demo.mp4
+
+services:
+	scripts/services.sh
+
+test: install services
+	$(BIN)/pytest
+
+clean:
+	rm -rf .farm demo.mp4

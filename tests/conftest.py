@@ -1,0 +1,203 @@
+"""Shared fixtures: a fresh PostgreSQL database, a Redis db, a Ray head, Celery workers and
+the API, all real, started once per test session on loopback.
+
+The FARM_* environment is set here, before any farm module reads its settings, so that the
+code under test and the servers it starts agree on where everything is.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+RUN_ID = uuid.uuid4().hex[:8]
+TMP = Path(tempfile.mkdtemp(prefix=f"farm-tests-{RUN_ID}-"))
+PG_SERVER = os.environ.get("FARM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+PG_DB = f"farm_test_{RUN_ID}"
+REDIS_DB = int(os.environ.get("FARM_TEST_REDIS_DB", "11"))
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+RAY_PORT = free_port()
+os.environ.update({
+    "FARM_HOME": str(TMP / "home"),
+    "FARM_DATABASE_URL": f"{PG_SERVER}/{PG_DB}",
+    "FARM_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+    "FARM_RESULT_BACKEND": f"redis://127.0.0.1:6379/{REDIS_DB}",
+    "FARM_STORAGE_URL": f"file://{TMP}/storage",
+    "FARM_MODELS_DIR": str(TMP / "models"),
+    "FARM_WORK_DIR": str(TMP / "work"),
+    "FARM_RAY_ADDRESS": f"127.0.0.1:{RAY_PORT}",
+    "FARM_RAY_HEAD_PORT": str(RAY_PORT),
+    "FARM_RAY_TEMP_DIR": f"/tmp/rf-{RUN_ID}",
+    "FARM_RAY_OBJECT_STORE_BYTES": str(256 * 1024 * 1024),
+    "FARM_FLOWER_PASSWORD": f"pw-{RUN_ID}",
+})
+
+# Before anything imports Ray: it reads these settings once, at import.
+from workers.ray_cluster import quiet_ray_env  # noqa: E402
+
+quiet_ray_env()
+
+
+def _admin_execute(sql: str) -> None:
+    import psycopg
+
+    url = PG_SERVER.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def make_database(name: str) -> str:
+    """Create an empty PostgreSQL database; returns its SQLAlchemy URL."""
+    _admin_execute(f'CREATE DATABASE "{name}"')
+    return f"{PG_SERVER}/{name}"
+
+
+def drop_database(name: str) -> None:
+    from sqlalchemy.orm import close_all_sessions
+
+    close_all_sessions()
+    from farm.db.session import get_engine
+
+    get_engine.cache_clear()
+    _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from farm.settings import get_settings
+
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def db_url(settings) -> str:
+    """The session's PostgreSQL database, migrated to head."""
+    from farm.db.migrate import upgrade
+
+    make_database(PG_DB)
+    upgrade(settings.database_url)
+    yield settings.database_url
+    drop_database(PG_DB)
+
+
+@pytest.fixture(scope="session")
+def redis_db():
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(settings) -> Path:
+    """The tiny random checkpoint, where the catalog's `wan-tiny` points."""
+    from workers.tiny_model import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(settings.models_dir / "wan-tiny")
+
+
+@pytest.fixture(scope="session")
+def ray_head(settings):
+    """A Ray head on loopback (its own port and temp dir); this process joins it too."""
+    import ray
+
+    from workers import ray_cluster
+
+    ray_cluster.start_node(RAY_PORT, tier_slots=2, temp_dir=str(settings.ray_temp_dir),
+                           object_store_bytes=settings.ray_object_store_bytes, num_cpus=4)
+    ray_cluster.connect(settings.ray_address)
+    yield settings.ray_address
+    ray.shutdown()
+    ray_cluster.stop_all()
+
+
+def _wait_until(check, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # the server is not up yet
+            pass
+        time.sleep(0.3)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not come up in {timeout}s\n{tail}")
+
+
+class Service:
+    """A farm command running as a child process, its output in a log file."""
+
+    def __init__(self, name: str, args: list[str]):
+        self.name, self.log = name, TMP / f"{name}.log"
+        self.proc = subprocess.Popen([str(BIN / "farm"), *args], stdout=self.log.open("w"),
+                                     stderr=subprocess.STDOUT, env=dict(os.environ),
+                                     start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def celery_workers(db_url, redis_db, tiny_model, ray_head):
+    """One worker for the cpu tier's render queue, one for the stitch queue."""
+    from farm.celery_app import app
+
+    workers = [Service("worker-render", ["worker", "-Q", "render.cpu", "-c", "1",
+                                         "-n", f"render-{RUN_ID}@%h"]),
+               Service("worker-stitch", ["worker", "-Q", "stitch", "-c", "1",
+                                         "-n", f"stitch-{RUN_ID}@%h"])]
+    _wait_until(lambda: len(app.control.ping(timeout=1.0)) >= 2, 60, "celery workers",
+                workers[0].log)
+    yield workers
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def api_url(celery_workers) -> str:
+    import httpx
+
+    port = free_port()
+    api = Service("api", ["api", "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    _wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "api", api.log)
+    yield url
+    api.stop()
+
+
+@pytest.fixture(scope="session")
+def flower_url(celery_workers) -> str:
+    import httpx
+
+    port = free_port()
+    flower = Service("flower", ["flower", "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    _wait_until(lambda: httpx.get(f"{url}/healthcheck").status_code == 200, 60, "flower",
+                flower.log)
+    yield url
+    flower.stop()

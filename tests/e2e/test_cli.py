@@ -1,0 +1,83 @@
+"""The `farm` CLI: client commands against the live API, and the one-process `farm render`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import RUN_ID
+from workers.video import probe
+
+pytestmark = pytest.mark.e2e
+FARM = str(Path(sys.executable).parent / "farm")
+
+
+def farm(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([FARM, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or dict(os.environ))
+
+
+def test_submit_wait_status_download_cancel(api_url, tmp_path):
+    env = dict(os.environ, FARM_API_URL=api_url)
+    submitted = farm("submit", "a yellow triangle moving up", "--frames", "9", "--steps", "3",
+                     "--seed", "4", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    waited = farm("wait", job_id, env=env)
+    assert waited.returncode == 0, waited.stderr
+    assert "succeeded" in waited.stdout
+    status = json.loads(farm("status", job_id, env=env).stdout)
+    assert status["state"] == "succeeded" and status["seed"] == 4
+    out = tmp_path / "cli.mp4"
+    assert farm("download", job_id, "-o", str(out), env=env).returncode == 0
+    assert probe(out).frames == 9
+    again = farm("cancel", job_id, env=env)
+    assert again.returncode == 1 and "already ended: succeeded" in again.stderr
+    bad = farm("submit", "x", "--frames", "8", env=env)
+    assert bad.returncode == 1 and "frames" in bad.stderr and "got 8" in bad.stderr
+
+
+def test_servers_listen_on_loopback_only(api_url, flower_url, celery_workers, settings):
+    """Ray, the API, Flower and the workers started by the tests bind nothing but loopback."""
+    ours = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(settings.ray_temp_dir) in cmdline or f"farm-tests-{RUN_ID}" in cmdline:
+            ours.add(proc.info["pid"])
+    for parent in [psutil.Process(), *(psutil.Process(w.proc.pid) for w in celery_workers)]:
+        ours |= {parent.pid} | {c.pid for c in parent.children(recursive=True)}
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert listening, "expected the servers to be listening"
+    exposed = [(c.laddr, psutil.Process(c.pid).name()) for c in listening
+               if c.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert exposed == []
+
+
+def test_render_in_one_process_with_embedded_defaults(tmp_path, tiny_model):
+    """No PostgreSQL, Redis or Ray head: SQLite, eager tasks, in-process Ray, local files."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env["FARM_HOME"] = str(tmp_path / "home")
+    env["FARM_MODELS_DIR"] = str(tiny_model.parent)
+    env["FARM_RAY_TEMP_DIR"] = str(Path("/tmp") / f"rfr-{tmp_path.name[-6:]}")
+    out = tmp_path / "render.mp4"
+    result = farm("render", "a cyan square moving right", "-o", str(out), "--frames", "21",
+                  "--seed", "7", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = probe(out)
+    assert (info.width, info.height, info.frames, info.codec) == (1280, 720, 21, "h264")
+    assert (tmp_path / "home" / "farm.db").is_file()
+    assert "wrote" in result.stdout and str(out) in result.stdout
+
+
+def test_render_refuses_bad_input_naming_the_field(tmp_path):
+    env = dict(os.environ, FARM_HOME=str(tmp_path))
+    result = farm("render", "a red circle", "--width", "1000", env=env)
+    assert result.returncode == 2
+    assert "width" in result.stderr and "multiple of 16" in result.stderr and "1000" in result.stderr

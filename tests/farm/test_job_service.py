@@ -1,0 +1,91 @@
+"""The job service's compare-and-set transitions, on PostgreSQL and on SQLite."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from farm import jobs
+from farm.db.migrate import upgrade
+from farm.schemas import JobCreate
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_db(request, tmp_path):
+    if request.param == "postgresql":
+        return request.getfixturevalue("db_url")
+    url = f"sqlite:///{tmp_path}/farm.db"
+    upgrade(url)
+    return url
+
+
+def new_job(db, **overrides):
+    return jobs.create_job(db, JobCreate(**({"prompt": "a red circle", "frames": 33} | overrides)))
+
+
+def test_create_writes_job_and_planned_segments(any_db):
+    job = jobs.get_job(any_db, new_job(any_db, seed=5).id)
+    assert job.state == "queued" and job.seed == 5 and job.steps == 8
+    assert job.route["queue"] == "render.cpu"
+    assert [(s.index, s.render_frames, s.skip_frames, s.state) for s in job.segments] == \
+        [(0, 17, 0, "pending"), (1, 17, 1, "pending")]
+    assert len(job.id) == 32
+
+
+def test_lifecycle_to_succeeded(any_db):
+    job = new_job(any_db)
+    first, second = (s.id for s in job.segments)
+    assert jobs.start_segment(any_db, first, "w1")
+    assert jobs.get_job(any_db, job.id).state == "running"
+    assert jobs.report_segment_progress(any_db, first, 0.5) == "running"
+    assert jobs.get_job(any_db, job.id).progress == pytest.approx(0.95 * 0.25)
+    assert jobs.finish_segment(any_db, first, ["a.mp4"])
+    assert not jobs.begin_stitch(any_db, "nonexistent")
+    assert jobs.start_segment(any_db, second, "w1") and jobs.finish_segment(any_db, second, ["b"])
+    assert jobs.begin_stitch(any_db, job.id)
+    assert jobs.succeed_job(any_db, job.id, "jobs/x/video.mp4", "ab" * 32, 10)
+    done = jobs.get_job(any_db, job.id)
+    assert (done.state, done.progress, done.output_bytes) == ("succeeded", 1.0, 10)
+    assert done.finished_at >= done.started_at >= done.created_at
+    # An ended job cannot be canceled, failed or restarted.
+    assert not jobs.cancel_job(any_db, job.id)
+    assert not jobs.fail_job(any_db, job.id, "late")
+    assert not jobs.start_segment(any_db, first, "w2")
+
+
+def test_cancel_stops_new_segments_and_stitching(any_db):
+    job = new_job(any_db)
+    assert jobs.cancel_job(any_db, job.id)
+    assert not jobs.start_segment(any_db, job.segments[0].id, "w1")
+    assert not jobs.begin_stitch(any_db, job.id)
+    assert jobs.get_job(any_db, job.id).state == "canceled"
+
+
+def test_only_one_of_racing_finishers_wins(any_db):
+    job = new_job(any_db, frames=9)
+    seg = job.segments[0].id
+    assert jobs.start_segment(any_db, seg, "w1")
+    barrier, wins = threading.Barrier(8), []
+
+    def finish(i):
+        barrier.wait()
+        wins.append(jobs.finish_segment(any_db, seg, [f"chunk-{i}"]))
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == [False] * 7 + [True]
+    assert not jobs.fail_segment(any_db, seg, "too late")
+    assert jobs.get_job(any_db, job.id).segments[0].state == "done"
+
+
+def test_list_filters_and_pages(any_db):
+    ids = [new_job(any_db, frames=9).id for _ in range(3)]
+    jobs.cancel_job(any_db, ids[1])
+    canceled, total = jobs.list_jobs(any_db, "canceled", 10, 0)
+    assert ids[1] in [j.id for j in canceled] and all(j.state == "canceled" for j in canceled)
+    page, total_all = jobs.list_jobs(any_db, None, 2, 0)
+    assert len(page) == 2 and total_all >= 3 and total_all >= total
