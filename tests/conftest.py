@@ -115,21 +115,6 @@ def tiny_model(settings) -> Path:
     return make_tiny_checkpoint(settings.models_dir / "wan-tiny")
 
 
-@pytest.fixture(scope="session")
-def ray_head(settings):
-    """A Ray head on loopback (its own port and temp dir); this process joins it too."""
-    import ray
-
-    from workers import ray_cluster
-
-    ray_cluster.start_node(RAY_PORT, tier_slots=2, temp_dir=str(settings.ray_temp_dir),
-                           object_store_bytes=settings.ray_object_store_bytes, num_cpus=4)
-    ray_cluster.connect(settings.ray_address)
-    yield settings.ray_address
-    ray.shutdown()
-    ray_cluster.stop_all()
-
-
 def _wait_until(check, timeout: float, what: str, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -160,6 +145,27 @@ class Service:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_head(settings):
+    """`farm ray start --block` on its own port and temp dir; this process joins it too."""
+    import ray
+
+    from workers import ray_cluster
+
+    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "4"])
+    _wait_until(lambda: _ray_up(settings.ray_address), 60, "ray head", head.log)
+    ray_cluster.connect(settings.ray_address)
+    yield settings.ray_address
+    ray.shutdown()
+    head.stop()
+
+
+def _ray_up(address: str) -> bool:
+    host, port = address.split(":")
+    with socket.create_connection((host, int(port)), timeout=1):
+        return True
 
 
 @pytest.fixture(scope="session")

@@ -82,9 +82,9 @@ def start_node(port: int, *, tier_slots: int, temp_dir: str, object_store_bytes:
                 f"--dashboard-host={LOOPBACK}"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    if block:
-        cmd.append("--block")
-    return subprocess.run(cmd, check=True, capture_output=not block, text=True)
+    if block:  # become `ray start --block`, so a supervisor's SIGTERM reaches Ray itself
+        os.execv(cmd[0], cmd + ["--block"])
+    return subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
 def stop_all() -> None:

@@ -72,12 +72,16 @@ def ray_start(port: int = typer.Option(None, help="head port; default FARM_RAY_H
 
     settings = get_settings()
     port = port or settings.ray_head_port
-    ray_cluster.start_node(port, tier_slots=settings.ray_tier_slots,
-                           temp_dir=str(settings.ray_temp_dir),
-                           object_store_bytes=settings.ray_object_store_bytes,
-                           head_address=address, node_ip=node_ip or settings.ray_node_ip,
-                           resources=json.loads(resources) if resources else None,
-                           num_cpus=num_cpus, block=block)
+    try:
+        ray_cluster.start_node(port, tier_slots=settings.ray_tier_slots,
+                               temp_dir=str(settings.ray_temp_dir),
+                               object_store_bytes=settings.ray_object_store_bytes,
+                               head_address=address, node_ip=node_ip or settings.ray_node_ip,
+                               resources=json.loads(resources) if resources else None,
+                               num_cpus=num_cpus, block=block)
+    except subprocess.CalledProcessError as exc:
+        typer.echo(f"ray start failed:\n{exc.stderr[-2000:]}", err=True)
+        raise typer.Exit(1) from None
     if not address:
         typer.echo(f"ray head on {node_ip or settings.ray_node_ip}:{port}; "
                    f"set FARM_RAY_ADDRESS to that address")
@@ -99,28 +103,28 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     settings.ensure_dirs()
     upgrade(settings.database_url)
     env = dict(os.environ)
-    if settings.ray_address == "local":
-        ray_start(port=settings.ray_head_port, address=None, node_ip=None, resources=None,
-                  block=False, num_cpus=None)
-        env["FARM_RAY_ADDRESS"] = f"127.0.0.1:{settings.ray_head_port}"
     farm = [sys.executable, "-m", "farm.cli.main"]
-    commands = [farm + ["api"], farm + ["worker"]] + ([farm + ["flower"]] if with_flower else [])
+    commands = []
+    if settings.ray_address == "local":  # a head of our own, stopped with the rest
+        commands.append(farm + ["ray", "start", "--block"])
+        env["FARM_RAY_ADDRESS"] = f"{settings.ray_node_ip}:{settings.ray_head_port}"
+    commands += [farm + ["api"], farm + ["worker"]] + ([farm + ["flower"]] if with_flower else [])
     procs = [subprocess.Popen(cmd, env=env) for cmd in commands]
     typer.echo(f"farm is up: API {settings.api_url} (docs at /docs), Flower "
                f"http://{settings.flower_host}:{settings.flower_port}; Ctrl-C stops it")
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     try:
-        while all(p.poll() is None for p in procs):
+        while not stopping and all(p.poll() is None for p in procs):
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        for p in procs:
+        for p in reversed(procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in procs:
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        if settings.ray_address == "local":
-            ray_stop()

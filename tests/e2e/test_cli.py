@@ -76,6 +76,25 @@ def test_render_in_one_process_with_embedded_defaults(tmp_path, tiny_model):
     assert "wrote" in result.stdout and str(out) in result.stdout
 
 
+def test_failed_render_keeps_its_record_and_says_why(tmp_path, tiny_model):
+    """A model with no checkpoint on this machine: the job fails with a clear error and stays."""
+    import sqlite3
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env.update(FARM_HOME=str(tmp_path / "home"), FARM_MODELS_DIR=str(tiny_model.parent),
+               FARM_RAY_TEMP_DIR=f"/tmp/rff-{tmp_path.name[-6:]}")
+    result = farm("render", "a red circle", "--model", "wan2.2-t2v-a14b", "--frames", "5",
+                  "-o", str(tmp_path / "never.mp4"), env=env)
+    assert result.returncode == 1
+    assert "has no checkpoint at" in result.stderr
+    assert not (tmp_path / "never.mp4").exists()
+    with sqlite3.connect(tmp_path / "home" / "farm.db") as db:
+        state, error = db.execute("SELECT state, error FROM jobs").fetchone()
+        seg_state, seg_error = db.execute("SELECT state, error FROM segments").fetchone()
+    assert state == "failed" and "ModelUnavailable" in error
+    assert seg_state == "failed" and "Wan2.2-T2V-A14B-Diffusers" in seg_error
+
+
 def test_render_refuses_bad_input_naming_the_field(tmp_path):
     env = dict(os.environ, FARM_HOME=str(tmp_path))
     result = farm("render", "a red circle", "--width", "1000", env=env)

@@ -148,6 +148,10 @@ def test_healthz_checks_database_and_broker(client):
     resp = client.get("/healthz")
     assert resp.status_code == 200
     assert resp.json() == {"database": "ok", "broker": "ok"}
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel",
+            "/v1/jobs/{job_id}/video", "/healthz"} <= set(paths)
 
 
 def test_list_filters_by_state_and_paginates(client):

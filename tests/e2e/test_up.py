@@ -1,0 +1,64 @@
+"""`farm up` with the embedded defaults: no PostgreSQL, no Redis, no Ray head to start first."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import free_port
+from workers.video import probe
+
+pytestmark = pytest.mark.e2e
+
+
+def test_up_serves_a_job_with_embedded_defaults(tmp_path, tiny_model):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    api_port, flower_port, ray_port = free_port(), free_port(), free_port()
+    env.update(FARM_HOME=str(tmp_path / "home"), FARM_MODELS_DIR=str(tiny_model.parent),
+               FARM_API_PORT=str(api_port), FARM_FLOWER_PORT=str(flower_port),
+               FARM_RAY_HEAD_PORT=str(ray_port), FARM_RAY_TEMP_DIR=f"/tmp/rfu-{ray_port}",
+               FARM_FLOWER_PASSWORD="pw")
+    log = (tmp_path / "up.log").open("w")
+    up = subprocess.Popen([str(Path(sys.executable).parent / "farm"), "up"], env=env,
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{api_port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        job_id = httpx.post(f"{api}/v1/jobs", json={"prompt": "a white circle", "frames": 9,
+                                                    "steps": 2}).json()["id"]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            job = httpx.get(f"{api}/v1/jobs/{job_id}").json()
+            if job["state"] in ("succeeded", "failed", "canceled"):
+                break
+            time.sleep(0.5)
+        assert job["state"] == "succeeded", (job, (tmp_path / "up.log").read_text()[-3000:])
+        video = tmp_path / "up.mp4"
+        video.write_bytes(httpx.get(f"{api}/v1/jobs/{job_id}/video").content)
+        assert probe(video).frames == 9
+        flower = httpx.get(f"http://127.0.0.1:{flower_port}/api/workers", auth=("admin", "pw"))
+        assert flower.status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{flower_port}/api/workers").status_code == 401
+    finally:
+        children = psutil.Process(up.pid).children(recursive=True)
+        os.kill(up.pid, signal.SIGTERM)
+        up.wait(timeout=60)
+        psutil.wait_procs(children, timeout=30)
+    # Its own Ray head went down with it.
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if f"/tmp/rfu-{ray_port}" in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
