@@ -20,8 +20,10 @@ def make_celery(settings: Settings) -> Celery:
     transport_options: dict = {}
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # kombu's SQLAlchemy transport hands these to create_engine, which refuses them.
+        # Message priorities 0..9 within a queue; queues themselves are served round robin,
+        # so a worker on render and stitch queues never starves the stitching.
         transport_options = {"visibility_timeout": settings.visibility_timeout_s,
-                             "queue_order_strategy": "priority", "priority_steps": list(range(10))}
+                             "priority_steps": list(range(10))}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

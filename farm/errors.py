@@ -27,8 +27,8 @@ class StateConflict(FarmError):
     """A compare-and-set transition found the row in another state. Never retried."""
 
 
-class JobCanceled(FarmError):
-    """The job was canceled while a task worked on it. Never retried."""
+class SegmentExhausted(FarmError):
+    """A segment was started as often as allowed and never finished. Never retried."""
 
 
 class ModelUnavailable(FarmError):

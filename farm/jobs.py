@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from farm.db.models import FINAL_JOB_STATES, Job, JobState, Segment, SegmentState, utcnow
 from farm.db.session import session_scope
-from farm.errors import JobNotFound
+from farm.errors import JobNotFound, SegmentExhausted
 from farm.schemas import MAX_SEED, JobCreate
 from scheduler.catalog import get_model
 from scheduler.planner import plan_segments
@@ -93,18 +93,27 @@ def _cas_job(session: Session, job_id: str, from_states: Iterable[str], **values
     return result.rowcount == 1
 
 
-def _cas_segment(session: Session, seg_id: int, from_states: Iterable[str], **values) -> bool:
+def _cas_segment(session: Session, seg_id: int, from_states: Iterable[str], *conditions,
+                 **values) -> bool:
     result = session.execute(
-        update(Segment).where(Segment.id == seg_id, Segment.state.in_(list(from_states)))
+        update(Segment).where(Segment.id == seg_id, Segment.state.in_(list(from_states)),
+                              *conditions)
         .values(**values)
     )
     return result.rowcount == 1
 
 
-def start_segment(db_url: str, seg_id: int, worker: str) -> bool:
+def _job_is_live():
+    """SQL condition: the segment's job has not ended."""
+    return Segment.job_id.in_(select(Job.id).where(Job.state.in_(LIVE_JOB_STATES)))
+
+
+def start_segment(db_url: str, seg_id: int, worker: str, max_attempts: int = 4) -> bool:
     """pending -> running (or running -> running when a lost attempt is re-run).
 
-    Also moves the job queued -> running. False if the job is no longer live.
+    Also moves the job queued -> running. False if the job is no longer live. A segment
+    that has already been started ``max_attempts`` times (a task whose worker keeps dying,
+    redelivered by the broker each time) raises SegmentExhausted instead of running again.
     """
     with session_scope(db_url) as session:
         seg = session.get(Segment, seg_id)
@@ -116,7 +125,11 @@ def start_segment(db_url: str, seg_id: int, worker: str) -> bool:
         job_state = session.scalar(select(Job.state).where(Job.id == seg.job_id))
         if job_state != JobState.running.value:
             return False
+        if seg.attempts >= max_attempts:
+            raise SegmentExhausted(f"segment {seg.index} of job {seg.job_id} was started "
+                                   f"{seg.attempts} times; giving up")
         return _cas_segment(session, seg_id, [SegmentState.pending.value, SegmentState.running.value],
+                            Segment.attempts < max_attempts,
                             state=SegmentState.running.value, worker=worker, started_at=now,
                             attempts=Segment.attempts + 1, progress=0.0, error=None)
 
@@ -132,8 +145,9 @@ def report_segment_progress(db_url: str, seg_id: int, fraction: float) -> str:
 
 
 def finish_segment(db_url: str, seg_id: int, chunk_keys: list[str]) -> bool:
+    """running -> done, only while the job is live (not for a job already failed or canceled)."""
     with session_scope(db_url) as session:
-        return _cas_segment(session, seg_id, [SegmentState.running.value],
+        return _cas_segment(session, seg_id, [SegmentState.running.value], _job_is_live(),
                             state=SegmentState.done.value, chunk_keys=chunk_keys,
                             progress=1.0, finished_at=utcnow())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import numpy as np
 
 from farm import jobs
 from farm.db.models import JobState, Segment
-from farm.errors import ModelUnavailable, WorkerLost
+from farm.errors import WorkerLost
+from farm.models import resolve_model_dir
 from farm.settings import Settings
 from farm.storage import Storage
 from scheduler.catalog import TIERS, get_model
@@ -66,11 +68,7 @@ class ChunkEncoder:
 
 def _actor_group(settings: Settings, job) -> ActorGroup:
     variant = get_model(job.model)
-    model_dir = settings.models_dir / variant.folder
-    if not (model_dir / "model_index.json").is_file():
-        raise ModelUnavailable(
-            f"model {variant.name!r} has no checkpoint at {model_dir}; for the tiny model run "
-            f"`farm models make-tiny {model_dir}`")
+    model_dir = resolve_model_dir(settings, variant)
     ray_cluster.connect(settings.ray_address, tier_slots=settings.ray_tier_slots,
                         temp_dir=str(settings.ray_temp_dir),
                         object_store_bytes=settings.ray_object_store_bytes,
@@ -85,7 +83,8 @@ def _actor_group(settings: Settings, job) -> ActorGroup:
 def run_segment(settings: Settings, job_id: str, seg_id: int,
                 on_progress: ProgressFn | None = None) -> dict:
     db = settings.database_url
-    if not jobs.start_segment(db, seg_id, worker=socket.gethostname()):
+    if not jobs.start_segment(db, seg_id, worker=socket.gethostname(),
+                              max_attempts=settings.segment_max_retries + 1):
         return {"segment_id": seg_id, "skipped": True}
     job = jobs.get_job(db, job_id)
     segment = next(s for s in job.segments if s.id == seg_id)
@@ -95,28 +94,36 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
                    frames=segment.render_frames, height=variant.native_height,
                    width=variant.native_width, steps=job.steps, guidance_high=job.guidance_high,
                    guidance_low=job.guidance_low, seed=segment.seed)
-    work = settings.work_dir / job_id
-    work.mkdir(parents=True, exist_ok=True)
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{job_id}-s{segment.index}-", dir=settings.work_dir))
     encoder = ChunkEncoder(job, segment, settings, Storage(settings.storage_url), work)
     stream = group.render(request)
+    completed = False
     try:
         for event in stream:
             if event["kind"] == "progress":
                 state = jobs.report_segment_progress(db, seg_id, event["step"] / event["steps"])
                 if on_progress is not None:
                     on_progress(event["step"], event["steps"])
-                if state == JobState.canceled.value:
+                if state not in jobs.LIVE_JOB_STATES:  # canceled, or failed by a sibling
                     stream.cancel()  # the actor stops before its next step
             else:
                 encoder.add(event["frames"])
         keys = encoder.finish()
+        completed = True
     except RenderCanceled:
-        jobs.fail_segment(db, seg_id, "job canceled")
-        log.info("job %s segment %d stopped: canceled", job_id, segment.index)
+        jobs.fail_segment(db, seg_id, "job ended while rendering: "
+                          f"{jobs.get_job(db, job_id).state}")
+        log.info("job %s segment %d stopped: the job ended", job_id, segment.index)
         return {"segment_id": seg_id, "canceled": True}
     except ACTOR_LOST as exc:
         raise WorkerLost(f"actor died rendering job {job_id} segment {segment.index}: {exc}") from exc
     finally:
+        if not completed:  # an error here must not leave the actor rendering for nobody
+            stream.cancel()
         shutil.rmtree(work, ignore_errors=True)
-    jobs.finish_segment(db, seg_id, keys)
+    if not jobs.finish_segment(db, seg_id, keys):
+        log.info("job %s segment %d rendered after the job ended; chunks kept", job_id,
+                 segment.index)
+        return {"segment_id": seg_id, "finished": False}
     return {"segment_id": seg_id, "chunks": keys}

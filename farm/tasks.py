@@ -7,27 +7,26 @@ errors whose class says `retryable` (a lost actor) are retried first.
 from __future__ import annotations
 
 import logging
-import uuid
-
-from celery import chord
 
 from farm import jobs, segment_runner, stitcher
 from farm.celery_app import app
+from farm.dispatch import RENDER_TASK, SEGMENT_FAILED_TASK, STITCH_TASK
 from farm.errors import FarmError
 from farm.settings import get_settings
-from scheduler.routing import STITCH_QUEUE
 
 log = logging.getLogger(__name__)
 
 PROGRESS_STATE = "RENDERING"  # custom task state, shown by Flower
 
 
-def celery_priority(priority: int) -> int:
-    """Job priority 0..100 (100 most urgent) -> Redis priority 0..9 (0 most urgent)."""
-    return 9 - (max(0, min(100, priority)) * 9) // 100
+def _record_failure(job_id: str, seg_id: int, exc: BaseException) -> None:
+    db = get_settings().database_url
+    message = f"segment {seg_id}: {type(exc).__name__}: {exc}"
+    jobs.fail_segment(db, seg_id, message)
+    jobs.fail_job(db, job_id, message)
 
 
-@app.task(bind=True, name="farm.render_segment")
+@app.task(bind=True, name=RENDER_TASK)
 def render_segment(self, job_id: str, seg_id: int) -> dict:
     settings = get_settings()
 
@@ -44,15 +43,21 @@ def render_segment(self, job_id: str, seg_id: int) -> dict:
         if retryable and self.request.retries < settings.segment_max_retries:
             log.warning("job %s segment %s: %s; retry %d", job_id, seg_id, exc,
                         self.request.retries + 1)
-            raise self.retry(exc=exc, countdown=2)
+            raise self.retry(exc=exc, countdown=2, max_retries=settings.segment_max_retries)
         log.exception("job %s segment %s failed", job_id, seg_id)
-        message = f"segment {seg_id}: {type(exc).__name__}: {exc}"
-        jobs.fail_segment(settings.database_url, seg_id, message)
-        jobs.fail_job(settings.database_url, job_id, message)
+        _record_failure(job_id, seg_id, exc)
         raise
 
 
-@app.task(bind=True, name="farm.stitch_job")
+@app.task(name=SEGMENT_FAILED_TASK)
+def segment_failed(request, exc, traceback) -> None:
+    """Errback of every render task: also runs when the task was killed by its hard time
+    limit, where the task body's own handler never ran."""
+    job_id, seg_id = request.args
+    _record_failure(job_id, seg_id, exc)
+
+
+@app.task(bind=True, name=STITCH_TASK)
 def stitch_job(self, segment_results: list, job_id: str) -> dict:
     settings = get_settings()
     try:
@@ -61,21 +66,3 @@ def stitch_job(self, segment_results: list, job_id: str) -> dict:
         log.exception("job %s: stitching failed", job_id)
         jobs.fail_job(settings.database_url, job_id, f"stitch: {type(exc).__name__}: {exc}")
         raise
-
-
-def enqueue_job(job) -> str:
-    """Send the job's chord; returns the chord's id (the stitch task's).
-
-    Task ids are chosen and recorded before sending, so a segment's custom progress state
-    can be looked up (in the result backend, or in Flower) from the database alone.
-    """
-    priority = celery_priority(job.priority)
-    task_ids = {seg.id: uuid.uuid4().hex for seg in job.segments}
-    chord_id = uuid.uuid4().hex
-    jobs.set_celery_ids(get_settings().database_url, job.id, chord_id, task_ids)
-    header = [render_segment.si(job.id, seg.id).set(queue=job.route["queue"], priority=priority,
-                                                    task_id=task_ids[seg.id])
-              for seg in job.segments]
-    body = stitch_job.s(job.id).set(queue=STITCH_QUEUE, priority=priority, task_id=chord_id)
-    chord(header)(body)
-    return chord_id

@@ -21,6 +21,7 @@ class ModelVariant:
     guidance_high: float  # CFG scale of the high-noise expert (Wan2.2: 4.0)
     guidance_low: float  # CFG scale of the low-noise expert (Wan2.2: 3.0)
     max_prompt_chars: int = 2000
+    bundled: bool = False  # weights ship with the project (used when FARM_MODELS_DIR lacks them)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ MODELS: dict[str, ModelVariant] = {
     "wan-tiny": ModelVariant(
         name="wan-tiny", folder="wan-tiny", native_width=112, native_height=64,
         max_frames_per_segment=17, default_steps=8, guidance_high=4.0, guidance_low=3.0,
+    ),
+    # The farm's own small model, trained on the procedural world (`farm toy train`).
+    "wan-toy": ModelVariant(
+        name="wan-toy", folder="wan-toy", native_width=32, native_height=32,
+        max_frames_per_segment=17, default_steps=20, guidance_high=4.0, guidance_low=4.0,
+        bundled=True,
     ),
     # The real two-expert model, from a local copy of Wan-AI/Wan2.2-T2V-A14B-Diffusers.
     "wan2.2-t2v-a14b": ModelVariant(

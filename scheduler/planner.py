@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+SEED_SPACE = 2**31  # seeds are 0 .. 2^31-1
+
+
 @dataclass(frozen=True)
 class SegmentPlan:
     index: int
@@ -34,10 +37,15 @@ def plan_segments(frames: int, max_frames: int, seed: int) -> list[SegmentPlan]:
     if not is_4k_plus_1(max_frames) or max_frames < 5:
         raise ValueError(f"max_frames must be 4k+1 and >= 5, got {max_frames}")
     first = min(frames, max_frames)
-    plans = [SegmentPlan(0, 0, first, 0, seed)]
+    plans = [SegmentPlan(0, 0, first, 0, segment_seed(seed, 0))]
     done = first
     while done < frames:
         keep = min(frames - done, max_frames - 1)  # a multiple of 4
-        plans.append(SegmentPlan(len(plans), done, keep + 1, 1, seed + len(plans)))
+        plans.append(SegmentPlan(len(plans), done, keep + 1, 1, segment_seed(seed, len(plans))))
         done += keep
     return plans
+
+
+def segment_seed(job_seed: int, index: int) -> int:
+    """Each segment its own noise, still within the 32-bit seed range."""
+    return (job_seed + index) % SEED_SPACE

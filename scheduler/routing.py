@@ -25,7 +25,7 @@ class Route:
         return asdict(self)
 
 
-_FIXED_TIER = {"wan-tiny": "cpu", "wan2.2-t2v-a14b": "a100"}
+_FIXED_TIER = {"wan-tiny": "cpu", "wan-toy": "cpu", "wan2.2-t2v-a14b": "a100"}
 
 
 def render_queue(tier: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -25,9 +26,15 @@ def compose_cli() -> list[str]:
 
 
 def test_compose_file_is_valid():
+    env = dict(os.environ, FARM_FLOWER_PASSWORD="secret")
     result = subprocess.run(compose_cli() + ["-f", str(COMPOSE), "config", "-q"],
-                            capture_output=True, text=True, cwd=ROOT)
+                            capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
+    # Flower's password has no default: compose refuses to start without one.
+    env.pop("FARM_FLOWER_PASSWORD")
+    refused = subprocess.run(compose_cli() + ["-f", str(COMPOSE), "config", "-q"],
+                             capture_output=True, text=True, cwd=ROOT, env=env)
+    assert refused.returncode != 0 and "FARM_FLOWER_PASSWORD" in refused.stderr
 
 
 def farm_invocations() -> list[tuple[str, list[str]]]:

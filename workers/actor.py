@@ -33,6 +33,7 @@ class RenderWorker:
         self.warm = False
         self.renders = 0
         self._lock = threading.Lock()
+        self._active: set[str] = set()  # request ids being rendered
         self._canceled: set[str] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -89,7 +90,12 @@ class RenderWorker:
 
     @ray.method(concurrency_group="control")
     def cancel(self, request_id: str) -> None:
-        self._canceled.add(request_id)
+        if request_id in self._active:  # a cancel after the render ended is a no-op
+            self._canceled.add(request_id)
+
+    def _check_canceled(self, request_id: str, where: str) -> None:
+        if request_id in self._canceled:
+            raise RenderCanceled(f"{request_id} canceled {where}")
 
     def render(self, request: dict, request_id: str, latent_frames_per_chunk: int = 4
                ) -> Iterator[dict]:
@@ -97,16 +103,18 @@ class RenderWorker:
         then {"kind": "frames", "frames": uint8 (T, H, W, 3)} per decoded chunk."""
         self.load()
         req = RenderRequest(**request)
+        self._active.add(request_id)
         try:
             latents = None
             for step, steps, expert, latents in self.pipeline.denoise_steps(req):
-                if request_id in self._canceled:
-                    raise RenderCanceled(f"{request_id} canceled at step {step} of {steps}")
+                self._check_canceled(request_id, f"at step {step} of {steps}")
                 yield {"kind": "progress", "step": step, "steps": steps, "expert": expert}
             for frames in self.pipeline.decode_chunks(latents, latent_frames_per_chunk):
+                self._check_canceled(request_id, "while decoding")
                 yield {"kind": "frames", "frames": frames}
             self.renders += 1
         finally:
+            self._active.discard(request_id)
             self._canceled.discard(request_id)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -52,8 +52,11 @@ class ActorGroup:
     def render(self, request: dict, latent_frames_per_chunk: int = 4,
                request_id: str | None = None) -> "RenderStream":
         request_id = request_id or uuid.uuid4().hex
-        gen = self.actors[0].render.options(num_returns="streaming").remote(
-            request, request_id, latent_frames_per_chunk)
+        # Backpressure: the actor runs at most two events ahead of the consumer, so a cancel
+        # seen by the consumer stops the render within a step, not after all of them.
+        gen = self.actors[0].render.options(
+            num_returns="streaming", _generator_backpressure_num_objects=2,
+        ).remote(request, request_id, latent_frames_per_chunk)
         return RenderStream(self, gen, request_id)
 
     def cancel(self, request_id: str) -> None:

@@ -57,6 +57,16 @@ def connect(address: str, *, tier_slots: int = 2, temp_dir: str = "/tmp/ray-farm
                  log_to_driver=False, configure_logging=False)
 
 
+def ensure_auth_token() -> Path:
+    """A head started with token auth needs $HOME/.ray/auth_token; a fresh machine has none.
+    Nodes and drivers that join it must see the same file (compose shares the folder)."""
+    token = Path.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_MODE", "token") == "token" and not token.is_file():
+        subprocess.run(_ray_cli() + ["get-auth-token", "--generate"], check=True,
+                       capture_output=True, text=True)
+    return token
+
+
 def _ray_cli() -> list[str]:
     exe = Path(sys.executable).parent / "ray"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
@@ -77,6 +87,7 @@ def start_node(port: int, *, tier_slots: int, temp_dir: str, object_store_bytes:
     if head_address:
         cmd.append(f"--address={head_address}")
     else:
+        ensure_auth_token()
         cmd += ["--head", f"--port={port}", f"--temp-dir={temp_dir}",
                 f"--include-dashboard={'true' if dashboard else 'false'}",
                 f"--dashboard-host={LOOPBACK}"]

@@ -24,12 +24,15 @@ sky sea forest camera shot close wide view light dark bright""".split()
 
 
 def build_tokenizer(words: list[str] = _WORDS, max_length: int = TEXT_LEN) -> PreTrainedTokenizerFast:
-    """Word-level, lower-cased tokenizer with UMT5's special tokens (<pad>=0, </s>=1, <unk>=2)."""
+    """Word-level, lower-cased tokenizer with UMT5's special tokens (<pad>=0, </s>=1, <unk>=2);
+    English words split on white space, Chinese into single characters."""
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for word in words:
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
+    # Lower-cases, and puts spaces around CJK characters: each Chinese character is a word.
+    core.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                 strip_accents=False, lowercase=True)
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(
         single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]

@@ -28,14 +28,18 @@ def _run(stream, input_bytes: bytes | None = None) -> None:
 
 def encode_chunk(frames: np.ndarray, path: str | Path, width: int, height: int, fps: int,
                  preset: str = "veryfast", crf: int = 18) -> Path:
-    """Encode uint8 frames (T, H, W, 3) to an H.264 MP4 scaled to width x height."""
+    """Encode uint8 frames (T, H, W, 3) to an H.264 MP4 of width x height: scaled to fit,
+    keeping the frames' aspect ratio, and padded with black (a 32x32 model's square clip
+    becomes a pillarboxed 1280x720 video, not a stretched one)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     count, src_h, src_w, _ = frames.shape
     path = Path(path)
     stream = (
         ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{src_w}x{src_h}", r=fps)
-        .filter("scale", width, height, flags="bicubic")
+        .filter("scale", width, height, flags="bicubic", force_original_aspect_ratio="decrease",
+                force_divisible_by=2)
+        .filter("pad", width, height, "(ow-iw)/2", "(oh-ih)/2")
         .filter("setsar", 1)
         .output(str(path), vcodec="libx264", pix_fmt="yuv420p", preset=preset, crf=crf,
                 r=fps, g=max(count, 1), keyint_min=max(count, 1), sc_threshold=0,

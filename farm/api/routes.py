@@ -53,7 +53,13 @@ def _get_or_404(db_url: str, job_id: str) -> Job:
 def submit_job(body: JobCreate, request: Request) -> JobAccepted:
     settings = _settings(request)
     job = jobs.create_job(settings.database_url, body)
-    request.app.state.enqueue(job)
+    try:
+        request.app.state.enqueue(job)
+    except Exception as exc:  # the broker is down: the job must not sit queued with no task
+        log.exception("job %s: could not be queued", job.id)
+        jobs.fail_job(settings.database_url, job.id, f"could not be queued: {exc}")
+        raise HTTPException(503, f"the queue is unavailable; job {job.id} failed, submit again",
+                            headers={"Retry-After": "10"}) from None
     return JobAccepted(id=job.id, state=job.state,
                        url=str(request.url_for("get_job", job_id=job.id)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -77,12 +78,22 @@ def cancel(job_id: str) -> None:
 
 
 def download(job_id: str, output: Path = typer.Option(..., "--output", "-o")) -> None:
-    """Save a succeeded job's MP4."""
+    """Save a succeeded job's MP4, checked against its recorded sha256."""
+    digest = hashlib.sha256()
+    partial = output.with_name(output.name + ".part")
     with _client() as client, client.stream("GET", f"/v1/jobs/{job_id}/video") as resp:
         if resp.status_code >= 400:
             resp.read()
             _check(resp)
-        with open(output, "wb") as fh:
+        expected = resp.headers.get("X-Content-SHA256")
+        with open(partial, "wb") as fh:
             for block in resp.iter_bytes():
+                digest.update(block)
                 fh.write(block)
+    if expected and digest.hexdigest() != expected:
+        partial.unlink()
+        typer.echo(f"error: download of {job_id} is corrupt (sha256 {digest.hexdigest()}, "
+                   f"expected {expected})", err=True)
+        raise typer.Exit(1)
+    partial.replace(output)
     typer.echo(str(output))

@@ -13,21 +13,15 @@ app = typer.Typer(help="Render farm for Wan2.2-class text-to-video models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database migrations (Alembic).")
 models_app = typer.Typer(help="Model checkpoints.")
+toy_app = typer.Typer(help="The farm's small model, trained here on a procedural world.")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+app.add_typer(toy_app, name="toy")
 app.add_typer(services.ray_app, name="ray")
 
 for command in (render.render, client.submit, client.status, client.wait, client.cancel,
                 client.download, services.up, services.api, services.worker, services.flower):
     app.command()(command)
-
-
-@app.callback()
-def _before_any_command() -> None:
-    # Ray reads its environment when first imported: set it before any command imports Ray.
-    from workers.ray_cluster import quiet_ray_env
-
-    quiet_ray_env(get_settings().ray_node_ip)
 
 
 @db_app.command("upgrade")
@@ -56,6 +50,52 @@ def make_tiny(path: Path, seed: int = 0) -> None:
     from workers.tiny_model import make_tiny_checkpoint
 
     typer.echo(str(make_tiny_checkpoint(path, seed)))
+
+
+@toy_app.command("train")
+def toy_train(out: Path, seed: int = 0, vae_steps: int = typer.Option(None),
+              dit_steps: int = typer.Option(None),
+              reuse_vae: bool = typer.Option(False, help="keep OUT/vae, train the rest")) -> None:
+    """Train the toy Wan2.2-architecture model from nothing and write it to OUT."""
+    import dataclasses
+    import logging
+
+    from workers.toy.train import ToyConfig, train_toy_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = ToyConfig(seed=seed)
+    overrides = {"vae_steps": vae_steps, "dit_steps": dit_steps}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    typer.echo(str(train_toy_model(out, cfg, reuse_vae=reuse_vae)))
+
+
+
+@toy_app.command("untrained")
+def toy_untrained(out: Path, seed: int = 0) -> None:
+    """Write the toy architecture with random weights (the yardstick's chance baseline)."""
+    from workers.toy.train import save_untrained
+
+    typer.echo(str(save_untrained(out, seed)))
+
+
+@app.command("eval")
+def evaluate(model: str = typer.Option("wan-toy", help="catalog name"),
+             model_dir: Path = typer.Option(None, help="a folder instead of a catalog model"),
+             seeds: int = typer.Option(2, help="renders per combination and language"),
+             combos: int = typer.Option(12, help="combinations per split (12 held out)"),
+             steps: int = 20, guidance: float = 4.0) -> None:
+    """Score a toy-world model: colour, shape, motion; seen vs held-out; English vs Chinese."""
+    from farm.models import resolve_model_dir
+    from scheduler.catalog import get_model
+    from workers.toy.evaluate import EvalSettings, format_table, run_eval, summarise
+    from workers.wan_pipeline import WanT2V
+
+    folder = model_dir or resolve_model_dir(get_settings(), get_model(model))
+    cfg = EvalSettings(seeds_per_combo=seeds, combos_per_split=combos, steps=steps,
+                       guidance=guidance)
+    scores = summarise(run_eval(WanT2V.from_folder(folder), cfg))
+    typer.echo(f"model {folder}: {cfg}")
+    typer.echo(format_table(scores))
 
 
 if __name__ == "__main__":

@@ -41,8 +41,12 @@ def render(prompt: str, output: Path = typer.Option(Path("out.mp4"), "--output",
     """Render PROMPT to an MP4 in this process (embedded defaults, no servers)."""
     from pydantic import ValidationError
 
-    from farm import tasks
+    from farm.cli.services import prepare_ray_env
+
+    prepare_ray_env()
+    from farm import tasks  # noqa: F401  (registers the tasks that run eagerly here)
     from farm.celery_app import app as celery
+    from farm.dispatch import enqueue_job
     from workers import ray_cluster
 
     settings = get_settings()
@@ -65,7 +69,7 @@ def render(prompt: str, output: Path = typer.Option(Path("out.mp4"), "--output",
     started = time.monotonic()
     follower.start()
     try:
-        tasks.enqueue_job(job)
+        enqueue_job(job)
     except Exception as exc:
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
     finally:

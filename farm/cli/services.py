@@ -15,6 +15,14 @@ from scheduler.catalog import TIERS
 from scheduler.routing import STITCH_QUEUE, render_queue
 
 ray_app = typer.Typer(help="Start or stop a Ray head on loopback with the farm's settings.")
+
+
+def prepare_ray_env() -> None:
+    """Ray reads its environment once, when first imported: commands that use Ray call this
+    before anything imports it."""
+    from workers.ray_cluster import quiet_ray_env
+
+    quiet_ray_env(get_settings().ray_node_ip)
 ALL_QUEUES = ",".join([render_queue(t) for t in TIERS] + [STITCH_QUEUE])
 
 
@@ -35,6 +43,7 @@ def worker(queues: str = typer.Option(ALL_QUEUES, "--queues", "-Q", help="comma-
            hostname: str = typer.Option(None, "--hostname", "-n"),
            loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
     """Run a Celery worker. A render queue's concurrency is the actor groups it can feed."""
+    prepare_ray_env()
     from farm.celery_app import app as celery
 
     argv = ["worker", "-Q", queues, "-c", str(concurrency), "-l", loglevel, "-E",
@@ -68,6 +77,7 @@ def ray_start(port: int = typer.Option(None, help="head port; default FARM_RAY_H
     """Start a Ray head (or join one) with the farm's tier resources, loopback by default."""
     import json
 
+    prepare_ray_env()
     from workers import ray_cluster
 
     settings = get_settings()
@@ -90,6 +100,7 @@ def ray_start(port: int = typer.Option(None, help="head port; default FARM_RAY_H
 @ray_app.command("stop")
 def ray_stop() -> None:
     """Stop the Ray processes started on this machine."""
+    prepare_ray_env()
     from workers import ray_cluster
 
     ray_cluster.stop_all()
@@ -99,6 +110,7 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     """Everything on one machine: database migrated, Ray head, API, Celery worker, Flower."""
     from farm.db.migrate import upgrade
 
+    prepare_ray_env()
     settings = get_settings()
     settings.ensure_dirs()
     upgrade(settings.database_url)
@@ -114,8 +126,10 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
                f"http://{settings.flower_host}:{settings.flower_port}; Ctrl-C stops it")
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    dead = None
     try:
-        while not stopping and all(p.poll() is None for p in procs):
+        while not stopping and dead is None:
+            dead = next((i for i, p in enumerate(procs) if p.poll() is not None), None)
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
@@ -128,3 +142,7 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+    if dead is not None:
+        typer.echo(f"`{' '.join(commands[dead][3:])}` exited with {procs[dead].returncode}; "
+                   f"stopped the rest", err=True)
+        raise typer.Exit(procs[dead].returncode or 1)

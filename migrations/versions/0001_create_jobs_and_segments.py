@@ -36,7 +36,7 @@ def upgrade() -> None:
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('output_key', sa.String(length=512), nullable=True),
     sa.Column('output_sha256', sa.String(length=64), nullable=True),
-    sa.Column('output_bytes', sa.Integer(), nullable=True),
+    sa.Column('output_bytes', sa.BigInteger(), nullable=True),
     sa.Column('celery_id', sa.String(length=64), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),

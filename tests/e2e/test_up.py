@@ -31,13 +31,14 @@ def test_up_serves_a_job_with_embedded_defaults(tmp_path, tiny_model):
                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{api_port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
+        deadline, healthy = time.monotonic() + 90, False
+        while not healthy and time.monotonic() < deadline:
             try:
-                if httpx.get(f"{api}/healthz").status_code == 200:
-                    break
+                healthy = httpx.get(f"{api}/healthz").status_code == 200
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
+        assert healthy, (tmp_path / "up.log").read_text()[-3000:]
         job_id = httpx.post(f"{api}/v1/jobs", json={"prompt": "a white circle", "frames": 9,
                                                     "steps": 2}).json()["id"]
         deadline = time.monotonic() + 180

@@ -89,3 +89,27 @@ def test_list_filters_and_pages(any_db):
     assert ids[1] in [j.id for j in canceled] and all(j.state == "canceled" for j in canceled)
     page, total_all = jobs.list_jobs(any_db, None, 2, 0)
     assert len(page) == 2 and total_all >= 3 and total_all >= total
+
+
+def test_largest_seed_fits_every_segment(any_db):
+    job = jobs.get_job(any_db, new_job(any_db, seed=2**31 - 1).id)
+    assert [s.seed for s in job.segments] == [2**31 - 1, 0]
+
+
+def test_a_segment_started_too_often_gives_up(any_db):
+    from farm.errors import SegmentExhausted
+
+    seg = new_job(any_db, frames=9).segments[0].id
+    for _ in range(3):  # a worker that dies mid-segment: the broker redelivers the task
+        assert jobs.start_segment(any_db, seg, "w", max_attempts=3)
+    with pytest.raises(SegmentExhausted, match="started 3 times"):
+        jobs.start_segment(any_db, seg, "w", max_attempts=3)
+
+
+def test_a_segment_of_an_ended_job_cannot_finish(any_db):
+    job = new_job(any_db)
+    first, second = (s.id for s in job.segments)
+    assert jobs.start_segment(any_db, first, "w1") and jobs.start_segment(any_db, second, "w2")
+    assert jobs.fail_segment(any_db, first, "boom") and jobs.fail_job(any_db, job.id, "boom")
+    assert not jobs.finish_segment(any_db, second, ["late.mp4"])
+    assert jobs.get_job(any_db, job.id).segments[1].state == "running"
