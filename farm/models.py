@@ -21,6 +21,10 @@ def resolve_model_dir(settings: Settings, variant: ModelVariant) -> Path:
         shipped = BUNDLED_DIR / variant.folder
         if (shipped / "model_index.json").is_file():
             return shipped
-    hint = (f"; run `farm models make-tiny {local}`" if variant.name == "wan-tiny" else
-            "; copy its diffusers folder there")
+    if variant.name == "wan-tiny":
+        hint = f"; run `farm models make-tiny {local}`"
+    elif variant.bundled:
+        hint = f"; train it with `farm toy train {local}`"
+    else:
+        hint = "; copy its diffusers folder there"
     raise ModelUnavailable(f"model {variant.name!r} has no checkpoint at {local}{hint}")

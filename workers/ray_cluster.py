@@ -1,7 +1,9 @@
 """Starting and joining Ray, kept on loopback and quiet (RUNBOOK.md "Ray").
 
 Without these settings Ray reports usage stats and probes a cloud metadata address at every
-start; nothing the farm starts may contact anything but loopback.
+start; nothing the farm starts may contact anything but loopback. Ray reads some of them
+once, when it is first imported: call `quiet_ray_env()` before anything imports Ray (the
+`farm` commands that use Ray do).
 """
 
 from __future__ import annotations

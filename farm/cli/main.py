@@ -55,7 +55,8 @@ def make_tiny(path: Path, seed: int = 0) -> None:
 @toy_app.command("train")
 def toy_train(out: Path, seed: int = 0, vae_steps: int = typer.Option(None),
               dit_steps: int = typer.Option(None),
-              reuse_vae: bool = typer.Option(False, help="keep OUT/vae, train the rest")) -> None:
+              reuse_vae: bool = typer.Option(False, help="start from OUT/vae"),
+              vae_only: bool = typer.Option(False, help="train the VAE only")) -> None:
     """Train the toy Wan2.2-architecture model from nothing and write it to OUT."""
     import dataclasses
     import logging
@@ -66,7 +67,7 @@ def toy_train(out: Path, seed: int = 0, vae_steps: int = typer.Option(None),
     cfg = ToyConfig(seed=seed)
     overrides = {"vae_steps": vae_steps, "dit_steps": dit_steps}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    typer.echo(str(train_toy_model(out, cfg, reuse_vae=reuse_vae)))
+    typer.echo(str(train_toy_model(out, cfg, reuse_vae=reuse_vae, vae_only=vae_only)))
 
 
 

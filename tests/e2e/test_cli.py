@@ -100,3 +100,41 @@ def test_render_refuses_bad_input_naming_the_field(tmp_path):
     result = farm("render", "a red circle", "--width", "1000", env=env)
     assert result.returncode == 2
     assert "width" in result.stderr and "multiple of 16" in result.stderr and "1000" in result.stderr
+
+
+def test_ray_head_starts_on_a_machine_without_ray_state(tmp_path):
+    """A fresh HOME has no Ray auth token: `farm ray start` makes one and drivers can join."""
+    import signal
+    import socket
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = dict(os.environ, HOME=str(tmp_path), FARM_RAY_HEAD_PORT=str(port),
+               FARM_RAY_TEMP_DIR=f"/tmp/rfh-{port}")
+    env.pop("RAY_AUTH_MODE", None)
+    head = subprocess.Popen([FARM, "ray", "start", "--block", "--num-cpus", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None, head.stdout.read().decode()[-2000:]
+                time.sleep(0.3)
+        assert (tmp_path / ".ray" / "auth_token").is_file()
+        join = subprocess.run(
+            [sys.executable, "-c",
+             "from workers.ray_cluster import connect, quiet_ray_env; quiet_ray_env(); "
+             f"import ray; connect('127.0.0.1:{port}'); "
+             "print(ray.cluster_resources()['tier:cpu'])"],
+            env=env, capture_output=True, text=True, timeout=120)
+        assert join.returncode == 0, join.stderr[-2000:]
+        assert join.stdout.strip().splitlines()[-1] == "2.0"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)

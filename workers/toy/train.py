@@ -41,8 +41,8 @@ class ToyConfig:
     seed: int = 0
     frames: int = 17
     size: int = 32
-    vae_steps: int = 800
-    vae_batch: int = 6
+    vae_steps: int = 700
+    vae_batch: int = 4
     vae_lr: float = 1e-4
     n_latent_clips: int = 5000
     dit_steps: int = 10000
@@ -52,15 +52,17 @@ class ToyConfig:
 
 
 def make_vae() -> AutoencoderKLWan:
-    # Wan2.1 VAE shape (stride 4x8x8, 16 channels), narrower: 17x32x32 clips -> 16x5x4x4.
-    return AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                            temperal_downsample=[False, True, True])
+    # Wan2.1's VAE, one spatial level fewer: stride 4x4x4, so 17x32x32 clips -> 8x5x8x8.
+    # (At stride 8 a 32x32 frame is a 4x4 latent, and shapes did not survive the round trip.)
+    return AutoencoderKLWan(base_dim=16, z_dim=8, dim_mult=[1, 2, 4], num_res_blocks=1,
+                            temperal_downsample=[True, True])
 
 
 def make_expert() -> WanTransformer3DModel:
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16,
-        out_channels=16, text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4,
+        # Patch (1, 4, 4) over the 8x8 latents: 5 x 2 x 2 = 20 tokens a clip.
+        patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=8,
+        out_channels=8, text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     )
 
@@ -86,8 +88,10 @@ def _warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_vae(cfg: ToyConfig, rng: np.random.Generator) -> AutoencoderKLWan:
-    vae = make_vae().train()
+def train_vae(cfg: ToyConfig, rng: np.random.Generator, vae: AutoencoderKLWan | None = None,
+              save_to: Path | None = None, save_every: int = 200) -> AutoencoderKLWan:
+    """Train a new VAE, or continue ``vae``; saved to ``save_to`` every ``save_every`` steps."""
+    vae = (vae or make_vae()).train()
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     started = time.monotonic()
@@ -109,6 +113,10 @@ def train_vae(cfg: ToyConfig, rng: np.random.Generator) -> AutoencoderKLWan:
         if step % 50 == 0 or step == cfg.vae_steps - 1:
             log.info("vae step %d/%d mse %.4f kl %.1f (%.0fs)", step, cfg.vae_steps,
                      mse.item(), kl.item(), time.monotonic() - started)
+        if save_to is not None and (step + 1) % save_every == 0:
+            vae.save_pretrained(save_to)
+    if save_to is not None:
+        vae.save_pretrained(save_to)
     return vae.eval()
 
 
@@ -176,23 +184,24 @@ def train_denoisers(latents: torch.Tensor, scenes, tokenizer, cfg: ToyConfig,
     return text_encoder.eval(), high.eval(), low.eval()
 
 
-def train_toy_model(out: str | Path, cfg: ToyConfig = ToyConfig(),
-                    reuse_vae: bool = False) -> Path:
+def train_toy_model(out: str | Path, cfg: ToyConfig = ToyConfig(), reuse_vae: bool = False,
+                    vae_only: bool = False) -> Path:
     """Build the whole model from nothing and save it to ``out`` (diffusers layout).
 
-    The VAE is saved as soon as it is trained; ``reuse_vae`` starts from that one instead
-    (to retrain only the denoisers)."""
+    The VAE is saved to ``out/vae`` as it trains. ``reuse_vae`` starts from that one: with
+    ``vae_only`` it trains it ``cfg.vae_steps`` more steps and stops; otherwise it keeps it
+    as it is and trains the text encoder and the experts."""
     out = Path(out)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     tokenizer = build_tokenizer(vocabulary(), TEXT_LEN)
     started = time.monotonic()
-    if reuse_vae:
-        vae = AutoencoderKLWan.from_pretrained(out / "vae").eval()
-    else:
-        vae = train_vae(cfg, rng)
-        vae.save_pretrained(out / "vae")
+    vae = AutoencoderKLWan.from_pretrained(out / "vae") if reuse_vae else None
+    if vae is None or vae_only:
+        vae = train_vae(cfg, rng, vae, save_to=out / "vae")
+    if vae_only:
+        return out / "vae"
     latents, scenes = encode_dataset(vae, cfg, rng)
     text_encoder, high, low = train_denoisers(latents, scenes, tokenizer, cfg, rng, gen)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
