@@ -9,22 +9,10 @@ class FarmError(Exception):
     retryable = False
 
 
-class InvalidRequest(FarmError):
-    """Bad input: names the field and the bad value. Never retried."""
-
-    def __init__(self, field: str, value: object, message: str):
-        self.field, self.value = field, value
-        super().__init__(f"{field}: {message} (got {value!r})")
-
-
 class JobNotFound(FarmError):
     def __init__(self, job_id: str):
         self.job_id = job_id
         super().__init__(f"no job with id {job_id!r}")
-
-
-class StateConflict(FarmError):
-    """A compare-and-set transition found the row in another state. Never retried."""
 
 
 class SegmentExhausted(FarmError):

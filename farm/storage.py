@@ -62,6 +62,3 @@ class Storage:
 
     def open(self, key: str):
         return self.fs.open(self._full(key), "rb")
-
-    def size(self, key: str) -> int:
-        return int(self.fs.size(self._full(key)))

@@ -20,7 +20,6 @@ class ModelVariant:
     default_steps: int
     guidance_high: float  # CFG scale of the high-noise expert (Wan2.2: 4.0)
     guidance_low: float  # CFG scale of the low-noise expert (Wan2.2: 3.0)
-    max_prompt_chars: int = 2000
     bundled: bool = False  # weights ship with the project (used when FARM_MODELS_DIR lacks them)
 
 
