@@ -141,8 +141,17 @@ def _shifted_sigma(u: torch.Tensor) -> torch.Tensor:
     return FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
 
 
+def _save_denoisers(out: Path, text_encoder, high, low) -> None:
+    for name, module in (("text_encoder", text_encoder), ("transformer", high),
+                         ("transformer_2", low)):
+        module.save_pretrained(out / name, safe_serialization=True)
+
+
 def train_denoisers(latents: torch.Tensor, scenes, tokenizer, cfg: ToyConfig,
-                    rng: np.random.Generator, gen: torch.Generator):
+                    rng: np.random.Generator, gen: torch.Generator, out: Path,
+                    save_every: int = 2000):
+    """Trains the text encoder and both experts; the folder ``out`` (already laid out) gets
+    their weights every ``save_every`` steps and at the end."""
     text_encoder = make_text_encoder(len(tokenizer)).train()
     high, low = make_expert().train(), make_expert().train()
     params = [*text_encoder.parameters(), *high.parameters(), *low.parameters()]
@@ -181,6 +190,9 @@ def train_denoisers(latents: torch.Tensor, scenes, tokenizer, cfg: ToyConfig,
         if step % 200 == 0 or step == cfg.dit_steps - 1:
             log.info("denoiser step %d/%d loss %.4f lr %.2e (%.0fs)", step, cfg.dit_steps,
                      loss.item(), sched.get_last_lr()[0], time.monotonic() - started)
+        if (step + 1) % save_every == 0:
+            _save_denoisers(out, text_encoder, high, low)
+    _save_denoisers(out, text_encoder, high, low)
     return text_encoder.eval(), high.eval(), low.eval()
 
 
@@ -202,8 +214,16 @@ def train_toy_model(out: str | Path, cfg: ToyConfig = ToyConfig(), reuse_vae: bo
         vae = train_vae(cfg, rng, vae, save_to=out / "vae")
     if vae_only:
         return out / "vae"
-    latents, scenes = encode_dataset(vae, cfg, rng)
-    text_encoder, high, low = train_denoisers(latents, scenes, tokenizer, cfg, rng, gen)
+    latents, scenes = encode_dataset(vae, cfg, rng)  # also sets the VAE's latent statistics
+    # The whole layout first (experts untrained), so the folder loads at every checkpoint.
+    _save_pipeline(out, tokenizer, make_text_encoder(len(tokenizer)), vae, make_expert(),
+                   make_expert())
+    train_denoisers(latents, scenes, tokenizer, cfg, rng, gen, out)
+    log.info("toy model written to %s in %.0f s", out, time.monotonic() - started)
+    return out
+
+
+def _save_pipeline(out: Path, tokenizer, text_encoder, vae, high, low) -> Path:
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=FLOW_SHIFT)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
@@ -211,21 +231,12 @@ def train_toy_model(out: str | Path, cfg: ToyConfig = ToyConfig(), reuse_vae: bo
                        boundary_ratio=BOUNDARY)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    log.info("toy model written to %s in %.0f s", out, time.monotonic() - started)
     return out
 
 
 def save_untrained(out: str | Path, seed: int = 0) -> Path:
     """The same architecture with random weights: what the yardstick must score at chance."""
-    out = Path(out)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(vocabulary(), TEXT_LEN)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=make_text_encoder(len(tokenizer)),
-                       vae=make_vae(), transformer=make_expert(), transformer_2=make_expert(),
-                       scheduler=UniPCMultistepScheduler(
-                           prediction_type="flow_prediction", use_flow_sigmas=True,
-                           num_train_timesteps=1000, flow_shift=FLOW_SHIFT),
-                       boundary_ratio=BOUNDARY)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    return _save_pipeline(Path(out), tokenizer, make_text_encoder(len(tokenizer)), make_vae(),
+                          make_expert(), make_expert())
