@@ -3,8 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-DEMO_MODEL := .farm/models/wan-tiny
-DEMO_PROMPT ?= a red circle moving left on a blue background
+DEMO_PROMPT ?= a red circle moving left on a navy background
 
 .PHONY: install system-deps demo test services clean
 
@@ -21,8 +20,8 @@ system-deps:
 install: $(STAMP) system-deps
 
 demo: install
-	test -f $(DEMO_MODEL)/model_index.json || $(BIN)/farm models make-tiny $(DEMO_MODEL)
-	$(BIN)/farm render "$(DEMO_PROMPT)" -o demo.mp4
+	# The toy model shipped in workers/toy/checkpoints: a 2-second clip at 1280x720.
+	$(BIN)/farm render "$(DEMO_PROMPT)" --model wan-toy --frames 17 --fps 8 --seed 1 -o demo.mp4
 
 services:
 	scripts/services.sh

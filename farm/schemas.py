@@ -21,7 +21,7 @@ class JobCreate(BaseModel):
 
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
     negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
-    model: str = "wan-tiny"
+    model: str = "wan-toy"
     width: Annotated[int, Field(ge=64, le=3840)] = 1280  # output size, pixels
     height: Annotated[int, Field(ge=64, le=3840)] = 720
     frames: Annotated[int, Field(ge=1, le=1281)] = 17  # 4k+1

@@ -58,7 +58,8 @@ class RenderWorker:
         with self._lock:
             if self.warm:
                 return
-            stride = self.pipeline.vae_stride_s * 2
+            # The smallest frame the model takes: one transformer patch of latents.
+            stride = self.pipeline.vae_stride_s * self.pipeline.transformer.config.patch_size[-1]
             req = RenderRequest("warm up", "", frames=1, height=stride, width=stride, steps=1,
                                 guidance_high=1.0, guidance_low=1.0, seed=0)
             latents = self.pipeline.denoise(req)

@@ -33,7 +33,7 @@ def _check(resp: httpx.Response) -> dict:
     return resp.json()
 
 
-def submit(prompt: str, model: str = "wan-tiny", frames: int = 17, width: int = 1280,
+def submit(prompt: str, model: str = "wan-toy", frames: int = 17, width: int = 1280,
            height: int = 720, fps: int = 16, steps: int = typer.Option(None),
            seed: int = typer.Option(None), priority: int = 50,
            negative_prompt: str = "") -> None:

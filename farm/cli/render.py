@@ -35,7 +35,7 @@ def _follow(db_url: str, job_id: str, done: threading.Event) -> None:
 
 
 def render(prompt: str, output: Path = typer.Option(Path("out.mp4"), "--output", "-o"),
-           model: str = "wan-tiny", frames: int = 17, width: int = 1280, height: int = 720,
+           model: str = "wan-toy", frames: int = 17, width: int = 1280, height: int = 720,
            fps: int = 16, steps: int = typer.Option(None), seed: int = typer.Option(0),
            negative_prompt: str = "") -> None:
     """Render PROMPT to an MP4 in this process (embedded defaults, no servers)."""

@@ -37,7 +37,7 @@ def client(api_url):
 def test_submit_wait_download_probe(client, tmp_path, settings):
     # 33 frames with the tiny model (max 17 a segment) -> two segments: 17 + 16 kept frames.
     resp = client.post("/v1/jobs", json={"prompt": "a red circle moving left", "frames": 33,
-                                         "seed": 3, "steps": 6})
+                                         "seed": 3, "steps": 6, "model": "wan-tiny"})
     assert resp.status_code == 202, resp.text
     job_id = resp.json()["id"]
     assert resp.json()["state"] == "queued"
@@ -63,12 +63,12 @@ def test_submit_wait_download_probe(client, tmp_path, settings):
 
 
 def test_actor_is_long_lived_and_reused(client, ray_head):
-    first = wait_for(client, client.post("/v1/jobs", json={"prompt": "a blue square",
+    first = wait_for(client, client.post("/v1/jobs", json={"prompt": "a blue square", "model": "wan-tiny",
                                                            "frames": 9, "steps": 2}).json()["id"],
                      {"succeeded", "failed"})
     actor = ray.get_actor(actor_name("wan-tiny", "cpu", 0), namespace="farm")
     before = ray.get(actor.info.remote())
-    second = wait_for(client, client.post("/v1/jobs", json={"prompt": "a green triangle",
+    second = wait_for(client, client.post("/v1/jobs", json={"prompt": "a green triangle", "model": "wan-tiny",
                                                             "frames": 9, "steps": 2}).json()["id"],
                       {"succeeded", "failed"})
     after = ray.get(actor.info.remote())
@@ -85,7 +85,7 @@ def test_cancel_running_job(client, settings, flower_url):
 
     # 81 frames = 5 segments; many steps so the first segment is still rendering when canceled.
     job_id = client.post("/v1/jobs", json={"prompt": "a slow purple ball", "frames": 81,
-                                           "steps": 200}).json()["id"]
+                                           "steps": 200, "model": "wan-tiny"}).json()["id"]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
@@ -173,7 +173,8 @@ def test_healthz_says_503_when_database_or_broker_is_down(settings):
 
 
 def test_list_filters_by_state_and_paginates(client):
-    done = client.post("/v1/jobs", json={"prompt": "a red square", "frames": 5, "steps": 1})
+    done = client.post("/v1/jobs", json={"prompt": "a red square", "frames": 5, "steps": 1,
+                                         "model": "wan-tiny"})
     wait_for(client, done.json()["id"], {"succeeded"})
     canceled = client.post("/v1/jobs", json={"prompt": "a red square", "model": "wan2.2-t2v-a14b",
                                              "frames": 5})  # no a100 worker: it stays queued

@@ -54,8 +54,11 @@ class ToyConfig:
 def make_vae() -> AutoencoderKLWan:
     # Wan2.1's VAE, one spatial level fewer: stride 4x4x4, so 17x32x32 clips -> 8x5x8x8.
     # (At stride 8 a 32x32 frame is a 4x4 latent, and shapes did not survive the round trip.)
-    return AutoencoderKLWan(base_dim=16, z_dim=8, dim_mult=[1, 2, 4], num_res_blocks=1,
-                            temperal_downsample=[True, True])
+    vae = AutoencoderKLWan(base_dim=16, z_dim=8, dim_mult=[1, 2, 4], num_res_blocks=1,
+                           temperal_downsample=[True, True])
+    # Identity statistics until `encode_dataset` measures the real ones.
+    vae.register_to_config(latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
+    return vae
 
 
 def make_expert() -> WanTransformer3DModel:
