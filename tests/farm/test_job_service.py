@@ -21,7 +21,8 @@ def any_db(request, tmp_path):
 
 
 def new_job(db, **overrides):
-    return jobs.create_job(db, JobCreate(**({"prompt": "a red circle", "frames": 33} | overrides)))
+    return jobs.create_job(db, JobCreate(**({"prompt": "a red circle", "frames": 33,
+                                             "model": "wan-tiny"} | overrides)))
 
 
 def test_create_writes_job_and_planned_segments(any_db):
