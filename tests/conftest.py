@@ -184,26 +184,24 @@ def celery_workers(db_url, redis_db, tiny_model, ray_head):
         worker.stop()
 
 
-@pytest.fixture(scope="session")
-def api_url(celery_workers) -> str:
+def _http_service(name: str, health_path: str):
+    """Start `farm NAME --port P` and wait until GET health_path answers 200; yields its URL."""
     import httpx
 
     port = free_port()
-    api = Service("api", ["api", "--port", str(port)])
+    service = Service(name, [name, "--port", str(port)])
     url = f"http://127.0.0.1:{port}"
-    _wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "api", api.log)
+    _wait_until(lambda: httpx.get(f"{url}{health_path}").status_code == 200, 60, name,
+                service.log)
     yield url
-    api.stop()
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def api_url(celery_workers) -> str:
+    yield from _http_service("api", "/healthz")
 
 
 @pytest.fixture(scope="session")
 def flower_url(celery_workers) -> str:
-    import httpx
-
-    port = free_port()
-    flower = Service("flower", ["flower", "--port", str(port)])
-    url = f"http://127.0.0.1:{port}"
-    _wait_until(lambda: httpx.get(f"{url}/healthcheck").status_code == 200, 60, "flower",
-                flower.log)
-    yield url
-    flower.stop()
+    yield from _http_service("flower", "/healthcheck")
