@@ -13,6 +13,8 @@ from celery import Celery
 from farm.settings import Settings, get_settings
 from scheduler.routing import STITCH_QUEUE
 
+TICK_TASK = "farm.tick"
+
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("farm", broker=settings.broker_url, backend=settings.result_backend,
@@ -44,6 +46,12 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         task_always_eager=settings.celery_eager,
         task_eager_propagates=True,
+        # Celery beat: batch windows, admission and batch reports (farm.batches.tick). A tick
+        # that waited longer than one period is dropped: the next one does the same work.
+        beat_schedule={"farm-tick": {
+            "task": TICK_TASK, "schedule": settings.tick_seconds,
+            "options": {"queue": STITCH_QUEUE, "expires": settings.tick_seconds},
+        }},
     )
     return app
 

@@ -31,3 +31,28 @@ class WorkerLost(FarmError):
 
 class OutputInvalid(FarmError):
     """ffprobe found the stitched video wrong (size, frames, codec). Never retried."""
+
+
+class QueueUnavailable(FarmError):
+    """The broker refused a send. The job stays queued in the database; the next release
+    (a later submission, a job leaving the GPUs, a beat tick) sends it."""
+
+    retryable = True
+
+
+class Unroutable(FarmError):
+    """No routing rule matches the job; the message says why each rule did not."""
+
+
+class BadBatch(FarmError):
+    """A batch file line that cannot become a job; names the line, field and value."""
+
+    def __init__(self, message: str, line: int | None = None, field: str | None = None,
+                 value=None):
+        super().__init__(message)
+        self.line, self.field, self.value = line, field, value
+
+
+class BatchNotFound(FarmError):
+    def __init__(self, batch_id: str):
+        super().__init__(f"no batch with id {batch_id!r}")

@@ -17,10 +17,10 @@ from sqlalchemy.orm import Session, selectinload
 from farm.db.models import FINAL_JOB_STATES, Job, JobState, Segment, SegmentState, utcnow
 from farm.db.session import session_scope
 from farm.errors import JobNotFound, SegmentExhausted
+from farm.policy import get_policy
 from farm.schemas import MAX_SEED, JobCreate
-from scheduler.catalog import get_model
 from scheduler.planner import plan_segments
-from scheduler.routing import route_job
+from scheduler.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +28,21 @@ RENDER_SHARE = 0.95  # job progress while rendering runs to 0.95; stitching take
 LIVE_JOB_STATES = tuple(s.value for s in JobState if s not in FINAL_JOB_STATES)
 
 
-def create_job(db_url: str, request: JobCreate) -> Job:
-    """Route and plan the request, then write the job and its segments in one transaction."""
-    variant = get_model(request.model)
-    route = route_job(request.model)
+def new_job(request: JobCreate, route: Route, rules_sha256: str, batch_id: str | None = None,
+            waiting: bool = False) -> Job:
+    """A job and its planned segments, not yet saved. ``waiting``: for a batch window."""
+    variant = get_policy().catalog.model(route.variant)
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED)
     guidance_high = request.guidance if request.guidance is not None else variant.guidance_high
     guidance_low = request.guidance if request.guidance is not None else variant.guidance_low
     job = Job(
-        id=uuid.uuid4().hex, state=JobState.queued.value, prompt=request.prompt,
-        negative_prompt=request.negative_prompt, model=request.model, width=request.width,
-        height=request.height, frames=request.frames, fps=request.fps,
+        id=uuid.uuid4().hex, state=(JobState.waiting if waiting else JobState.queued).value,
+        prompt=request.prompt, negative_prompt=request.negative_prompt, model=variant.name,
+        width=request.width, height=request.height, frames=request.frames, fps=request.fps,
         steps=request.steps or variant.default_steps, guidance_high=guidance_high,
         guidance_low=guidance_low, seed=seed, priority=request.priority,
-        route=route.as_dict(), progress=0.0, created_at=utcnow(),
+        project=request.project, track=request.track, batch_id=batch_id,
+        route=route.as_dict(), rules_sha256=rules_sha256, progress=0.0, created_at=utcnow(),
     )
     job.segments = [
         Segment(index=p.index, state=SegmentState.pending.value, frame_start=p.frame_start,
@@ -49,11 +50,19 @@ def create_job(db_url: str, request: JobCreate) -> Job:
                 progress=0.0, attempts=0, chunk_keys=[])
         for p in plan_segments(request.frames, variant.max_frames_per_segment, seed)
     ]
-    with session_scope(db_url) as session:
-        session.add(job)
-    log.info("job %s created: model=%s frames=%d segments=%d route=%s",
-             job.id, job.model, job.frames, len(job.segments), route.rule)
     return job
+
+
+def add_jobs(db_url: str, new: list[Job], batch=None) -> None:
+    """Write the jobs (and their batch) in one transaction."""
+    with session_scope(db_url) as session:
+        if batch is not None:
+            session.add(batch)
+        session.add_all(new)
+    for job in new:
+        log.info("job %s created: model=%s frames=%d segments=%d rule=%s tier=%s",
+                 job.id, job.model, job.frames, len(job.segments), job.route["rule"],
+                 job.route["tier"])
 
 
 def get_job(db_url: str, job_id: str) -> Job:
@@ -188,3 +197,25 @@ def cancel_job(db_url: str, job_id: str) -> bool:
             raise JobNotFound(job_id)
         return _cas_job(session, job_id, LIVE_JOB_STATES, state=JobState.canceled.value,
                         finished_at=utcnow())
+
+
+# ---- batch windows (farm.batches' tick) -----------------------------------------------------
+
+def wake_jobs(db_url: str, job_ids: list[str]) -> int:
+    """waiting -> queued: their window opened; admission sends them in priority order."""
+    with session_scope(db_url) as session:
+        return session.execute(
+            update(Job).where(Job.id.in_(job_ids), Job.state == JobState.waiting.value)
+            .values(state=JobState.queued.value, updated_at=utcnow())).rowcount
+
+
+def park_jobs(db_url: str, job_ids: list[str], cancel: bool) -> int:
+    """Queued jobs not yet sent, when their window closes: back to waiting (they keep their
+    place: priority and age are unchanged), or canceled if their batch says so."""
+    values = (dict(state=JobState.canceled.value, error="the batch window closed first",
+                   finished_at=utcnow()) if cancel else dict(state=JobState.waiting.value))
+    with session_scope(db_url) as session:
+        return session.execute(
+            update(Job).where(Job.id.in_(job_ids), Job.state == JobState.queued.value,
+                              Job.dispatched_at.is_(None))
+            .values(updated_at=utcnow(), **values)).rowcount

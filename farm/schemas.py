@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import unicodedata
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from scheduler.catalog import MODELS
-
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**31 - 1
+PROJECT_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+Project = Annotated[str, Field(pattern=PROJECT_PATTERN)]
 
 
 class JobCreate(BaseModel):
@@ -21,7 +21,10 @@ class JobCreate(BaseModel):
 
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
     negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
-    model: str = "wan-toy"
+    model: str | None = None  # None: the routing rules choose the variant
+    track: Literal["draft", "final"] = "draft"  # quality track, for the routing rules
+    project: Project = "default"
+    deadline_s: Annotated[float | None, Field(gt=0, le=7 * 86400)] = None  # wanted within
     width: Annotated[int, Field(ge=64, le=3840)] = 1280  # output size, pixels
     height: Annotated[int, Field(ge=64, le=3840)] = 720
     frames: Annotated[int, Field(ge=1, le=1281)] = 17  # 4k+1
@@ -43,9 +46,12 @@ class JobCreate(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def _known_model(cls, value: str) -> str:
-        if value not in MODELS:
-            raise ValueError(f"unknown model {value!r}; known models: {', '.join(sorted(MODELS))}")
+    def _known_model(cls, value: str | None) -> str | None:
+        from farm.policy import get_policy
+
+        models = get_policy().catalog.models
+        if value is not None and value not in models:
+            raise ValueError(f"unknown model {value!r}; known models: {', '.join(sorted(models))}")
         return value
 
     @field_validator("frames")
@@ -72,6 +78,7 @@ class SegmentPublic(BaseModel):
     render_frames: int
     progress: float
     attempts: int
+    worker: str | None  # the Celery worker that ran it last
     error: str | None
     celery_id: str | None  # the render task's id: its progress state is in Flower
 
@@ -89,11 +96,16 @@ class JobPublic(BaseModel):
     steps: int
     seed: int
     priority: int
+    project: str
+    track: str
+    batch_id: str | None
     route: dict
+    rules_sha256: str
     error: str | None
     output_url: str | None
     output_sha256: str | None
     created_at: datetime
+    dispatched_at: datetime | None  # sent to its tier's queue by admission
     started_at: datetime | None
     finished_at: datetime | None
     queued_seconds: float | None
@@ -112,3 +124,59 @@ class JobList(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class BatchCreate(BaseModel):
+    """A batch: one job per line of a JSONL or CSV file (with seed fan-out), now or in a window."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content: Annotated[str, Field(min_length=1, max_length=8_000_000)]  # the file's text
+    format: Literal["jsonl", "csv"] = "jsonl"
+    name: Annotated[str, Field(max_length=128)] = ""
+    project: Project = "default"
+    timezone: Annotated[str, Field(max_length=64)] = "UTC"  # IANA name, for the window
+    window: Annotated[str | None, Field(max_length=32)] = None  # e.g. "22:00-06:00"
+    on_window_close: Literal["wait", "cancel"] = "wait"  # what is not started when it closes
+    defaults: dict = {}  # job fields applied under every line
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str | None, info) -> str | None:
+        from scheduler.windows import Window
+
+        if value is not None:
+            Window.parse(value, info.data.get("timezone", "UTC"))
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from scheduler.windows import Window
+
+        Window.parse("00:00-00:01", value)
+        return value
+
+
+class BatchAccepted(BaseModel):
+    id: str
+    jobs: int
+    state: str
+    url: str
+
+
+class BatchPublic(BaseModel):
+    id: str
+    name: str
+    project: str
+    window: str | None
+    timezone: str
+    on_window_close: str
+    state: str  # open | done
+    window_open: bool | None  # None: no window
+    jobs: int
+    counts: dict[str, int]  # job state -> jobs
+    job_ids: list[str]
+    report_urls: dict[str, str]
+    created_at: datetime
+    finished_at: datetime | None

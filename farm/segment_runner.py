@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from farm import jobs
-from farm.db.models import JobState, Segment
+from farm.db.models import Segment
 from farm.errors import WorkerLost
 from farm.models import resolve_model_dir
 from farm.settings import Settings
 from farm.storage import Storage
-from scheduler.catalog import TIERS, get_model
+from farm.policy import get_policy
 from workers import ray_cluster
 from workers.actor import RenderCanceled
 from workers.group import ACTOR_LOST, ActorGroup
@@ -67,28 +67,30 @@ class ChunkEncoder:
 
 
 def _actor_group(settings: Settings, job) -> ActorGroup:
-    variant = get_model(job.model)
+    variant = get_policy().catalog.model(job.model)
     model_dir = resolve_model_dir(settings, variant)
     ray_cluster.connect(settings.ray_address, tier_slots=settings.ray_tier_slots,
                         temp_dir=str(settings.ray_temp_dir),
                         object_store_bytes=settings.ray_object_store_bytes,
                         node_ip=settings.ray_node_ip)
     try:
-        return ActorGroup.get_or_create(variant.name, TIERS[job.route["tier"]], str(model_dir),
+        tier = get_policy().catalog.tier(job.route["tier"])
+        return ActorGroup.get_or_create(variant.name, tier, str(model_dir),
                                         detached=settings.ray_address != "local")
     except ACTOR_LOST as exc:
         raise WorkerLost(f"actor for {variant.name} on {job.route['tier']} is gone: {exc}") from exc
 
 
 def run_segment(settings: Settings, job_id: str, seg_id: int,
-                on_progress: ProgressFn | None = None) -> dict:
+                on_progress: ProgressFn | None = None, worker: str | None = None) -> dict:
+    """``worker``: who runs it (the Celery worker's name), recorded on the segment."""
     db = settings.database_url
-    if not jobs.start_segment(db, seg_id, worker=socket.gethostname(),
+    if not jobs.start_segment(db, seg_id, worker=worker or socket.gethostname(),
                               max_attempts=settings.segment_max_retries + 1):
         return {"segment_id": seg_id, "skipped": True}
     job = jobs.get_job(db, job_id)
     segment = next(s for s in job.segments if s.id == seg_id)
-    variant = get_model(job.model)
+    variant = get_policy().catalog.model(job.model)
     group = _actor_group(settings, job)
     request = dict(prompt=job.prompt, negative_prompt=job.negative_prompt,
                    frames=segment.render_frames, height=variant.native_height,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -49,9 +49,21 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 7200  # above the hard limit, or Redis hands a task out twice
     segment_max_retries: int = 3
 
+    # Routing policy (scheduler/config/*.yaml unless set): tiers, model catalog, rules.
+    tiers_file: Path | None = None
+    models_file: Path | None = None
+    rules_file: Path | None = None
+    tick_seconds: float = 5.0  # Celery beat: batch windows opened/closed, waiting jobs released
+
     encode_chunk_frames: int = 16  # frames per H.264 chunk
     x264_preset: str = "veryfast"
     x264_crf: int = 18
+
+    @field_validator("tiers_file", "models_file", "rules_file", "models_dir", "work_dir",
+                     mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if value == "" else value  # compose passes unset variables as ""
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from farm import jobs, segment_runner, stitcher
-from farm.celery_app import app
+from farm import admission, batches, jobs, segment_runner, stitcher
+from farm.celery_app import TICK_TASK, app
 from farm.dispatch import RENDER_TASK, SEGMENT_FAILED_TASK, STITCH_TASK
 from farm.errors import FarmError
 from farm.settings import get_settings
@@ -23,7 +23,8 @@ def _record_failure(job_id: str, seg_id: int, exc: BaseException) -> None:
     db = get_settings().database_url
     message = f"segment {seg_id}: {type(exc).__name__}: {exc}"
     jobs.fail_segment(db, seg_id, message)
-    jobs.fail_job(db, job_id, message)
+    if jobs.fail_job(db, job_id, message):
+        admission.release_soon(get_settings())  # its GPUs are free for the next job
 
 
 @app.task(bind=True, name=RENDER_TASK)
@@ -37,7 +38,8 @@ def render_segment(self, job_id: str, seg_id: int) -> dict:
                                     "steps": steps})
 
     try:
-        return segment_runner.run_segment(settings, job_id, seg_id, progress)
+        return segment_runner.run_segment(settings, job_id, seg_id, progress,
+                                          worker=self.request.hostname)
     except Exception as exc:
         retryable = isinstance(exc, FarmError) and exc.retryable
         if retryable and self.request.retries < settings.segment_max_retries:
@@ -66,3 +68,12 @@ def stitch_job(self, segment_results: list, job_id: str) -> dict:
         log.exception("job %s: stitching failed", job_id)
         jobs.fail_job(settings.database_url, job_id, f"stitch: {type(exc).__name__}: {exc}")
         raise
+    finally:
+        admission.release_soon(settings)  # the job has left the GPUs
+
+
+@app.task(name=TICK_TASK)
+def tick() -> dict:
+    """Celery beat, every FARM_TICK_SECONDS: open and close batch windows, release what
+    admission allows, write the reports of finished batches."""
+    return batches.tick(get_settings())

@@ -1,65 +1,187 @@
-"""Model variants the farm knows, and the GPU tiers it runs them on.
+"""GPU tiers and model variants, declared in YAML (`scheduler/config/*.yaml`), parsed here.
 
-Pure data. Folders are relative to the farm's models directory (``FARM_MODELS_DIR``).
-Issue #4 moves tiers and the catalog to YAML with memory arithmetic; the fields here are the
-ones the render path needs today.
+Pure: functions take the YAML text (or a mapping) and return frozen objects; reading the
+files is the caller's business (`farm.policy`). Every error names the file, the entry and
+the field, and quotes the bad value.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
+
+import yaml
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator,
+)
 
 
-@dataclass(frozen=True)
-class ModelVariant:
-    name: str
-    folder: str  # diffusers layout: model_index.json, transformer/, transformer_2/, vae/, ...
-    native_width: int  # the size the model renders at; encoding scales to the requested size
-    native_height: int
-    max_frames_per_segment: int  # 4k+1; longer jobs are split into several segments
-    default_steps: int
-    guidance_high: float  # CFG scale of the high-noise expert (Wan2.2: 4.0)
-    guidance_low: float  # CFG scale of the low-noise expert (Wan2.2: 3.0)
-    bundled: bool = False  # weights ship with the project (used when FARM_MODELS_DIR lacks them)
+class PolicyError(ValueError):
+    """A tiers, models or rules file that cannot be used; the message says where and why."""
 
 
-@dataclass(frozen=True)
-class Tier:
-    name: str
-    ray_resource: str  # custom Ray resource that pins actors to this tier, e.g. "tier:a10"
-    accelerator_type: str | None  # Ray accelerator_type where the GPU model is known
-    gpus_per_actor: float
-
-
-MODELS: dict[str, ModelVariant] = {
-    # Random-weight checkpoint written by `farm models make-tiny`: real layout, tiny shapes.
-    "wan-tiny": ModelVariant(
-        name="wan-tiny", folder="wan-tiny", native_width=112, native_height=64,
-        max_frames_per_segment=17, default_steps=8, guidance_high=4.0, guidance_low=3.0,
-    ),
-    # The farm's own small model, trained on the procedural world (`farm toy train`).
-    "wan-toy": ModelVariant(
-        name="wan-toy", folder="wan-toy", native_width=32, native_height=32,
-        max_frames_per_segment=17, default_steps=20, guidance_high=4.0, guidance_low=4.0,
-        bundled=True,
-    ),
-    # The real two-expert model, from a local copy of Wan-AI/Wan2.2-T2V-A14B-Diffusers.
-    "wan2.2-t2v-a14b": ModelVariant(
-        name="wan2.2-t2v-a14b", folder="Wan2.2-T2V-A14B-Diffusers", native_width=1280,
-        native_height=720, max_frames_per_segment=81, default_steps=40,
-        guidance_high=4.0, guidance_low=3.0,
-    ),
-}
-
-TIERS: dict[str, Tier] = {
-    "cpu": Tier(name="cpu", ray_resource="tier:cpu", accelerator_type=None, gpus_per_actor=0),
-    "a10": Tier(name="a10", ray_resource="tier:a10", accelerator_type="A10G", gpus_per_actor=1),
-    "a100": Tier(name="a100", ray_resource="tier:a100", accelerator_type="A100", gpus_per_actor=1),
-}
-
-
-def get_model(name: str) -> ModelVariant:
+def parse_size(text: str) -> tuple[int, int]:
+    """"1280x720" -> (1280, 720)."""
     try:
-        return MODELS[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+        width, height = (int(part) for part in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT, e.g. '1280x720'") from None
+    if width <= 0 or height <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return width, height
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tier(_Strict):
+    name: str = ""  # the key it is declared under
+    gpu: str  # GPU model, e.g. "A100-80GB"; "cpu" for CPU render slots
+    memory_gb: Annotated[float, Field(gt=0)]  # per GPU
+    gpus_per_node: Annotated[int, Field(ge=1, le=64)]
+    count: Annotated[int, Field(ge=0)]  # nodes
+    cost_per_gpu_hour: Annotated[float, Field(ge=0)]
+    ray_resource: Annotated[str, Field(min_length=1)]  # custom Ray resource pinning actors here
+    accelerator_type: str | None = None  # Ray accelerator_type where the GPU is detected
+
+    @property
+    def gpus(self) -> int:
+        return self.count * self.gpus_per_node
+
+    @property
+    def gpus_per_actor(self) -> int:
+        return 0 if self.gpu == "cpu" else 1
+
+
+class Guidance(_Strict):
+    high: Annotated[float, Field(ge=0)]  # CFG scale of the high-noise expert (A14B: 4.0)
+    low: Annotated[float, Field(ge=0)]  # of the low-noise expert (A14B: 3.0)
+
+
+class ModelVariant(_Strict):
+    name: str = ""
+    folder: str  # diffusers layout under FARM_MODELS_DIR
+    native: str  # "WxH" the model renders at; encoding scales to the requested size
+    max_frames: Annotated[int, Field(ge=5)]  # 4k+1 frames per segment
+    default_steps: Annotated[int, Field(ge=1)]
+    guidance: Guidance
+    bundled: bool = False  # weights ship with the project
+    params_b: Annotated[float, Field(gt=0)]  # billions of parameters per expert
+    experts: Annotated[int, Field(ge=1, le=2)]
+    bytes_per_param: Annotated[float, Field(gt=0)]
+    heads: Annotated[int, Field(ge=1)]  # attention heads: tensor parallelism splits them
+    degrees: list[int]  # parallel degrees the model supports
+    extra_gb: Annotated[float, Field(ge=0)]  # text encoder + VAE kept on every GPU
+    activation_gb: dict[str, float]  # "WxH" -> GB for one segment of max_frames, degree 1
+    seconds_per_step: dict[str, float]  # tier -> one step with CFG at native size, 1 GPU
+
+    @field_validator("native")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelVariant":
+        if (self.max_frames - 1) % 4:
+            raise ValueError(f"max_frames must be 4k+1, got {self.max_frames}")
+        for size in self.activation_gb:
+            parse_size(size)
+        if self.native not in self.activation_gb:
+            raise ValueError(f"activation_gb has no entry for the native size {self.native!r}")
+        bad = [d for d in self.degrees if d < 1 or self.heads % d]
+        if bad or not self.degrees:
+            raise ValueError(f"degrees {self.degrees} must be non-empty divisors of the "
+                             f"{self.heads} attention heads (bad: {bad})")
+        return self
+
+    # The names the render path has used since issue 2.
+    @property
+    def native_width(self) -> int:
+        return parse_size(self.native)[0]
+
+    @property
+    def native_height(self) -> int:
+        return parse_size(self.native)[1]
+
+    @property
+    def max_frames_per_segment(self) -> int:
+        return self.max_frames
+
+    @property
+    def guidance_high(self) -> float:
+        return self.guidance.high
+
+    @property
+    def guidance_low(self) -> float:
+        return self.guidance.low
+
+
+class Catalog(_Strict):
+    tiers: dict[str, Tier]
+    models: dict[str, ModelVariant]
+    runtime_overhead_gb: float = 1.5
+    _memo: dict = PrivateAttr(default_factory=dict)  # scheduler.routing's per-route figures
+
+    def model(self, name: str) -> ModelVariant:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(self.models))}") \
+                from None
+
+    def tier(self, name: str) -> Tier:
+        try:
+            return self.tiers[name]
+        except KeyError:
+            raise KeyError(f"unknown tier {name!r}; known: {', '.join(sorted(self.tiers))}") \
+                from None
+
+
+def _load_yaml(text: str, source: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: expected a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def validation_message(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else ""
+        lines.append(f"{source}: {where}: {err['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_catalog(tiers_text: str, models_text: str, tiers_source: str = "tiers.yaml",
+                  models_source: str = "models.yaml") -> Catalog:
+    tiers_doc = _load_yaml(tiers_text, tiers_source)
+    models_doc = _load_yaml(models_text, models_source)
+    tiers = _entries(Tier, tiers_doc.get("tiers"), f"{tiers_source}: tiers")
+    models = _entries(ModelVariant, models_doc.get("models"), f"{models_source}: models")
+    for model in models.values():
+        for tier in model.seconds_per_step:
+            if tier not in tiers:
+                raise PolicyError(f"{models_source}: models.{model.name}.seconds_per_step: "
+                                  f"unknown tier {tier!r}; known: {', '.join(sorted(tiers))}")
+    return Catalog(tiers=tiers, models=models,
+                   runtime_overhead_gb=float(models_doc.get("runtime_overhead_gb", 1.5)))
+
+
+def _entries(cls, section, where: str) -> dict:
+    """Parse each ``name: {fields}`` entry of a section; errors name the entry and field."""
+    if not isinstance(section, dict) or not section:
+        raise PolicyError(f"{where}: expected a mapping of named entries, got {section!r}")
+    out = {}
+    for name, spec in section.items():
+        if not isinstance(spec, dict):
+            raise PolicyError(f"{where}.{name}: expected a mapping, got {spec!r}")
+        try:
+            out[name] = cls(name=str(name), **spec)
+        except ValidationError as exc:
+            raise PolicyError(validation_message(f"{where}.{name}", exc)) from None
+    return out

@@ -1,39 +1,216 @@
-"""Which variant runs a job, on which tier, from which queue.
+"""Route a job: the first matching rule's choice, or one of its fallbacks, as a `Route`.
 
-Issue #2 ships one fixed route per model; issue #4 replaces `route_job` with YAML rules
-(first match wins) that return the same `Route`.
+Pure and fast (benchmarks/routing.py): a decision reads the job, the rules and a snapshot of
+queue loads; `explain` gives the same decision with every rule's verdict and the arithmetic.
+A fallback's `when` is tested against the choice it would replace: the primary first, then
+each fallback in order while its condition holds (a chain of spills).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
-from scheduler.catalog import TIERS, get_model
+from scheduler.catalog import Catalog, ModelVariant
+from scheduler.memory import estimate
+from scheduler.rules import Choice, Match, Rule, RuleSet, describe
 
 STITCH_QUEUE = "stitch"  # CPU-only work: concatenation, probing, thumbnails
+TP_EFFICIENCY = 0.85  # speed-up of degree N is N * 0.85 (N > 1): collectives cost
+
+
+class NoRoute(LookupError):
+    """No rule matches the job; the message lists why each rule did not."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What the rules see of a job."""
+    track: str = "draft"
+    width: int = 1280
+    height: int = 720
+    frames: int = 81
+    fps: int = 16
+    priority: int = 50
+    batch: bool = False
+    project: str = "default"
+    model: str | None = None  # named by the job; None: the rules choose
+    steps: int | None = None  # None: the variant's default
+    deadline_s: float | None = None  # seconds from now by which the video is wanted
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.fps
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLoad:
+    """One queue right now: jobs waiting for GPUs, and the GPU-seconds ahead of a new job."""
+    waiting_jobs: int = 0
+    backlog_gpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
 class Route:
     variant: str
     tier: str
-    degree: int  # GPUs (ranks) per actor group
-    queue: str  # Celery queue of the tier's render_segment tasks
-    rule: str  # name of the rule that chose this route
+    degree: int  # ranks (GPUs) of the actor group
+    placement: str  # resident | offload | split
+    queue: str  # Celery queue of the tier's render tasks
+    rule: str
+    window: str | None = None
+    timezone: str = "UTC"
+    fallback: int | None = None  # index of the fallback taken; None: the rule's own choice
+    est_seconds: float | None = None  # render time once on GPUs (estimate)
+    memory_gb: float | None = None  # per GPU (estimate)
+
+    @property
+    def gpu_seconds(self) -> float | None:
+        return None if self.est_seconds is None else self.est_seconds * self.degree
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-_FIXED_TIER = {"wan-tiny": "cpu", "wan-toy": "cpu", "wan2.2-t2v-a14b": "a100"}
 
 
 def render_queue(tier: str) -> str:
     return f"render.{tier}"
 
 
-def route_job(model: str) -> Route:
-    variant = get_model(model)
-    tier = TIERS[_FIXED_TIER[variant.name]]
-    return Route(variant=variant.name, tier=tier.name, degree=1,
-                 queue=render_queue(tier.name), rule="fixed")
+def mismatch(match: Match, job: JobSpec) -> str | None:
+    """Why ``match`` does not fit ``job`` (None when it does)."""
+    if match.track is not None and job.track not in match.track:
+        return f"track is {job.track!r}, rule wants {'|'.join(match.track)}"
+    if match.model is not None and job.model not in match.model:
+        return f"model is {job.model!r}, rule wants {'|'.join(match.model)}"
+    if match.project is not None and job.project not in match.project:
+        return f"project is {job.project!r}, rule wants {'|'.join(match.project)}"
+    if match.batch is not None and job.batch != match.batch:
+        return f"batch is {str(job.batch).lower()}, rule wants {str(match.batch).lower()}"
+    if match.priority is not None and not match.priority.holds(job.priority):
+        return f"priority {job.priority} is outside {match.priority}"
+    if match.duration_s is not None and not match.duration_s.holds(job.duration_s):
+        return f"duration {job.duration_s:g}s is outside {match.duration_s}"
+    if match.output is not None:
+        lo_w, lo_h, hi_w, hi_h = match.output.bounds()
+        if not (lo_w <= job.width <= hi_w and lo_h <= job.height <= hi_h):
+            return (f"output {job.width}x{job.height} is outside "
+                    f"{match.output.min or ''}..{match.output.max or ''}")
+    return None
+
+
+def segments_rendered_frames(frames: int, max_frames: int) -> int:
+    """Frames the model renders for a job (scheduler.planner's split, counted)."""
+    if frames <= max_frames:
+        return max_frames if frames > 1 else 1
+    later = math.ceil((frames - max_frames) / (max_frames - 1))
+    return max_frames * (1 + later)
+
+
+def est_seconds(variant: ModelVariant, tier: str, degree: int, job: JobSpec) -> float | None:
+    per_step = variant.seconds_per_step.get(tier)
+    if per_step is None:
+        return None
+    steps = job.steps or variant.default_steps
+    share = segments_rendered_frames(job.frames, variant.max_frames) / variant.max_frames
+    speedup = degree * (TP_EFFICIENCY if degree > 1 else 1.0)
+    return steps * per_step * share / speedup
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
+def _memory_gb(catalog: Catalog, variant: str, degree: int, placement: str) -> float:
+    key = ("memory", variant, degree, placement)
+    if key not in catalog._memo:
+        m = catalog.models[variant]
+        catalog._memo[key] = round(estimate(catalog, m, degree, placement, m.native).total_gb, 2)
+    return catalog._memo[key]
+
+
+def build(choice: Choice, rule: Rule, job: JobSpec, catalog: Catalog,
+          fallback: int | None) -> Route:
+    variant = catalog.models[choice.variant or job.model]
+    return Route(
+        variant=variant.name, tier=choice.tier, degree=choice.degree,
+        placement=choice.placement, queue=choice.queue or render_queue(choice.tier),
+        rule=rule.name, window=choice.window, timezone=choice.timezone, fallback=fallback,
+        est_seconds=_rounded(est_seconds(variant, choice.tier, choice.degree, job)),
+        memory_gb=_memory_gb(catalog, variant.name, choice.degree, choice.placement),
+    )
+
+
+def spill_reason(when, route: Route, job: JobSpec, catalog: Catalog,
+                 loads: dict[str, QueueLoad]) -> str | None:
+    """Why ``route`` should be given up for the fallback with condition ``when``."""
+    load = loads.get(route.queue, QueueLoad())
+    if when.queue_longer_than is not None and load.waiting_jobs > when.queue_longer_than:
+        return (f"queue {route.queue} has {load.waiting_jobs} jobs waiting "
+                f"(> {when.queue_longer_than})")
+    if when.deadline_unmet and job.deadline_s is not None and route.est_seconds is not None:
+        gpus = max(1, catalog.tiers[route.tier].gpus)
+        finish = load.backlog_gpu_s / gpus + route.est_seconds
+        if finish > job.deadline_s:
+            return (f"deadline {job.deadline_s:g}s cannot be met on {route.tier}: about "
+                    f"{load.backlog_gpu_s / gpus:.0f}s of queue + {route.est_seconds:.0f}s render")
+    return None
+
+
+def route(job: JobSpec, rules: RuleSet, catalog: Catalog,
+          loads: dict[str, QueueLoad] | None = None) -> Route:
+    """The route of ``job``. Raises NoRoute when no rule matches."""
+    loads = loads or {}
+    for rule in rules.rules:
+        if mismatch(rule.match, job) is None:
+            chosen = build(rule.route, rule, job, catalog, None)
+            for i, fallback in enumerate(rule.fallbacks):
+                if spill_reason(fallback.when, chosen, job, catalog, loads) is None:
+                    break
+                chosen = build(fallback.route, rule, job, catalog, i)
+            return chosen
+    raise NoRoute(_no_route_message(job, rules))
+
+
+def _no_route_message(job: JobSpec, rules: RuleSet) -> str:
+    reasons = "; ".join(f"{r.name}: {mismatch(r.match, job)}" for r in rules.rules)
+    return f"no routing rule matches the job ({reasons})"
+
+
+@dataclass
+class Explanation:
+    job: dict
+    rules_sha256: str
+    verdicts: list[dict] = field(default_factory=list)  # rule, matches, why not / spills
+    route: dict | None = None
+    memory: str | None = None  # the chosen route's arithmetic
+    error: str | None = None
+
+
+def explain(job: JobSpec, rules: RuleSet, catalog: Catalog,
+            loads: dict[str, QueueLoad] | None = None) -> Explanation:
+    loads = loads or {}
+    out = Explanation(job=asdict(job), rules_sha256=rules.sha256)
+    for rule in rules.rules:
+        why = mismatch(rule.match, job)
+        verdict = {"rule": rule.name, "match": describe(rule.match), "matches": why is None}
+        out.verdicts.append(verdict)
+        if why is not None:
+            verdict["why_not"] = why
+            continue
+        chosen = build(rule.route, rule, job, catalog, None)
+        verdict["spills"] = []
+        for i, fallback in enumerate(rule.fallbacks):
+            reason = spill_reason(fallback.when, chosen, job, catalog, loads)
+            if reason is None:
+                verdict["spills"].append({"fallback": i, "taken": False})
+                break
+            verdict["spills"].append({"fallback": i, "taken": True, "because": reason})
+            chosen = build(fallback.route, rule, job, catalog, i)
+        out.route = chosen.as_dict()
+        variant = catalog.models[chosen.variant]
+        out.memory = (estimate(catalog, variant, chosen.degree, chosen.placement,
+                               variant.native).arithmetic()
+                      + f"; tier {chosen.tier} has {catalog.tiers[chosen.tier].memory_gb:g} GB")
+        return out
+    out.error = _no_route_message(job, rules)
+    return out

@@ -34,6 +34,27 @@ def free_port() -> int:
 
 
 RAY_PORT = free_port()
+
+
+def _test_policy() -> dict[str, str]:
+    """The shipped tiers and rules plus a second CPU tier, `cpu-b`, and a rule sending the
+    project `tier-b` there: jobs of two tiers on their own queues and actors."""
+    import yaml
+
+    config = Path(__file__).resolve().parent.parent / "scheduler" / "config"
+    tiers = yaml.safe_load((config / "tiers.yaml").read_text())
+    tiers["tiers"]["cpu-b"] = dict(tiers["tiers"]["cpu"], gpus_per_node=1,
+                                   ray_resource="tier:cpu-b")
+    rules = yaml.safe_load((config / "rules.yaml").read_text())
+    rules["rules"].insert(0, {"name": "tier-b-project", "match": {"project": ["tier-b"],
+                                                                  "model": ["wan-tiny"]},
+                              "route": {"tier": "cpu-b"}})
+    TMP.joinpath("tiers.yaml").write_text(yaml.safe_dump(tiers))
+    TMP.joinpath("rules.yaml").write_text(yaml.safe_dump(rules))
+    return {"FARM_TIERS_FILE": str(TMP / "tiers.yaml"), "FARM_RULES_FILE": str(TMP / "rules.yaml")}
+
+
+os.environ.update(_test_policy())
 os.environ.update({
     "FARM_HOME": str(TMP / "home"),
     "FARM_DATABASE_URL": f"{PG_SERVER}/{PG_DB}",
@@ -47,6 +68,7 @@ os.environ.update({
     "FARM_RAY_TEMP_DIR": f"/tmp/rf-{RUN_ID}",
     "FARM_RAY_OBJECT_STORE_BYTES": str(256 * 1024 * 1024),
     "FARM_FLOWER_PASSWORD": f"pw-{RUN_ID}",
+    "FARM_TICK_SECONDS": "1",
 })
 
 # Before anything imports Ray: it reads these settings once, at import.
@@ -154,7 +176,8 @@ def ray_head(settings):
 
     from workers import ray_cluster
 
-    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "4"])
+    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "4", "--resources",
+                                '{"tier:cpu": 2, "tier:cpu-b": 1}'])
     _wait_until(lambda: _ray_up(settings.ray_address), 60, "ray head", head.log)
     ray_cluster.connect(settings.ray_address)
     yield settings.ray_address
@@ -170,18 +193,28 @@ def _ray_up(address: str) -> bool:
 
 @pytest.fixture(scope="session")
 def celery_workers(db_url, redis_db, tiny_model, ray_head):
-    """One worker for the cpu tier's render queue, one for the stitch queue."""
+    """A worker for each cpu tier's render queue, one for the stitch queue (and ticks)."""
     from farm.celery_app import app
 
     workers = [Service("worker-render", ["worker", "-Q", "render.cpu", "-c", "1",
                                          "-n", f"render-{RUN_ID}@%h"]),
+               Service("worker-render-b", ["worker", "-Q", "render.cpu-b", "-c", "1",
+                                           "-n", f"render-b-{RUN_ID}@%h"]),
                Service("worker-stitch", ["worker", "-Q", "stitch", "-c", "1",
                                          "-n", f"stitch-{RUN_ID}@%h"])]
-    _wait_until(lambda: len(app.control.ping(timeout=1.0)) >= 2, 60, "celery workers",
+    _wait_until(lambda: len(app.control.ping(timeout=1.0)) >= 3, 60, "celery workers",
                 workers[0].log)
     yield workers
     for worker in workers:
         worker.stop()
+
+
+@pytest.fixture(scope="session")
+def celery_beat(celery_workers):
+    """`farm beat`: a tick every second (FARM_TICK_SECONDS) to the stitch worker."""
+    beat = Service("beat", ["beat"])
+    yield beat
+    beat.stop()
 
 
 def _http_service(name: str, health_path: str):

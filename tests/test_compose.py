@@ -56,7 +56,7 @@ def test_every_farm_command_in_compose_exists():
     invocations = farm_invocations()
     services = {name for name, _ in invocations}
     assert {"migrate", "api", "worker-render-cpu", "worker-stitch", "flower",
-            "ray-head"} <= services
+            "ray-head", "beat"} <= services
     runner = CliRunner()
     for name, args in invocations:
         words = [a for a in args if not a.startswith("-")]

@@ -8,10 +8,10 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import text
 
-from farm import jobs
+from farm import admission, jobs, submit
 from farm.db.models import Job, JobState
 from farm.db.session import get_engine
-from farm.errors import JobNotFound
+from farm.errors import JobNotFound, Unroutable
 from farm.schemas import JobAccepted, JobCreate, JobList, JobPublic, SegmentPublic
 from farm.storage import Storage
 
@@ -35,8 +35,11 @@ def to_public(job: Job, request: Request) -> JobPublic:
     return JobPublic(
         id=job.id, state=job.state, progress=round(job.progress, 4), prompt=job.prompt,
         model=job.model, width=job.width, height=job.height, frames=job.frames, fps=job.fps,
-        steps=job.steps, seed=job.seed, priority=job.priority, route=job.route, error=job.error,
+        steps=job.steps, seed=job.seed, priority=job.priority, project=job.project,
+        track=job.track, batch_id=job.batch_id, route=job.route, rules_sha256=job.rules_sha256,
+        error=job.error,
         output_url=url, output_sha256=job.output_sha256, created_at=job.created_at,
+        dispatched_at=job.dispatched_at,
         started_at=job.started_at, finished_at=job.finished_at, queued_seconds=queued,
         run_seconds=run, segments=[SegmentPublic.model_validate(s) for s in job.segments],
     )
@@ -49,17 +52,16 @@ def _get_or_404(db_url: str, job_id: str) -> Job:
         raise HTTPException(404, str(exc)) from None
 
 
+def unroutable(exc: Unroutable) -> HTTPException:
+    return HTTPException(422, [{"field": "route", "message": f"route: {exc}"}])
+
+
 @router.post("/v1/jobs", status_code=202, response_model=JobAccepted)
 def submit_job(body: JobCreate, request: Request) -> JobAccepted:
-    settings = _settings(request)
-    job = jobs.create_job(settings.database_url, body)
     try:
-        request.app.state.enqueue(job)
-    except Exception as exc:  # the broker is down: the job must not sit queued with no task
-        log.exception("job %s: could not be queued", job.id)
-        jobs.fail_job(settings.database_url, job.id, f"could not be queued: {exc}")
-        raise HTTPException(503, f"the queue is unavailable; job {job.id} failed, submit again",
-                            headers={"Retry-After": "10"}) from None
+        job = submit.submit(_settings(request), body)
+    except Unroutable as exc:
+        raise unroutable(exc) from None
     return JobAccepted(id=job.id, state=job.state,
                        url=str(request.url_for("get_job", job_id=job.id)))
 
@@ -85,6 +87,7 @@ def cancel_job(job_id: str, request: Request) -> JobPublic:
     if not jobs.cancel_job(db, job_id):
         job = jobs.get_job(db, job_id)
         raise HTTPException(409, f"job {job_id} has already ended: {job.state}")
+    admission.release_soon(_settings(request))  # the GPUs it held, if any, are free
     return to_public(jobs.get_job(db, job_id), request)
 
 

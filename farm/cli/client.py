@@ -16,11 +16,11 @@ from farm.settings import get_settings
 FINAL = {"succeeded", "failed", "canceled"}
 
 
-def _client() -> httpx.Client:
+def client() -> httpx.Client:
     return httpx.Client(base_url=get_settings().api_url, timeout=30)
 
 
-def _check(resp: httpx.Response) -> dict:
+def check(resp: httpx.Response) -> dict:
     if resp.status_code >= 400:
         try:
             detail = resp.json().get("detail")
@@ -33,33 +33,40 @@ def _check(resp: httpx.Response) -> dict:
     return resp.json()
 
 
-def submit(prompt: str, model: str = "wan-toy", frames: int = 17, width: int = 1280,
+def submit(prompt: str,
+           model: str = typer.Option("wan-toy", help='a catalog model, or "auto": the rules '
+                                                     'choose by track'),
+           track: str = typer.Option("draft", help="draft | final"),
+           project: str = "default", frames: int = 17, width: int = 1280,
            height: int = 720, fps: int = 16, steps: int = typer.Option(None),
-           seed: int = typer.Option(None), priority: int = 50,
+           seed: int = typer.Option(None), priority: int = typer.Option(50, help="0..100"),
+           deadline: float = typer.Option(None, help="seconds: wanted within"),
            negative_prompt: str = "") -> None:
     """Submit a render job; prints its id."""
-    body = dict(prompt=prompt, model=model, frames=frames, width=width, height=height, fps=fps,
-                steps=steps, seed=seed, priority=priority, negative_prompt=negative_prompt)
-    with _client() as client:
-        job = _check(client.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None}))
+    body = dict(prompt=prompt, model=None if model == "auto" else model, track=track,
+                project=project, frames=frames, width=width, height=height, fps=fps,
+                steps=steps, seed=seed, priority=priority, deadline_s=deadline,
+                negative_prompt=negative_prompt)
+    with client() as http:
+        job = check(http.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None}))
     typer.echo(job["id"])
 
 
 def status(job_id: str) -> None:
     """Print a job's record as JSON."""
-    with _client() as client:
-        typer.echo(json.dumps(_check(client.get(f"/v1/jobs/{job_id}")), indent=2))
+    with client() as http:
+        typer.echo(json.dumps(check(http.get(f"/v1/jobs/{job_id}")), indent=2))
 
 
 def wait(job_id: str, timeout: float = typer.Option(3600.0, help="seconds")) -> None:
     """Follow a job with a progress bar until it ends; exit 1 unless it succeeded."""
     deadline = time.monotonic() + timeout
-    with _client() as client, Progress(TextColumn("{task.description}"), BarColumn(),
+    with client() as http, Progress(TextColumn("{task.description}"), BarColumn(),
                                        TextColumn("{task.percentage:>5.1f}%"),
                                        TimeElapsedColumn()) as bar:
         task = bar.add_task(job_id[:8], total=1.0)
         while True:
-            job = _check(client.get(f"/v1/jobs/{job_id}"))
+            job = check(http.get(f"/v1/jobs/{job_id}"))
             bar.update(task, completed=job["progress"], description=f"{job_id[:8]} {job['state']}")
             if job["state"] in FINAL or time.monotonic() > deadline:
                 break
@@ -72,8 +79,8 @@ def wait(job_id: str, timeout: float = typer.Option(3600.0, help="seconds")) -> 
 
 def cancel(job_id: str) -> None:
     """Cancel a job that has not ended."""
-    with _client() as client:
-        job = _check(client.post(f"/v1/jobs/{job_id}/cancel"))
+    with client() as http:
+        job = check(http.post(f"/v1/jobs/{job_id}/cancel"))
     typer.echo(f"job {job_id}: {job['state']}")
 
 
@@ -81,10 +88,10 @@ def download(job_id: str, output: Path = typer.Option(..., "--output", "-o")) ->
     """Save a succeeded job's MP4, checked against its recorded sha256."""
     digest = hashlib.sha256()
     partial = output.with_name(output.name + ".part")
-    with _client() as client, client.stream("GET", f"/v1/jobs/{job_id}/video") as resp:
+    with client() as http, http.stream("GET", f"/v1/jobs/{job_id}/video") as resp:
         if resp.status_code >= 400:
             resp.read()
-            _check(resp)
+            check(resp)
         expected = resp.headers.get("X-Content-SHA256")
         with open(partial, "wb") as fh:
             for block in resp.iter_bytes():

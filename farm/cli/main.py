@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from farm.cli import client, render, services
+from farm.cli import client, policy_cmds, render, services
 from farm.settings import get_settings
 
 app = typer.Typer(help="Render farm for Wan2.2-class text-to-video models.",
@@ -18,9 +18,12 @@ app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(toy_app, name="toy")
 app.add_typer(services.ray_app, name="ray")
+app.add_typer(policy_cmds.rules_app, name="rules")
+app.add_typer(policy_cmds.batch_app, name="batch")
 
 for command in (render.render, client.submit, client.status, client.wait, client.cancel,
-                client.download, services.up, services.api, services.worker, services.flower):
+                client.download, services.up, services.api, services.worker, services.beat,
+                services.flower):
     app.command()(command)
 
 
@@ -87,11 +90,11 @@ def evaluate(model: str = typer.Option("wan-toy", help="catalog name"),
              steps: int = 20, guidance: float = 4.0) -> None:
     """Score a toy-world model: colour, shape, motion; seen vs held-out; English vs Chinese."""
     from farm.models import resolve_model_dir
-    from scheduler.catalog import get_model
+    from farm.policy import get_policy
     from workers.toy.evaluate import EvalSettings, format_table, run_eval, summarise
     from workers.wan_pipeline import WanT2V
 
-    folder = model_dir or resolve_model_dir(get_settings(), get_model(model))
+    folder = model_dir or resolve_model_dir(get_settings(), get_policy().catalog.model(model))
     cfg = EvalSettings(seeds_per_combo=seeds, combos_per_split=combos, steps=steps,
                        guidance=guidance)
     scores = summarise(run_eval(WanT2V.from_folder(folder), cfg))

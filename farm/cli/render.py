@@ -6,7 +6,6 @@ with a SQLite database, an in-process Ray and a local folder: no server to start
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -34,9 +33,28 @@ def _follow(db_url: str, job_id: str, done: threading.Event) -> None:
                 return
 
 
+def _new_job(settings, request):
+    """Routed by the rules in force and saved as sent: this process renders it now, whatever
+    else waits in the database."""
+    from farm.db.models import utcnow
+    from farm.errors import Unroutable
+    from farm.policy import get_policy
+    from farm.submit import route_request
+
+    try:
+        route = route_request(request, {})
+    except Unroutable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    job = jobs.new_job(request, route, get_policy().rules.sha256)
+    job.dispatched_at = utcnow()
+    jobs.add_jobs(settings.database_url, [job])
+    return job
+
+
 def render(prompt: str, output: Path = typer.Option(Path("out.mp4"), "--output", "-o"),
-           model: str = "wan-toy", frames: int = 17, width: int = 1280, height: int = 720,
-           fps: int = 16, steps: int = typer.Option(None), seed: int = typer.Option(0),
+           model: str = "wan-toy", track: str = "draft", frames: int = 17, width: int = 1280,
+           height: int = 720, fps: int = 16, steps: int = typer.Option(None), seed: int = typer.Option(0),
            negative_prompt: str = "") -> None:
     """Render PROMPT to an MP4 in this process (embedded defaults, no servers)."""
     from pydantic import ValidationError
@@ -51,7 +69,7 @@ def render(prompt: str, output: Path = typer.Option(Path("out.mp4"), "--output",
 
     settings = get_settings()
     try:
-        request = JobCreate(prompt=prompt, model=model, frames=frames, width=width,
+        request = JobCreate(prompt=prompt, model=model, track=track, frames=frames, width=width,
                             height=height, fps=fps, steps=steps, seed=seed,
                             negative_prompt=negative_prompt)
     except ValidationError as exc:
@@ -62,7 +80,7 @@ def render(prompt: str, output: Path = typer.Option(Path("out.mp4"), "--output",
     settings.ensure_dirs()
     upgrade(settings.database_url)
     celery.conf.task_always_eager = True
-    job = jobs.create_job(settings.database_url, request)
+    job = _new_job(settings, request)
     typer.echo(f"job {job.id}: {len(job.segments)} segment(s), route {job.route}")
     done = threading.Event()
     follower = threading.Thread(target=_follow, args=(settings.database_url, job.id, done))

@@ -11,7 +11,7 @@ import time
 import typer
 
 from farm.settings import get_settings
-from scheduler.catalog import TIERS
+from farm.policy import get_policy
 from scheduler.routing import STITCH_QUEUE, render_queue
 
 ray_app = typer.Typer(help="Start or stop a Ray head on loopback with the farm's settings.")
@@ -23,7 +23,10 @@ def prepare_ray_env() -> None:
     from workers.ray_cluster import quiet_ray_env
 
     quiet_ray_env(get_settings().ray_node_ip)
-ALL_QUEUES = ",".join([render_queue(t) for t in TIERS] + [STITCH_QUEUE])
+
+
+def all_queues() -> str:
+    return ",".join([render_queue(t) for t in get_policy().catalog.tiers] + [STITCH_QUEUE])
 
 
 def api(host: str = typer.Option(None, help="default: FARM_API_HOST (127.0.0.1)"),
@@ -38,7 +41,8 @@ def api(host: str = typer.Option(None, help="default: FARM_API_HOST (127.0.0.1)"
                 port=port or settings.api_port, log_level="info")
 
 
-def worker(queues: str = typer.Option(ALL_QUEUES, "--queues", "-Q", help="comma-separated"),
+def worker(queues: str = typer.Option(None, "--queues", "-Q",
+                                      help="comma-separated; default: every tier's and stitch"),
            concurrency: int = typer.Option(1, "--concurrency", "-c"),
            hostname: str = typer.Option(None, "--hostname", "-n"),
            loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
@@ -46,7 +50,7 @@ def worker(queues: str = typer.Option(ALL_QUEUES, "--queues", "-Q", help="comma-
     prepare_ray_env()
     from farm.celery_app import app as celery
 
-    argv = ["worker", "-Q", queues, "-c", str(concurrency), "-l", loglevel, "-E",
+    argv = ["worker", "-Q", queues or all_queues(), "-c", str(concurrency), "-l", loglevel, "-E",
             "--without-gossip", "--without-mingle"]
     if hostname:
         argv += ["-n", hostname]
@@ -64,6 +68,16 @@ def flower(host: str = typer.Option(None), port: int = typer.Option(None)) -> No
     if password:
         argv.append(f"--basic-auth={settings.flower_user}:{password}")
     celery.start(argv)
+
+
+def beat(loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
+    """Run Celery beat: the tick that opens batch windows and releases waiting jobs."""
+    from farm.celery_app import app as celery
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    celery.start(["beat", "-l", loglevel,
+                  f"--schedule={settings.home / 'celerybeat-schedule'}"])
 
 
 @ray_app.command("start")
@@ -107,7 +121,8 @@ def ray_stop() -> None:
 
 
 def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
-    """Everything on one machine: database migrated, Ray head, API, Celery worker, Flower."""
+    """Everything on one machine: database migrated, Ray head, API, Celery worker and beat,
+    Flower."""
     from farm.db.migrate import upgrade
 
     prepare_ray_env()
@@ -120,7 +135,8 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     if settings.ray_address == "local":  # a head of our own, stopped with the rest
         commands.append(farm + ["ray", "start", "--block"])
         env["FARM_RAY_ADDRESS"] = f"{settings.ray_node_ip}:{settings.ray_head_port}"
-    commands += [farm + ["api"], farm + ["worker"]] + ([farm + ["flower"]] if with_flower else [])
+    commands += [farm + ["api"], farm + ["worker"], farm + ["beat"]]
+    commands += [farm + ["flower"]] if with_flower else []
     procs = [subprocess.Popen(cmd, env=env) for cmd in commands]
     typer.echo(f"farm is up: API {settings.api_url} (docs at /docs), Flower "
                f"http://{settings.flower_host}:{settings.flower_port}; Ctrl-C stops it")

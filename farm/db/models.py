@@ -72,8 +72,16 @@ class Job(Base):
     guidance_high: Mapped[float] = mapped_column(Float)
     guidance_low: Mapped[float] = mapped_column(Float)
     seed: Mapped[int] = mapped_column(Integer)
-    priority: Mapped[int] = mapped_column(Integer, default=50)
+    priority: Mapped[int] = mapped_column(Integer, default=50)  # 0..100, 100 first
+    project: Mapped[str] = mapped_column(String(64), index=True, default="default")
+    track: Mapped[str] = mapped_column(String(16), default="draft")  # draft | final
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="SET NULL"), index=True, nullable=True)
     route: Mapped[dict] = mapped_column(JSON)  # scheduler.routing.Route as a dict
+    rules_sha256: Mapped[str] = mapped_column(String(64), default="")  # the rules it was routed by
+    # Set when the admission step sends the job to its tier's queue (farm.admission); until
+    # then a queued job waits in the database, in priority order.
+    dispatched_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     output_key: Mapped[str | None] = mapped_column(String(512), nullable=True)  # storage key
@@ -88,6 +96,23 @@ class Job(Base):
     segments: Mapped[list["Segment"]] = relationship(
         back_populates="job", order_by="Segment.index", cascade="all, delete-orphan"
     )
+
+
+class Batch(Base):
+    """Jobs submitted together, optionally waiting for a daily window (scheduler.windows)."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    project: Mapped[str] = mapped_column(String(64), index=True, default="default")
+    window: Mapped[str | None] = mapped_column(String(32), nullable=True)  # "22:00-06:00"
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    on_window_close: Mapped[str] = mapped_column(String(16), default="wait")  # wait | cancel
+    state: Mapped[str] = mapped_column(String(16), default="open", index=True)  # open | done
+    report_keys: Mapped[dict] = mapped_column(JSON, default=dict)  # {"html": key, "csv": key}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class Segment(Base):

@@ -45,8 +45,10 @@ def test_submit_wait_download_probe(client, tmp_path, settings):
     job = wait_for(client, job_id, {"succeeded", "failed", "canceled"})
     assert job["state"] == "succeeded", job["error"]
     assert job["progress"] == 1.0
-    assert job["route"] == {"variant": "wan-tiny", "tier": "cpu", "degree": 1,
-                            "queue": "render.cpu", "rule": "fixed"}
+    assert {k: job["route"][k] for k in ("variant", "tier", "degree", "queue", "rule")} == \
+        {"variant": "wan-tiny", "tier": "cpu", "degree": 1, "queue": "render.cpu",
+         "rule": "toy-models-on-cpu"}
+    assert len(job["rules_sha256"]) == 64 and job["dispatched_at"] is not None
     assert [s["state"] for s in job["segments"]] == ["done", "done"]
     assert job["run_seconds"] > 0 and job["queued_seconds"] >= 0
 

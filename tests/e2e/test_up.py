@@ -40,7 +40,7 @@ def test_up_serves_a_job_with_embedded_defaults(tmp_path, tiny_model):
             time.sleep(0.5)
         assert healthy, (tmp_path / "up.log").read_text()[-3000:]
         job_id = httpx.post(f"{api}/v1/jobs", json={"prompt": "a white circle", "frames": 9,
-                                                    "steps": 2}).json()["id"]
+                                                    "model": "wan-toy", "steps": 2}).json()["id"]
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             job = httpx.get(f"{api}/v1/jobs/{job_id}").json()

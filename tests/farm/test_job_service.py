@@ -9,6 +9,7 @@ import pytest
 from farm import jobs
 from farm.db.migrate import upgrade
 from farm.schemas import JobCreate
+from farm.submit import route_request
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -21,8 +22,12 @@ def any_db(request, tmp_path):
 
 
 def new_job(db, **overrides):
-    return jobs.create_job(db, JobCreate(**({"prompt": "a red circle", "frames": 33,
-                                             "model": "wan-tiny"} | overrides)))
+    """Routed by the shipped rules and saved (not sent: no admission here)."""
+    request = JobCreate(**({"prompt": "a red circle", "frames": 33, "model": "wan-tiny"}
+                           | overrides))
+    job = jobs.new_job(request, route_request(request, {}), "sha")
+    jobs.add_jobs(db, [job])
+    return job
 
 
 def test_create_writes_job_and_planned_segments(any_db):

@@ -1,8 +1,6 @@
 import pytest
 
-from scheduler.catalog import MODELS, get_model
 from scheduler.planner import is_4k_plus_1, plan_segments
-from scheduler.routing import route_job
 
 
 @pytest.mark.parametrize("frames,max_frames", [(1, 17), (17, 17), (33, 17), (81, 17),
@@ -26,13 +24,3 @@ def test_33_frames_on_17_frame_model_is_two_segments():
 def test_rejects_frames_not_4k_plus_1(frames):
     with pytest.raises(ValueError, match=f"got {frames}"):
         plan_segments(frames, 17, seed=0)
-
-
-def test_fixed_route_and_unknown_model():
-    assert route_job("wan-tiny").as_dict() == {"variant": "wan-tiny", "tier": "cpu",
-                                               "degree": 1, "queue": "render.cpu",
-                                               "rule": "fixed"}
-    assert route_job("wan2.2-t2v-a14b").queue == "render.a100"
-    with pytest.raises(KeyError, match="'nope'"):
-        get_model("nope")
-    assert all(is_4k_plus_1(m.max_frames_per_segment) for m in MODELS.values())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from farm.models import resolve_model_dir
-from scheduler.catalog import get_model
+from farm.policy import get_policy
 from workers.toy import BUNDLED_DIR
 from workers.toy.evaluate import CHANCE, EvalSettings, run_eval, summarise, wilson
 from workers.toy.train import save_untrained
@@ -16,7 +16,7 @@ SHIPPED = BUNDLED_DIR / "wan-toy"
 
 
 def test_catalog_finds_the_shipped_weights(settings):
-    assert resolve_model_dir(settings, get_model("wan-toy")) == SHIPPED
+    assert resolve_model_dir(settings, get_policy().catalog.model("wan-toy")) == SHIPPED
 
 
 def test_loads_through_the_wan22_code_path(toy):

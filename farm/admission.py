@@ -1,0 +1,134 @@
+"""Admission: queued jobs wait in the database and go to their tier's Celery queue when the
+scheduler's policy lets them (scheduler.admission: priority, tier capacity, project quotas).
+
+One scheduler, not two (DESIGN.md): a tier's Celery queue only ever holds work its GPUs can
+take now, so priorities are never lost in a broker queue. `release` runs after a submission,
+whenever a job leaves the GPUs, and on every Celery beat tick. Decisions are taken under a
+lock (a PostgreSQL advisory lock; a process lock on SQLite) and recorded by compare-and-set
+on ``dispatched_at`` before anything is sent; a send that fails is undone, and the next
+release sends the job again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+
+from sqlalchemy import select, text, update
+
+from farm.db.models import Job, JobState, utcnow
+from farm.db.session import session_scope
+from farm.errors import QueueUnavailable
+from farm.policy import get_policy
+from farm.settings import Settings
+from scheduler.admission import Holding, Waiting, select_for_release
+from scheduler.routing import QueueLoad
+
+log = logging.getLogger(__name__)
+
+ON_GPUS = (JobState.queued.value, JobState.running.value)  # with dispatched_at set
+_ADVISORY_KEY = 0x6661726D  # "farm"
+_sqlite_lock = threading.Lock()
+
+
+@contextmanager
+def _locked_session(db_url: str):
+    if db_url.startswith("postgresql"):
+        with session_scope(db_url) as session:
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_KEY})
+            yield session
+    else:
+        with _sqlite_lock, session_scope(db_url) as session:
+            yield session
+
+
+def _choose(session) -> list[str]:
+    rows = session.execute(
+        select(Job.id, Job.project, Job.route, Job.priority, Job.created_at, Job.dispatched_at)
+        .where(Job.state.in_(ON_GPUS))
+    ).all()
+    waiting = [Waiting(r.id, r.project, r.route["tier"], r.route["degree"], r.priority,
+                       r.created_at)
+               for r in rows if r.dispatched_at is None]
+    holding = [Holding(r.project, r.route["tier"], r.route["degree"])
+               for r in rows if r.dispatched_at is not None]
+    if not waiting:
+        return []
+    policy = get_policy()
+    capacity = {name: tier.gpus for name, tier in policy.catalog.tiers.items()}
+    decision = select_for_release(waiting, holding, capacity, policy.rules.quotas)
+    for job_id, why in decision.held.items():
+        log.debug("job %s waits: %s", job_id, why)
+    now, chosen = utcnow(), []
+    for job_id in decision.released:
+        marked = session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.queued.value,
+                              Job.dispatched_at.is_(None))
+            .values(dispatched_at=now)
+        ).rowcount
+        if marked:
+            chosen.append(job_id)
+    return chosen
+
+
+def release(settings: Settings, enqueue: Callable | None = None) -> list[str]:
+    """Send every job the policy admits now; returns their ids. Raises QueueUnavailable
+    (after undoing the marks) when the broker refuses a send."""
+    from farm import jobs
+
+    if enqueue is None:
+        from farm.dispatch import enqueue_job as enqueue
+    db = settings.database_url
+    with _locked_session(db) as session:
+        chosen = _choose(session)
+    sent = []
+    for i, job_id in enumerate(chosen):
+        try:
+            enqueue(jobs.get_job(db, job_id))
+        except Exception as exc:
+            _undispatch(db, chosen[i:])
+            log.error("jobs %s stay queued: could not be sent: %s", chosen[i:], exc)
+            raise QueueUnavailable(f"the queue is unavailable: {exc}") from exc
+        sent.append(job_id)
+    if sent:
+        log.info("released %d job(s): %s", len(sent), ", ".join(sent))
+    return sent
+
+
+def release_soon(settings: Settings) -> None:
+    """After a job leaves the GPUs: let the next ones in. A failure here is logged and left
+    to the next beat tick, which releases again; the task that called must not fail for it.
+    Not in the one-process `farm render` (eager tasks): it renders its own job, nothing else."""
+    from farm.celery_app import app
+
+    if app.conf.task_always_eager:
+        return
+    try:
+        release(settings)
+    except Exception:
+        log.exception("release after a job left the GPUs failed; the next tick retries")
+
+
+def _undispatch(db_url: str, job_ids: list[str]) -> None:
+    with session_scope(db_url) as session:
+        session.execute(update(Job).where(Job.id.in_(job_ids), Job.state == JobState.queued.value)
+                        .values(dispatched_at=None, celery_id=None))
+
+
+def queue_loads(db_url: str) -> dict[str, QueueLoad]:
+    """Per queue: jobs waiting for GPUs, and GPU-seconds of work queued or running on it."""
+    waiting: dict[str, int] = {}
+    backlog: dict[str, float] = {}
+    with session_scope(db_url) as session:
+        rows = session.execute(select(Job.route, Job.dispatched_at)
+                               .where(Job.state.in_(ON_GPUS))).all()
+    for route, dispatched_at in rows:
+        queue = route["queue"]
+        if dispatched_at is None:
+            waiting[queue] = waiting.get(queue, 0) + 1
+        gpu_s = (route.get("est_seconds") or 0.0) * route.get("degree", 1)
+        backlog[queue] = backlog.get(queue, 0.0) + gpu_s
+    return {q: QueueLoad(waiting.get(q, 0), backlog.get(q, 0.0))
+            for q in set(waiting) | set(backlog)}

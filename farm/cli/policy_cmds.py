@@ -1,0 +1,109 @@
+"""`farm rules` (check a rules file, explain a job's route) and `farm batch` (submit, status)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from farm.cli.client import check, client
+
+rules_app = typer.Typer(help="Routing rules: check a file, explain a job's route.")
+batch_app = typer.Typer(help="Batches: many prompts from a JSONL or CSV file, now or in a window.")
+
+_TIERS = typer.Option(None, help="tiers YAML; default FARM_TIERS_FILE or the shipped one")
+_MODELS = typer.Option(None, help="models YAML; default FARM_MODELS_FILE or the shipped one")
+
+
+def _load(rules: Path | None, tiers: Path | None, models: Path | None):
+    from farm.policy import load_policy
+    from farm.settings import get_settings
+    from scheduler.catalog import PolicyError
+
+    s = get_settings()
+    try:
+        return load_policy(tiers or s.tiers_file, models or s.models_file, rules or s.rules_file)
+    except (PolicyError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@rules_app.command("check")
+def rules_check(file: Path, tiers: Path = _TIERS, models: Path = _MODELS) -> None:
+    """Validate FILE against the tiers and models; list every problem, by rule."""
+    policy = _load(file, tiers, models)
+    typer.echo(f"{file}: {len(policy.rules.rules)} rules OK (sha256 {policy.rules.sha256[:12]})")
+    for rule in policy.rules.rules:
+        typer.echo(f"  {rule.name}: {rule.route.variant or '(named model)'} on "
+                   f"{rule.route.tier} x{rule.route.degree}"
+                   + (f", {len(rule.fallbacks)} fallback(s)" if rule.fallbacks else ""))
+
+
+@rules_app.command("explain")
+def rules_explain(job_file: Path = typer.Argument(..., metavar="JOB.json"),
+                  rules: Path = typer.Option(None, help="default FARM_RULES_FILE or shipped"),
+                  tiers: Path = _TIERS, models: Path = _MODELS,
+                  queue: list[str] = typer.Option([], help="QUEUE=WAITING_JOBS, e.g. "
+                                                         "render.a100=12 (what-if)")) -> None:
+    """Which rule JOB.json (the body of a job submission) hits, which did not and why, and
+    the memory arithmetic of its route."""
+    from pydantic import ValidationError
+
+    from farm.submit import job_spec
+    from scheduler.routing import QueueLoad, explain
+
+    policy = _load(rules, tiers, models)
+    from farm.schemas import JobCreate
+
+    data = json.loads(job_file.read_text())
+    batch = bool(data.pop("batch", False))
+    try:
+        request = JobCreate(**{"prompt": "explain", **data})
+    except ValidationError as exc:
+        for err in exc.errors():
+            typer.echo(f"error: {'.'.join(map(str, err['loc']))}: {err['msg']} "
+                       f"(got {err.get('input')!r})", err=True)
+        raise typer.Exit(2) from None
+    loads = {}
+    for item in queue:
+        name, _, count = item.partition("=")
+        loads[name] = QueueLoad(waiting_jobs=int(count))
+    result = explain(job_spec(request, batch), policy.rules, policy.catalog, loads)
+    for v in result.verdicts:
+        mark = "MATCH" if v["matches"] else "no   "
+        typer.echo(f"{mark} {v['rule']:<28} [{v['match']}] {v.get('why_not', '')}")
+        for spill in v.get("spills", []):
+            typer.echo(f"      fallback {spill['fallback']}: "
+                       + (f"taken: {spill['because']}" if spill["taken"] else "not needed"))
+    if result.error:
+        typer.echo(f"error: {result.error}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"route: {json.dumps(result.route)}")
+    typer.echo(f"memory: {result.memory}")
+    typer.echo(f"rules sha256: {result.rules_sha256}")
+
+
+@batch_app.command("submit")
+def batch_submit(file: Path,
+                 window: str = typer.Option(None, help='e.g. "22:00-06:00": wait for it'),
+                 timezone: str = typer.Option("UTC", "--tz", help="IANA name for the window"),
+                 on_close: str = typer.Option("wait", help="wait | cancel: unsent jobs when "
+                                                           "the window closes"),
+                 project: str = "default", name: str = "",
+                 defaults: str = typer.Option("{}", help="JSON job fields for every line")) -> None:
+    """Submit FILE (.jsonl or .csv: a prompt per line, with overrides and `seeds` fan-out)."""
+    fmt = "csv" if file.suffix.lower() == ".csv" else "jsonl"
+    body = dict(content=file.read_text(encoding="utf-8"), format=fmt, window=window,
+                timezone=timezone, on_window_close=on_close, project=project,
+                name=name or file.stem, defaults=json.loads(defaults))
+    with client() as http:
+        batch = check(http.post("/v1/batches", json=body))
+    typer.echo(f"batch {batch['id']}: {batch['jobs']} jobs")
+
+
+@batch_app.command("status")
+def batch_status(batch_id: str) -> None:
+    """A batch's jobs counted by state, its window and its report."""
+    with client() as http:
+        typer.echo(json.dumps(check(http.get(f"/v1/batches/{batch_id}")), indent=2))

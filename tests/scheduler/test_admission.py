@@ -1,0 +1,56 @@
+"""Admission order: priority, ties to the oldest, tier capacity and project quotas."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from scheduler.admission import Holding, Waiting, queue_order, select_for_release
+from scheduler.rules import Quotas
+
+T0 = datetime(2026, 11, 21, 22, 0, tzinfo=timezone.utc)
+
+
+def job(job_id, priority=50, age_s=0, project="p", tier="a100", degree=2):
+    return Waiting(job_id, project, tier, degree, priority, T0 - timedelta(seconds=age_s))
+
+
+def test_priority_first_then_the_oldest():
+    jobs = [job("new-high", 90, 1), job("old-low", 10, 100), job("old-high", 90, 50),
+            job("mid", 50, 10)]
+    assert [j.job_id for j in queue_order(jobs)] == ["old-high", "new-high", "mid", "old-low"]
+
+
+def test_capacity_in_gpus_and_head_of_line_blocking():
+    waiting = [job("a", 90, degree=8), job("b", 80, degree=8), job("c", 70, degree=2)]
+    out = select_for_release(waiting, [Holding("q", "a100", 4)], {"a100": 16}, Quotas())
+    # 12 free: a (8) goes; b (8) does not fit in 4; c must not overtake b.
+    assert out.released == ("a",)
+    assert out.held["b"] == "tier a100 has 4 of 16 GPUs free; needs 8"
+    assert out.held["c"] == "behind job b on tier a100"
+
+
+def test_tiers_are_independent_lines():
+    waiting = [job("big", 90, degree=8, tier="a100"), job("draft", 10, tier="a10", degree=1)]
+    out = select_for_release(waiting, [Holding("q", "a100", 16)], {"a100": 16, "a10": 4},
+                             Quotas())
+    assert out.released == ("draft",)
+
+
+def test_a_project_jumps_the_queue_only_within_its_quota():
+    quotas = Quotas(default={"a100": 4}, projects={"studio": {"a100": 8}})
+    waiting = [job(f"s{i}", 100, age_s=10 - i, project="studio") for i in range(5)]
+    waiting += [job(f"o{i}", 10, age_s=10 - i, project="other") for i in range(3)]
+    out = select_for_release(waiting, [], {"a100": 16}, quotas)
+    # studio's priority-100 jobs take its 8 GPUs (4 jobs of 2); its fifth waits on its quota
+    # and does not block the tier: other's priority-10 jobs go, up to other's 4 GPUs.
+    assert out.released == ("s0", "s1", "s2", "s3", "o0", "o1")
+    assert out.held["s4"] == "project studio holds 8 of its 8 GPUs on a100; needs 2"
+    assert out.held["o2"] == "project other holds 4 of its 4 GPUs on a100; needs 2"
+
+
+def test_quota_counts_what_the_project_already_holds():
+    quotas = Quotas(default={"a100": 4})
+    out = select_for_release([job("x", 100)], [Holding("p", "a100", 4)], {"a100": 16}, quotas)
+    assert out.released == () and "holds 4 of its 4" in out.held["x"]
+    out = select_for_release([job("x", 100)], [Holding("p", "a100", 2)], {"a100": 16}, quotas)
+    assert out.released == ("x",)
