@@ -23,7 +23,7 @@ from farm.db.session import session_scope
 from farm.errors import QueueUnavailable
 from farm.policy import get_policy
 from farm.settings import Settings
-from scheduler.admission import Holding, Waiting, select_for_release
+from scheduler.admission import Holding, TierSize, Waiting, select_for_release
 from scheduler.routing import QueueLoad
 
 log = logging.getLogger(__name__)
@@ -35,42 +35,45 @@ _sqlite_lock = threading.Lock()
 
 @contextmanager
 def _locked_session(db_url: str):
+    """One release at a time, across processes: PostgreSQL's advisory lock; on SQLite an
+    empty UPDATE first, which takes the database's write lock until commit (other writers
+    wait), plus a lock for the threads of this process."""
     if db_url.startswith("postgresql"):
         with session_scope(db_url) as session:
             session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_KEY})
             yield session
     else:
         with _sqlite_lock, session_scope(db_url) as session:
+            session.execute(update(Job).where(text("1 = 0")).values(dispatched_at=None))
             yield session
 
 
-def _choose(session) -> list[str]:
+def _choose(session) -> tuple[list[str], dict[str, str]]:
+    """-> (jobs marked as sent, jobs that can never run as routed: id -> why)."""
+    from farm.submit import must_wait
+
+    now = utcnow()
     rows = session.execute(
         select(Job.id, Job.project, Job.route, Job.priority, Job.created_at, Job.dispatched_at)
         .where(Job.state.in_(ON_GPUS))
     ).all()
+    # A queued job whose window has closed since the last tick is not sent (the tick parks it).
     waiting = [Waiting(r.id, r.project, r.route["tier"], r.route["degree"], r.priority,
                        r.created_at)
-               for r in rows if r.dispatched_at is None]
+               for r in rows if r.dispatched_at is None and not must_wait(r.route, now)]
     holding = [Holding(r.project, r.route["tier"], r.route["degree"])
                for r in rows if r.dispatched_at is not None]
     if not waiting:
-        return []
+        return [], {}
     policy = get_policy()
-    capacity = {name: tier.gpus for name, tier in policy.catalog.tiers.items()}
-    decision = select_for_release(waiting, holding, capacity, policy.rules.quotas)
+    tiers = {name: TierSize(t.count, t.gpus_per_node) for name, t in policy.catalog.tiers.items()}
+    decision = select_for_release(waiting, holding, tiers, policy.rules.quotas)
     for job_id, why in decision.held.items():
         log.debug("job %s waits: %s", job_id, why)
-    now, chosen = utcnow(), []
-    for job_id in decision.released:
-        marked = session.execute(
-            update(Job).where(Job.id == job_id, Job.state == JobState.queued.value,
-                              Job.dispatched_at.is_(None))
-            .values(dispatched_at=now)
-        ).rowcount
-        if marked:
-            chosen.append(job_id)
-    return chosen
+    from farm import jobs
+
+    chosen = [job_id for job_id in decision.released if jobs.claim_for_dispatch(session, job_id)]
+    return chosen, decision.impossible
 
 
 def release(settings: Settings, enqueue: Callable | None = None) -> list[str]:
@@ -82,13 +85,15 @@ def release(settings: Settings, enqueue: Callable | None = None) -> list[str]:
         from farm.dispatch import enqueue_job as enqueue
     db = settings.database_url
     with _locked_session(db) as session:
-        chosen = _choose(session)
+        chosen, impossible = _choose(session)
+    for job_id, why in impossible.items():  # e.g. a tier removed from the policy since
+        jobs.fail_job(db, job_id, f"cannot run as routed: {why}")
     sent = []
     for i, job_id in enumerate(chosen):
         try:
             enqueue(jobs.get_job(db, job_id))
         except Exception as exc:
-            _undispatch(db, chosen[i:])
+            jobs.unclaim(db, chosen[i:])
             log.error("jobs %s stay queued: could not be sent: %s", chosen[i:], exc)
             raise QueueUnavailable(f"the queue is unavailable: {exc}") from exc
         sent.append(job_id)
@@ -109,12 +114,6 @@ def release_soon(settings: Settings) -> None:
         release(settings)
     except Exception:
         log.exception("release after a job left the GPUs failed; the next tick retries")
-
-
-def _undispatch(db_url: str, job_ids: list[str]) -> None:
-    with session_scope(db_url) as session:
-        session.execute(update(Job).where(Job.id.in_(job_ids), Job.state == JobState.queued.value)
-                        .values(dispatched_at=None, celery_id=None))
 
 
 def queue_loads(db_url: str) -> dict[str, QueueLoad]:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from farm import admission, jobs
 from farm.db.models import FINAL_JOB_STATES, Batch, Job, JobState, utcnow
 from farm.db.session import session_scope
-from farm.errors import BadBatch, BatchNotFound
+from farm.errors import BadBatch, BatchNotFound, Unroutable
 from farm.policy import get_policy
 from farm.schemas import BatchCreate, JobCreate
 from farm.settings import Settings
@@ -61,7 +61,10 @@ def create_batch(settings: Settings, body: BatchCreate) -> tuple[Batch, list[Job
     rules_sha = get_policy().rules.sha256
     now, new = utcnow(), []
     for line, request in requests:
-        chosen = route_request(request, loads, batch=True)
+        try:
+            chosen = route_request(request, loads, batch=True)
+        except Unroutable as exc:
+            raise BadBatch(f"line {line.line}: route: {exc}", line.line, "route") from None
         if body.window:  # the batch's own window wins over its rule's
             chosen = chosen.__class__(**{**chosen.as_dict(), "window": body.window,
                                          "timezone": body.timezone})
@@ -129,7 +132,11 @@ def finish_batches(settings: Settings) -> list[str]:
                                                           Batch.id.not_in(live))).all()
     finished = []
     for batch_id in done_ids:
-        keys = write_report(settings, batch_id)
+        try:
+            keys = write_report(settings, batch_id)
+        except Exception:  # one batch's storage trouble must not stop the others' reports
+            log.exception("batch %s: report failed; the next tick tries again", batch_id)
+            continue
         with session_scope(db) as session:
             batch = session.get(Batch, batch_id)
             if batch.state == "open":

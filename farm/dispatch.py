@@ -21,7 +21,7 @@ def celery_priority(priority: int) -> int:
     return 9 - (max(0, min(100, priority)) * 9) // 100
 
 
-def enqueue_job(job) -> str:
+def enqueue_job(job, celery=None, db_url: str | None = None) -> str:
     """Send the job's chord; returns the chord's id (the stitch task's).
 
     Task ids are chosen and recorded before sending, so a segment's custom progress state
@@ -29,17 +29,18 @@ def enqueue_job(job) -> str:
     render task carries an errback that fails its segment and job however the task died
     (an exception, or a hard time limit where the task body never got to say so).
     """
+    celery = celery or app
     priority = celery_priority(job.priority)
     task_ids = {seg.id: uuid.uuid4().hex for seg in job.segments}
     chord_id = uuid.uuid4().hex
-    jobs.set_celery_ids(get_settings().database_url, job.id, chord_id, task_ids)
+    jobs.set_celery_ids(db_url or get_settings().database_url, job.id, chord_id, task_ids)
     header = [
-        app.signature(RENDER_TASK, args=(job.id, seg.id), immutable=True)
+        celery.signature(RENDER_TASK, args=(job.id, seg.id), immutable=True)
         .set(queue=job.route["queue"], priority=priority, task_id=task_ids[seg.id])
-        .on_error(app.signature(SEGMENT_FAILED_TASK))
+        .on_error(celery.signature(SEGMENT_FAILED_TASK))
         for seg in job.segments
     ]
-    body = app.signature(STITCH_TASK, args=(job.id,)).set(queue=STITCH_QUEUE, priority=priority,
-                                                          task_id=chord_id)
-    chord(header)(body)
+    body = celery.signature(STITCH_TASK, args=(job.id,)).set(
+        queue=STITCH_QUEUE, priority=priority, task_id=chord_id)
+    chord(header, app=celery)(body)
     return chord_id

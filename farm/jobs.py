@@ -129,8 +129,11 @@ def start_segment(db_url: str, seg_id: int, worker: str, max_attempts: int = 4) 
         if seg is None:
             raise JobNotFound(f"segment {seg_id}")
         now = utcnow()
-        _cas_job(session, seg.job_id, [JobState.queued.value, JobState.waiting.value],
-                 state=JobState.running.value, started_at=now)
+        # Only a job admission has sent (never one waiting for its window).
+        session.execute(update(Job).where(Job.id == seg.job_id,
+                                          Job.state == JobState.queued.value,
+                                          Job.dispatched_at.is_not(None))
+                        .values(state=JobState.running.value, started_at=now, updated_at=now))
         job_state = session.scalar(select(Job.state).where(Job.id == seg.job_id))
         if job_state != JobState.running.value:
             return False
@@ -197,6 +200,23 @@ def cancel_job(db_url: str, job_id: str) -> bool:
             raise JobNotFound(job_id)
         return _cas_job(session, job_id, LIVE_JOB_STATES, state=JobState.canceled.value,
                         finished_at=utcnow())
+
+
+# ---- admission (farm.admission) -------------------------------------------------------------
+
+def claim_for_dispatch(session: Session, job_id: str) -> bool:
+    """Mark a queued job as sent to its tier's queue, once (inside admission's lock)."""
+    return session.execute(
+        update(Job).where(Job.id == job_id, Job.state == JobState.queued.value,
+                          Job.dispatched_at.is_(None))
+        .values(dispatched_at=utcnow())).rowcount == 1
+
+
+def unclaim(db_url: str, job_ids: list[str]) -> None:
+    """Undo claims whose send failed: the next release sends them again."""
+    with session_scope(db_url) as session:
+        session.execute(update(Job).where(Job.id.in_(job_ids), Job.state == JobState.queued.value)
+                        .values(dispatched_at=None, celery_id=None))
 
 
 # ---- batch windows (farm.batches' tick) -----------------------------------------------------

@@ -56,7 +56,11 @@ def submit(settings: Settings, request: JobCreate) -> Job:
 
 
 def release_or_defer(settings: Settings) -> None:
+    """After saving: the job is accepted whatever happens here; a failure to send it now
+    (broker or database trouble) leaves it queued for the next release (a beat tick)."""
     try:
         admission.release(settings)
     except QueueUnavailable as exc:
         log.warning("saved; the queue is unavailable, the next tick sends it: %s", exc)
+    except Exception:
+        log.exception("saved; release failed, the next tick retries")

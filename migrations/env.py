@@ -19,11 +19,22 @@ def run_offline() -> None:
 
 def run_online() -> None:
     engine = get_engine(url)
+    sqlite = url.startswith("sqlite")
     with engine.connect() as connection:
+        if sqlite:
+            # Batch mode rebuilds a table (copy, DROP, rename): with foreign keys on, dropping
+            # `jobs` would cascade into `segments`. The app's connections keep them on.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(connection=connection, target_metadata=Base.metadata,
-                          render_as_batch=url.startswith("sqlite"))
+                          render_as_batch=sqlite)
         with context.begin_transaction():
             context.run_migrations()
+        if sqlite:
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            if broken:
+                raise RuntimeError(f"migration left rows with broken foreign keys: {broken[:5]}")
 
 
 if context.is_offline_mode():

@@ -2,8 +2,9 @@
 
 Pure and fast (benchmarks/routing.py): a decision reads the job, the rules and a snapshot of
 queue loads; `explain` gives the same decision with every rule's verdict and the arithmetic.
-A fallback's `when` is tested against the choice it would replace: the primary first, then
-each fallback in order while its condition holds (a chain of spills).
+Fallbacks are tried in order, each `when` tested against the current choice: one whose
+condition holds replaces it (and the next ones are tested against that), one whose condition
+does not is passed over. So `[long queue -> X, deadline -> Y]` spills on either reason.
 """
 
 from __future__ import annotations
@@ -164,9 +165,8 @@ def route(job: JobSpec, rules: RuleSet, catalog: Catalog,
         if mismatch(rule.match, job) is None:
             chosen = build(rule.route, rule, job, catalog, None)
             for i, fallback in enumerate(rule.fallbacks):
-                if spill_reason(fallback.when, chosen, job, catalog, loads) is None:
-                    break
-                chosen = build(fallback.route, rule, job, catalog, i)
+                if spill_reason(fallback.when, chosen, job, catalog, loads) is not None:
+                    chosen = build(fallback.route, rule, job, catalog, i)
             return chosen
     raise NoRoute(_no_route_message(job, rules))
 
@@ -203,7 +203,7 @@ def explain(job: JobSpec, rules: RuleSet, catalog: Catalog,
             reason = spill_reason(fallback.when, chosen, job, catalog, loads)
             if reason is None:
                 verdict["spills"].append({"fallback": i, "taken": False})
-                break
+                continue
             verdict["spills"].append({"fallback": i, "taken": True, "because": reason})
             chosen = build(fallback.route, rule, job, catalog, i)
         out.route = chosen.as_dict()

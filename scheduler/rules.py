@@ -161,10 +161,10 @@ def _problems(doc: RulesDoc, catalog: Catalog) -> list[str]:
         for model in rule.match.model or ():
             if model not in catalog.models:
                 problems.append(f"{where}: match.model: unknown variant {model!r}")
-        problems += _choice_problems(f"{where}: route", rule.route, rule, catalog)
+        problems += _choice_problems(f"{where}: route", rule.route, rule, catalog, doc.quotas)
         for i, fallback in enumerate(rule.fallbacks):
             problems += _choice_problems(f"{where}: fallbacks[{i}]", fallback.route, rule,
-                                         catalog)
+                                         catalog, doc.quotas)
     for project, limits in [("default", doc.quotas.default), *doc.quotas.projects.items()]:
         for tier in limits:
             if tier not in catalog.tiers:
@@ -172,10 +172,17 @@ def _problems(doc: RulesDoc, catalog: Catalog) -> list[str]:
     return problems + unreachable(doc.rules)
 
 
-def _choice_problems(where: str, choice: Choice, rule: Rule, catalog: Catalog) -> list[str]:
+def _choice_problems(where: str, choice: Choice, rule: Rule, catalog: Catalog,
+                     quotas: Quotas) -> list[str]:
     if choice.tier not in catalog.tiers:
         return [f"{where}.tier: unknown tier {choice.tier!r}; known: "
                 f"{', '.join(sorted(catalog.tiers))}"]
+    if catalog.tiers[choice.tier].count == 0:
+        return [f"{where}.tier: tier {choice.tier!r} has no nodes (count 0)"]
+    limit = quotas.default.get(choice.tier)
+    if limit is not None and choice.degree > limit:
+        return [f"{where}: degree {choice.degree} exceeds the default quota on "
+                f"{choice.tier} ({limit} GPUs): its jobs could never start"]
     if choice.variant is None and not rule.match.model:
         return [f"{where}: names no variant, and the rule's match names no model to run"]
     variants = [choice.variant] if choice.variant else rule.match.model

@@ -29,6 +29,18 @@ def _load(rules: Path | None, tiers: Path | None, models: Path | None):
         raise typer.Exit(1) from None
 
 
+def _json_arg(text: str, where: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        typer.echo(f"error: {where}: not JSON: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if not isinstance(value, dict):
+        typer.echo(f"error: {where}: expected a JSON object, got {value!r}", err=True)
+        raise typer.Exit(2)
+    return value
+
+
 @rules_app.command("check")
 def rules_check(file: Path, tiers: Path = _TIERS, models: Path = _MODELS) -> None:
     """Validate FILE against the tiers and models; list every problem, by rule."""
@@ -56,7 +68,7 @@ def rules_explain(job_file: Path = typer.Argument(..., metavar="JOB.json"),
     policy = _load(rules, tiers, models)
     from farm.schemas import JobCreate
 
-    data = json.loads(job_file.read_text())
+    data = _json_arg(job_file.read_text(), str(job_file))
     batch = bool(data.pop("batch", False))
     try:
         request = JobCreate(**{"prompt": "explain", **data})
@@ -68,6 +80,10 @@ def rules_explain(job_file: Path = typer.Argument(..., metavar="JOB.json"),
     loads = {}
     for item in queue:
         name, _, count = item.partition("=")
+        if not name or not count.isdigit():
+            typer.echo(f"error: --queue: got {item!r}; expected QUEUE=WAITING_JOBS, "
+                       "e.g. render.a100=12", err=True)
+            raise typer.Exit(2)
         loads[name] = QueueLoad(waiting_jobs=int(count))
     result = explain(job_spec(request, batch), policy.rules, policy.catalog, loads)
     for v in result.verdicts:
@@ -96,7 +112,7 @@ def batch_submit(file: Path,
     fmt = "csv" if file.suffix.lower() == ".csv" else "jsonl"
     body = dict(content=file.read_text(encoding="utf-8"), format=fmt, window=window,
                 timezone=timezone, on_window_close=on_close, project=project,
-                name=name or file.stem, defaults=json.loads(defaults))
+                name=name or file.stem, defaults=_json_arg(defaults, "--defaults"))
     with client() as http:
         batch = check(http.post("/v1/batches", json=body))
     typer.echo(f"batch {batch['id']}: {batch['jobs']} jobs")

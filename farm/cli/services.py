@@ -135,7 +135,11 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     if settings.ray_address == "local":  # a head of our own, stopped with the rest
         commands.append(farm + ["ray", "start", "--block"])
         env["FARM_RAY_ADDRESS"] = f"{settings.ray_node_ip}:{settings.ray_head_port}"
-    commands += [farm + ["api"], farm + ["worker"], farm + ["beat"]]
+    # Render queues and stitch on separate workers: stitching and beat's ticks never wait
+    # behind a long render.
+    renders = ",".join(render_queue(t) for t in get_policy().catalog.tiers)
+    commands += [farm + ["api"], farm + ["worker", "-Q", renders],
+                 farm + ["worker", "-Q", STITCH_QUEUE, "-c", "2"], farm + ["beat"]]
     commands += [farm + ["flower"]] if with_flower else []
     procs = [subprocess.Popen(cmd, env=env) for cmd in commands]
     typer.echo(f"farm is up: API {settings.api_url} (docs at /docs), Flower "

@@ -34,19 +34,25 @@ def test_jobs_of_two_tiers_land_on_their_own_queues_and_actors(client):
 
 
 def test_admission_orders_by_priority_within_project_quotas(client):
-    """The a100 tier has no worker here: what admission sends stays in its queue, so the
-    database shows exactly what was let through. 16 GPUs, 8 per project, 2 per job."""
-    body = {"prompt": "a red square", "model": "wan2.2-t2v-a14b", "frames": 5}
-    quota_a = [client.post("/v1/jobs", json=body | {"project": "quota-a", "priority": 10})
-               .json()["id"] for _ in range(5)]
-    jobs = {j: client.get(f"/v1/jobs/{j}").json() for j in quota_a}
-    sent = [j for j in quota_a if jobs[j]["dispatched_at"]]
-    assert sent == quota_a[:4]  # project quota: 8 GPUs = 4 jobs; the fifth waits
-    assert jobs[quota_a[4]]["state"] == "queued"
-    urgent = client.post("/v1/jobs", json=body | {"project": "quota-b", "priority": 99}).json()
-    assert client.get(f"/v1/jobs/{urgent['id']}").json()["dispatched_at"] is not None
-    # Canceling one of quota-a's jobs frees 2 of its GPUs: its waiting job goes next.
-    client.post(f"/v1/jobs/{sent[0]}/cancel")
-    assert client.get(f"/v1/jobs/{quota_a[4]}").json()["dispatched_at"] is not None
-    for job_id in quota_a[1:] + [urgent["id"]]:
+    """The a100 tier (2 nodes x 8 GPUs) has no worker here: what admission sends stays in its
+    queue, so the database shows exactly what was let through. 8 GPUs per project, 2 a job."""
+    body = {"prompt": "a red square", "model": "wan2.2-t2v-a14b", "frames": 5, "priority": 10}
+
+    def submit(project, **extra):
+        return client.post("/v1/jobs", json=body | {"project": project} | extra).json()["id"]
+
+    def sent(job_id):
+        return client.get(f"/v1/jobs/{job_id}").json()["dispatched_at"] is not None
+
+    qa = [submit("quota-a") for _ in range(5)]
+    assert [sent(j) for j in qa] == [True] * 4 + [False]  # its quota: 4 jobs of 2 GPUs
+    qb = [submit("quota-b") for _ in range(4)]
+    assert all(sent(j) for j in qb)  # the tier is now full: 16 of 16 GPUs
+    low, high = submit("quota-c"), submit("quota-d", priority=99)
+    assert not sent(low) and not sent(high)
+    client.post(f"/v1/jobs/{qa[0]}/cancel")  # 2 GPUs free: the highest priority goes
+    assert sent(high) and not sent(low) and not sent(qa[4])
+    client.post(f"/v1/jobs/{qb[0]}/cancel")  # then the oldest of equal priority
+    assert sent(qa[4]) and not sent(low)
+    for job_id in qa[1:] + qb[1:] + [low, high]:
         client.post(f"/v1/jobs/{job_id}/cancel")

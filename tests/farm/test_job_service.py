@@ -9,6 +9,7 @@ import pytest
 from farm import jobs
 from farm.db.migrate import upgrade
 from farm.schemas import JobCreate
+from farm.db.session import session_scope
 from farm.submit import route_request
 
 
@@ -27,6 +28,9 @@ def new_job(db, **overrides):
                            | overrides))
     job = jobs.new_job(request, route_request(request, {}), "sha")
     jobs.add_jobs(db, [job])
+    with session_scope(db) as session:  # as admission does when it sends the job
+        assert jobs.claim_for_dispatch(session, job.id)
+        assert not jobs.claim_for_dispatch(session, job.id)  # once only
     return job
 
 
@@ -119,3 +123,11 @@ def test_a_segment_of_an_ended_job_cannot_finish(any_db):
     assert jobs.fail_segment(any_db, first, "boom") and jobs.fail_job(any_db, job.id, "boom")
     assert not jobs.finish_segment(any_db, second, ["late.mp4"])
     assert jobs.get_job(any_db, job.id).segments[1].state == "running"
+
+
+def test_a_job_admission_has_not_sent_cannot_start(any_db):
+    request = JobCreate(prompt="a red circle", frames=5, model="wan-tiny")
+    job = jobs.new_job(request, route_request(request, {}), "sha", waiting=True)
+    jobs.add_jobs(any_db, [job])
+    assert not jobs.start_segment(any_db, job.segments[0].id, "w1")
+    assert jobs.get_job(any_db, job.id).state == "waiting"

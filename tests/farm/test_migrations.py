@@ -36,3 +36,31 @@ def test_upgrade_matches_models_and_downgrade_removes_all(empty_db):
     upgrade(empty_db)
     assert {"jobs", "segments"} <= set(inspect(engine).get_table_names())
     engine.dispose()
+
+
+def test_upgrading_keeps_existing_jobs_and_segments(empty_db):
+    """0001 -> head on a database with data: nothing is lost (on SQLite the jobs table is
+    rebuilt, which must not cascade into segments)."""
+    from sqlalchemy import text
+
+    upgrade(empty_db, "0001")
+    engine = get_engine(empty_db)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, state, prompt, negative_prompt, model, width, height, frames,"
+            " fps, steps, guidance_high, guidance_low, seed, priority, route, progress,"
+            " created_at, updated_at) VALUES ('j1', 'succeeded', 'p', '', 'wan-tiny', 64, 64, 5,"
+            " 16, 2, 4, 3, 1, 50, '{}', 1, '2026-11-21 10:00:00+00', '2026-11-21 10:00:00+00')"))
+        conn.execute(text(
+            "INSERT INTO segments (job_id, \"index\", state, frame_start, render_frames,"
+            " skip_frames, seed, progress, attempts, chunk_keys) VALUES"
+            " ('j1', 0, 'done', 0, 5, 0, 1, 1, 1, '[]')"))
+    upgrade(empty_db)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM segments")).scalar() == 1
+        row = conn.execute(text("SELECT project, dispatched_at FROM jobs")).one()
+        assert row.project == "default" and row.dispatched_at is not None
+    downgrade(empty_db, "0001")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM segments")).scalar() == 1
+    engine.dispose()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from scheduler.admission import Holding, Waiting, queue_order, select_for_release
+from scheduler.admission import Holding, TierSize, Waiting, queue_order, select_for_release
 from scheduler.rules import Quotas
 
 T0 = datetime(2026, 11, 21, 22, 0, tzinfo=timezone.utc)
+A100 = TierSize(nodes=2, gpus_per_node=8)
 
 
 def job(job_id, priority=50, age_s=0, project="p", tier="a100", degree=2):
@@ -22,17 +23,36 @@ def test_priority_first_then_the_oldest():
 
 def test_capacity_in_gpus_and_head_of_line_blocking():
     waiting = [job("a", 90, degree=8), job("b", 80, degree=8), job("c", 70, degree=2)]
-    out = select_for_release(waiting, [Holding("q", "a100", 4)], {"a100": 16}, Quotas())
-    # 12 free: a (8) goes; b (8) does not fit in 4; c must not overtake b.
+    out = select_for_release(waiting, [Holding("q", "a100", 4)], {"a100": A100}, Quotas())
+    # Two nodes of 8, one with 4 held: a (8) takes the free node; b (8) finds no node;
+    # c (2) would fit but must not overtake b.
     assert out.released == ("a",)
-    assert out.held["b"] == "tier a100 has 4 of 16 GPUs free; needs 8"
+    assert out.held["b"] == "no node of tier a100 has 8 GPUs free (free per node: [4, 0])"
     assert out.held["c"] == "behind job b on tier a100"
+
+
+def test_a_group_never_spans_nodes():
+    # 2 nodes x 8 GPUs: two degree-5 groups fit, a third does not though 6 GPUs are free.
+    out = select_for_release([job(f"j{i}", degree=5, age_s=-i) for i in range(3)], [],
+                             {"a100": A100}, Quotas())
+    assert out.released == ("j0", "j1") and "free per node: [3, 3]" in out.held["j2"]
+
+
+def test_jobs_that_can_never_run_are_reported_not_left_blocking():
+    quotas = Quotas(default={"a100": 1})
+    out = select_for_release([job("too-wide", degree=16), job("over-quota", degree=2),
+                              job("lost", tier="h100")], [], {"a100": A100}, quotas)
+    assert out.impossible == {
+        "too-wide": "tier 'a100' has no node with 16 GPUs",
+        "over-quota": "project p's quota on a100 is 1 GPUs; the job needs 2",
+        "lost": "tier 'h100' is not declared"}
+    assert out.released == () and out.held == {}
 
 
 def test_tiers_are_independent_lines():
     waiting = [job("big", 90, degree=8, tier="a100"), job("draft", 10, tier="a10", degree=1)]
-    out = select_for_release(waiting, [Holding("q", "a100", 16)], {"a100": 16, "a10": 4},
-                             Quotas())
+    out = select_for_release(waiting, [Holding("q", "a100", 8), Holding("q", "a100", 8)],
+                             {"a100": A100, "a10": TierSize(1, 4)}, Quotas())
     assert out.released == ("draft",)
 
 
@@ -40,7 +60,7 @@ def test_a_project_jumps_the_queue_only_within_its_quota():
     quotas = Quotas(default={"a100": 4}, projects={"studio": {"a100": 8}})
     waiting = [job(f"s{i}", 100, age_s=10 - i, project="studio") for i in range(5)]
     waiting += [job(f"o{i}", 10, age_s=10 - i, project="other") for i in range(3)]
-    out = select_for_release(waiting, [], {"a100": 16}, quotas)
+    out = select_for_release(waiting, [], {"a100": A100}, quotas)
     # studio's priority-100 jobs take its 8 GPUs (4 jobs of 2); its fifth waits on its quota
     # and does not block the tier: other's priority-10 jobs go, up to other's 4 GPUs.
     assert out.released == ("s0", "s1", "s2", "s3", "o0", "o1")
@@ -50,7 +70,7 @@ def test_a_project_jumps_the_queue_only_within_its_quota():
 
 def test_quota_counts_what_the_project_already_holds():
     quotas = Quotas(default={"a100": 4})
-    out = select_for_release([job("x", 100)], [Holding("p", "a100", 4)], {"a100": 16}, quotas)
+    out = select_for_release([job("x", 100)], [Holding("p", "a100", 4)], {"a100": A100}, quotas)
     assert out.released == () and "holds 4 of its 4" in out.held["x"]
-    out = select_for_release([job("x", 100)], [Holding("p", "a100", 2)], {"a100": 16}, quotas)
+    out = select_for_release([job("x", 100)], [Holding("p", "a100", 2)], {"a100": A100}, quotas)
     assert out.released == ("x",)

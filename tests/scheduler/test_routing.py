@@ -65,8 +65,26 @@ def test_deadline_fallback_uses_backlog_and_render_estimate():
     chained = route(job, rules, CAT, {"render.a100": QueueLoad(3, 64_000.0),
                                       "render.a10": QueueLoad(1)})
     assert (chained.variant, chained.fallback) == ("wan-toy", 1)
-    assert route(JobSpec(track="final"), rules, CAT, {"render.a100": QueueLoad(3, 1e9)}).tier \
+    assert route(JobSpec(track="final"), rules, CAT, {"render.a100": QueueLoad(0, 1e9)}).tier \
         == "a100"  # no deadline: never late
+
+
+def test_a_later_fallback_applies_when_an_earlier_one_does_not():
+    rules = parse_rules("""rules:
+  - name: finals
+    match: {track: final}
+    route: {variant: wan2.2-t2v-a14b, tier: a100, degree: 8}
+    fallbacks:
+      - when: {queue_longer_than: 8}
+        route: {variant: wan2.2-t2v-a14b-int8, tier: a10, degree: 4, placement: offload}
+      - when: {deadline_unmet: true}
+        route: {variant: wan-toy, tier: cpu}
+""", CAT)
+    job = JobSpec(track="final", deadline_s=60)  # 402 s of rendering: late even on an empty tier
+    chosen = route(job, rules, CAT)
+    assert (chosen.variant, chosen.fallback) == ("wan-toy", 1)
+    verdicts = explain(job, rules, CAT).verdicts[0]["spills"]
+    assert [s["taken"] for s in verdicts] == [False, True]
 
 
 @pytest.mark.parametrize("job,words", [

@@ -126,3 +126,15 @@ def test_not_yaml_or_wrong_shape():
     assert "rules: List should have at least 1 item" in problems("rules: []\n")
     assert "rules.0.match.colour: Extra inputs" in problems(
         "rules:\n  - name: x\n    match: {colour: red}\n    route: {variant: wan-toy, tier: cpu}\n")
+
+
+def test_a_degree_above_the_default_quota_could_never_start():
+    text = """rules:
+  - name: finals
+    match: {track: final}
+    route: {variant: wan2.2-t2v-a14b, tier: a100, degree: 2}
+quotas:
+  default: {a100: 1}
+"""
+    assert ("rule 'finals': route: degree 2 exceeds the default quota on a100 (1 GPUs)"
+            in problems(text))
