@@ -176,8 +176,9 @@ def ray_head(settings):
 
     from workers import ray_cluster
 
-    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "4", "--resources",
-                                '{"tier:cpu": 2, "tier:cpu-b": 1}'])
+    # Room for the single-rank actors of both tiers and one group of 2 ranks (issue #5).
+    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "6", "--resources",
+                                '{"tier:cpu": 4, "tier:cpu-b": 1}'])
     _wait_until(lambda: _ray_up(settings.ray_address), 60, "ray head", head.log)
     ray_cluster.connect(settings.ray_address)
     yield settings.ray_address

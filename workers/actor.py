@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import ray
 import torch
 
+from workers.parallel.plan import ParallelPlan, agree_to_stop, apply_after_load, init_groups
+from workers.parallel.plan import pipeline_options
 from workers.wan_pipeline import RenderRequest, WanT2V
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,15 @@ class RenderCanceled(Exception):
 
 
 class RenderWorker:
-    def __init__(self, variant: str, model_dir: str, rank: int = 0):
+    """One rank of an actor group. ``plan`` (e.g. "tp2", "cfg2", "tp2+cfg2") and
+    ``init_file`` (the group's rendezvous file) are given to every rank of a group."""
+
+    def __init__(self, variant: str, model_dir: str, rank: int = 0, plan: str = "single",
+                 init_file: str | None = None, collective_timeout_s: float = 120.0):
         self.variant, self.model_dir, self.rank = variant, model_dir, rank
+        self.plan = ParallelPlan.parse(plan)
+        self.init_file, self.collective_timeout_s = init_file, collective_timeout_s
+        self.groups = None
         self.device = self._init_device()
         self.pipeline: WanT2V | None = None
         self.warm = False
@@ -49,7 +58,15 @@ class RenderWorker:
             if self.pipeline is None:
                 started = time.monotonic()
                 dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-                self.pipeline = WanT2V.from_folder(self.model_dir, self.device, dtype)
+                options = {}
+                if self.plan.world > 1:
+                    backend = "nccl" if self.device.type == "cuda" else "gloo"
+                    self.groups = init_groups(self.plan, self.rank, self.init_file, backend,
+                                              self.collective_timeout_s)
+                    options = pipeline_options(self.plan, self.groups)
+                self.pipeline = WanT2V.from_folder(self.model_dir, self.device, dtype, **options)
+                if self.groups is not None:
+                    apply_after_load(self.pipeline, self.plan, self.groups)
                 log.info("%s rank %d loaded %s in %.1fs", self.variant, self.rank,
                          self.model_dir, time.monotonic() - started)
 
@@ -75,7 +92,10 @@ class RenderWorker:
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
-        return {"variant": self.variant, "rank": self.rank, "device": str(self.device),
+        heads = (self.pipeline.transformer.blocks[0].attn1.heads
+                 if self.pipeline is not None else None)
+        return {"variant": self.variant, "rank": self.rank, "plan": self.plan.name,
+                "heads_here": heads, "device": str(self.device),
                 "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "loaded": self.pipeline is not None, "warm": self.warm, "renders": self.renders}
 
@@ -98,17 +118,51 @@ class RenderWorker:
         if request_id in self._canceled:
             raise RenderCanceled(f"{request_id} canceled {where}")
 
+    def _denoise(self, req: RenderRequest, request_id: str) -> Iterator[tuple]:
+        """The sampler's steps; in a group every rank stops at the same step on a cancel."""
+        for step, steps, expert, latents in self.pipeline.denoise_steps(req):
+            stop = request_id in self._canceled
+            if self.groups is not None:
+                stop = agree_to_stop(stop)
+            if stop:
+                raise RenderCanceled(f"{request_id} canceled at step {step} of {steps}")
+            yield step, steps, expert, latents
+
+    def follow(self, request: dict, request_id: str) -> None:
+        """Ranks 1..N-1 of a group: the same loop as rank 0, whose latents are the result."""
+        self.load()
+        self._active.add(request_id)
+        try:
+            for _ in self._denoise(RenderRequest(**request), request_id):
+                pass
+        finally:
+            self._active.discard(request_id)
+            self._canceled.discard(request_id)
+
+    def latents(self, request: dict, request_id: str) -> "torch.Tensor":
+        """Rank 0's latents after the whole sampler (for checks and benchmarks)."""
+        self.load()
+        self._active.add(request_id)
+        try:
+            out = None
+            for *_, out in self._denoise(RenderRequest(**request), request_id):
+                pass
+            return out.cpu()
+        finally:
+            self._active.discard(request_id)
+            self._canceled.discard(request_id)
+
     def render(self, request: dict, request_id: str, latent_frames_per_chunk: int = 4
                ) -> Iterator[dict]:
         """Stream of events: {"kind": "progress", step, steps, expert} per denoising step,
-        then {"kind": "frames", "frames": uint8 (T, H, W, 3)} per decoded chunk."""
+        then {"kind": "frames", "frames": uint8 (T, H, W, 3)} per decoded chunk. In a group,
+        rank 0 runs this and decodes; the other ranks run `follow`."""
         self.load()
         req = RenderRequest(**request)
         self._active.add(request_id)
         try:
             latents = None
-            for step, steps, expert, latents in self.pipeline.denoise_steps(req):
-                self._check_canceled(request_id, f"at step {step} of {steps}")
+            for step, steps, expert, latents in self._denoise(req, request_id):
                 yield {"kind": "progress", "step": step, "steps": steps, "expert": expert}
             for frames in self.pipeline.decode_chunks(latents, latent_frames_per_chunk):
                 self._check_canceled(request_id, "while decoding")

@@ -1,21 +1,27 @@
 """The executor: finds or creates the long-lived actors of a (variant, tier) and calls them.
 
-Actors are named ``render:{variant}:{tier}:r{rank}`` in the ``farm`` namespace and created at
-most once per cluster (``get_if_exists``); every task afterwards reuses them. Issue #5 widens
-this to N ranks in one placement group; routes ask for degree 1 today.
+Actors are named ``render:{variant}:{tier}:r{rank}`` (a parallel group:
+``render:{variant}:{tier}:{plan}:r{rank}``) in the ``farm`` namespace and created at most once
+per cluster (``get_if_exists``); every task afterwards reuses them. A group of N ranks sits in
+one STRICT_PACK placement group (one node) and meets at a rendezvous file on that node.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from scheduler.catalog import Tier
 from workers.actor import RemoteRenderWorker, RenderCanceled
+from workers.parallel.plan import ParallelPlan
 from workers.ray_cluster import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -23,31 +29,78 @@ log = logging.getLogger(__name__)
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
-def actor_name(variant: str, tier: str, rank: int) -> str:
-    return f"render:{variant}:{tier}:r{rank}"
+def actor_name(variant: str, tier: str, rank: int, plan: str = "single") -> str:
+    middle = "" if plan == "single" else f"{plan}:"
+    return f"render:{variant}:{tier}:{middle}r{rank}"
+
+
+def _existing(variant: str, tier: str, plan: str, world: int) -> list | None:
+    """Every rank of a group already in the cluster, or None."""
+    try:
+        return [ray.get_actor(actor_name(variant, tier, rank, plan), namespace=NAMESPACE)
+                for rank in range(world)]
+    except ValueError:
+        return None
 
 
 class ActorGroup:
-    def __init__(self, variant: str, tier: Tier, actors: list):
-        self.variant, self.tier, self.actors = variant, tier, actors
+    def __init__(self, variant: str, tier: Tier, actors: list, pg=None):
+        self.variant, self.tier, self.actors, self.pg = variant, tier, actors, pg
 
     @classmethod
     def get_or_create(cls, variant: str, tier: Tier, model_dir: str, *, detached: bool,
-                      ready_timeout_s: float = 600) -> "ActorGroup":
-        """Reuse the named actor or create it; then wait until it has loaded and warmed up."""
-        options = dict(
-            name=actor_name(variant, tier.name, 0), namespace=NAMESPACE, get_if_exists=True,
-            resources={tier.ray_resource: 1}, num_cpus=1, max_restarts=1, max_task_retries=0,
-        )
+                      plan: str = "single", ready_timeout_s: float = 600) -> "ActorGroup":
+        """Reuse the named actors or create them; then wait until all have loaded and warmed
+        up (a group's ranks load together: they meet in collectives)."""
+        world = ParallelPlan.parse(plan).world
+        options = dict(namespace=NAMESPACE, get_if_exists=True, num_cpus=1,
+                       max_restarts=0 if world > 1 else 1, max_task_retries=0)
         if detached:  # outlives the Celery process that created it
             options["lifetime"] = "detached"
         if tier.gpus_per_actor:
             options["num_gpus"] = tier.gpus_per_actor
             if tier.accelerator_type:
                 options["accelerator_type"] = tier.accelerator_type
-        actor = RemoteRenderWorker.options(**options).remote(variant, model_dir, 0)
-        ray.get(actor.ready.remote(), timeout=ready_timeout_s)
-        return cls(variant, tier, [actor])
+        init_file = pg = None
+        if world == 1:
+            options["resources"] = {tier.ray_resource: 1}
+        elif existing := _existing(variant, tier.name, plan, world):
+            ray.get([a.ready.remote() for a in existing], timeout=ready_timeout_s)
+            pg_name = f"{actor_name(variant, tier.name, 0, plan)}:pg"
+            return cls(variant, tier, existing, ray.util.get_placement_group(pg_name))
+        else:
+            # A restarted rank could not rejoin its group's collectives: a dead rank takes
+            # the group down (max_restarts 0) and the next get_or_create builds a new one.
+            name = f"{actor_name(variant, tier.name, 0, plan)}:pg"
+            bundle = {tier.ray_resource: 1, "CPU": 1, **({"GPU": 1} if tier.gpus_per_actor else {})}
+            pg = placement_group([bundle] * world, strategy="STRICT_PACK", name=name,
+                                 lifetime="detached" if detached else None)
+            ray.get(pg.ready(), timeout=ready_timeout_s)
+            init_file = os.path.join(tempfile.gettempdir(), f"farm-dist-{uuid.uuid4().hex}")
+        actors = []
+        for rank in range(world):
+            if world > 1:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=rank)
+            actors.append(RemoteRenderWorker.options(
+                name=actor_name(variant, tier.name, rank, plan), **options,
+            ).remote(variant, model_dir, rank, plan, init_file))
+        ray.get([a.ready.remote() for a in actors], timeout=ready_timeout_s)
+        return cls(variant, tier, actors, pg)
+
+    def latents(self, request: dict, request_id: str | None = None):
+        """Every rank runs the sampler; rank 0's latents come back."""
+        request_id = request_id or uuid.uuid4().hex
+        refs = [self.actors[0].latents.remote(request, request_id)]
+        refs += [a.follow.remote(request, request_id) for a in self.actors[1:]]
+        return ray.get(refs)[0]
+
+    def kill(self) -> None:
+        """Stop every rank and give the placement group's resources back."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
 
     def render(self, request: dict, latent_frames_per_chunk: int = 4,
                request_id: str | None = None) -> "RenderStream":
@@ -57,6 +110,8 @@ class ActorGroup:
         gen = self.actors[0].render.options(
             num_returns="streaming", _generator_backpressure_num_objects=2,
         ).remote(request, request_id, latent_frames_per_chunk)
+        for actor in self.actors[1:]:  # the other ranks run the same loop beside rank 0
+            actor.follow.remote(request, request_id)
         return RenderStream(self, gen, request_id)
 
     def cancel(self, request_id: str) -> None:

@@ -69,7 +69,10 @@ class WanT2V:
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> "WanT2V":
+                    dtype: torch.dtype = torch.float32,
+                    load_expert: Callable | None = None) -> "WanT2V":
+        """``load_expert(cls, folder, device, dtype)`` loads the transformers instead of
+        ``from_pretrained`` (a tensor-parallel plan loads only its shard)."""
         folder = Path(folder)
         index_path = folder / "model_index.json"
         if not index_path.is_file():
@@ -82,6 +85,10 @@ class WanT2V:
         components = {}
         for name, spec in index.items():
             if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+                continue
+            if load_expert is not None and name in ("transformer", "transformer_2"):
+                cls_ = getattr(importlib.import_module(spec[0]), spec[1])
+                components[name] = load_expert(cls_, folder / name, device, dtype)
                 continue
             components[name] = _load_component(folder, name, spec[0], spec[1], dtype)
             if isinstance(components[name], torch.nn.Module):
@@ -118,6 +125,18 @@ class WanT2V:
         boundary = self.boundary_ratio * self.scheduler.config.num_train_timesteps
         return (self.transformer, "high") if t >= boundary else (self.transformer_2, "low")
 
+    @staticmethod
+    def guide(expert, x, timestep, cond, uncond, guidance: float) -> torch.Tensor:
+        """Classifier-free guidance: the conditional and unconditional passes, one after the
+        other. (A CFG-parallel plan replaces this with one pass per half of a group.)"""
+        noise = expert(hidden_states=x, timestep=timestep, encoder_hidden_states=cond,
+                       return_dict=False)[0]
+        if guidance <= 1.0:
+            return noise
+        noise_uncond = expert(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
+                              return_dict=False)[0]
+        return noise_uncond + guidance * (noise - noise_uncond)
+
     @torch.no_grad()
     def denoise_steps(self, req: RenderRequest) -> Iterator[tuple[int, int, str, torch.Tensor]]:
         """Run the sampler step by step, yielding (step, steps, expert, latents) after each.
@@ -137,13 +156,7 @@ class WanT2V:
             expert, which = self.expert_for(float(t))
             guidance = req.guidance_high if which == "high" else req.guidance_low
             x = latents.to(expert.dtype)
-            timestep = t.expand(x.shape[0])
-            noise = expert(hidden_states=x, timestep=timestep, encoder_hidden_states=cond,
-                           return_dict=False)[0]
-            if guidance > 1.0:  # classifier-free guidance
-                noise_uncond = expert(hidden_states=x, timestep=timestep,
-                                      encoder_hidden_states=uncond, return_dict=False)[0]
-                noise = noise_uncond + guidance * (noise - noise_uncond)
+            noise = self.guide(expert, x, t.expand(x.shape[0]), cond, uncond, guidance)
             latents = scheduler.step(noise.float(), t, latents, return_dict=False)[0]
             yield i + 1, len(timesteps), which, latents
 
