@@ -77,7 +77,9 @@ class RenderWorker:
                 return
             # The smallest frame the model takes: one transformer patch of latents.
             stride = self.pipeline.vae_stride_s * self.pipeline.transformer.config.patch_size[-1]
-            req = RenderRequest("warm up", "", frames=1, height=stride, width=stride, steps=1,
+            # Sequence parallelism splits the tokens: one patch per rank.
+            req = RenderRequest("warm up", "", frames=1, height=stride,
+                                width=stride * self.plan.sp, steps=1,
                                 guidance_high=1.0, guidance_low=1.0, seed=0)
             latents = self.pipeline.denoise(req)
             next(self.pipeline.decode_chunks(latents))
@@ -92,10 +94,10 @@ class RenderWorker:
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
-        heads = (self.pipeline.transformer.blocks[0].attn1.heads
-                 if self.pipeline is not None else None)
+        expert = self.pipeline.transformer if self.pipeline is not None else None
         return {"variant": self.variant, "rank": self.rank, "plan": self.plan.name,
-                "heads_here": heads, "device": str(self.device),
+                "heads_here": expert.blocks[0].attn1.heads if expert is not None else None,
+                "token_shards": getattr(expert, "sp_world", 1), "device": str(self.device),
                 "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "loaded": self.pipeline is not None, "warm": self.warm, "renders": self.renders}
 

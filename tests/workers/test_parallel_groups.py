@@ -1,5 +1,6 @@
 """Actor groups on the session's Ray cluster: a tiny two-expert Wan checkpoint renders the same
-latents with one rank, tp=2 and cfg=2 (gloo on CPU, fp32); groups are reused and cleaned up."""
+latents with one rank, tp=2, sp=2 and cfg=2 (gloo on CPU, fp32); groups are reused and
+cleaned up."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def reference(ray_head, tiny_model):
     return single.latents(REQUEST)
 
 
-@pytest.mark.parametrize("plan", ["tp2", "cfg2"])
+@pytest.mark.parametrize("plan", ["tp2", "sp2", "cfg2"])
 def test_parallel_group_matches_one_rank(reference, tiny_model, plan):
     tier = get_policy().catalog.tier("cpu")
     group = ActorGroup.get_or_create("wan-tiny", tier, str(tiny_model), detached=False,
@@ -30,8 +31,9 @@ def test_parallel_group_matches_one_rank(reference, tiny_model, plan):
     try:
         info = group.info()
         assert [a["rank"] for a in info] == [0, 1] and len({a["pid"] for a in info}) == 2
-        # tp2 holds half of the tiny model's 2 heads on each rank; cfg2 holds them all.
+        # tp2 holds half of the tiny model's 2 heads on each rank; sp2 and cfg2 all of them.
         assert [a["heads_here"] for a in info] == ([1, 1] if plan == "tp2" else [2, 2])
+        assert [a["token_shards"] for a in info] == ([2, 2] if plan == "sp2" else [1, 1])
         latents = group.latents(REQUEST)
         assert latents.shape == reference.shape
         rel = ((latents - reference).norm() / reference.norm()).item()

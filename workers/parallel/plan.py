@@ -1,4 +1,5 @@
-"""How a group of ranks splits one render: tensor parallel (tp) x CFG parallel (cfg).
+"""How a group of ranks splits one render: tensor (tp) or sequence (sp, Ulysses) parallel,
+times CFG parallel (cfg).
 
 Ranks are laid out cfg-major: with tp=2, cfg=2, ranks 0-1 are the conditional half (one
 tensor-parallel pair) and ranks 2-3 the unconditional half. Every rank runs the same
@@ -15,49 +16,56 @@ import torch
 import torch.distributed as dist
 
 from workers.parallel.cfg_parallel import CfgParallel
+from workers.parallel.sequence_parallel import apply_sequence_parallel
 from workers.parallel.tensor_parallel import load_sharded
 
 
 @dataclass(frozen=True)
 class ParallelPlan:
     tp: int = 1
+    sp: int = 1
     cfg: int = 1  # 1 or 2
 
     def __post_init__(self):
-        if self.tp < 1 or self.cfg not in (1, 2):
-            raise ValueError(f"tp must be >= 1 and cfg 1 or 2, got tp={self.tp} cfg={self.cfg}")
+        if self.tp < 1 or self.sp < 1 or self.cfg not in (1, 2) or (self.tp > 1 and self.sp > 1):
+            raise ValueError(f"parallel plan tp={self.tp} sp={self.sp} cfg={self.cfg}: tp or "
+                             "sp (not both) >= 1, cfg 1 or 2")
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that share one forward pass (tp or sp)."""
+        return self.tp * self.sp
 
     @property
     def world(self) -> int:
-        return self.tp * self.cfg
+        return self.model_parallel * self.cfg
 
     @property
     def name(self) -> str:
         parts = [f"tp{self.tp}"] if self.tp > 1 else []
+        parts += [f"sp{self.sp}"] if self.sp > 1 else []
         parts += ["cfg2"] if self.cfg == 2 else []
         return "+".join(parts) or "single"
 
     @classmethod
     def parse(cls, text: str) -> "ParallelPlan":
-        """"tp2", "cfg2", "tp2+cfg2", "single"."""
-        tp, cfg = 1, 1
+        """"tp2", "sp2", "cfg2", "tp2+cfg2", "single"."""
+        sizes = {"tp": 1, "sp": 1, "cfg": 1}
         for part in filter(None, text.split("+")):
+            kind, number = part.rstrip("0123456789"), part[len(part.rstrip("0123456789")):]
             if part == "single":
                 continue
-            if part.startswith("tp") and part[2:].isdigit():
-                tp = int(part[2:])
-            elif part == "cfg2":
-                cfg = 2
-            else:
+            if kind not in sizes or not number:
                 raise ValueError(f"parallel plan {text!r}: unknown part {part!r}; "
-                                 "use tpN, cfg2 or tpN+cfg2")
-        return cls(tp, cfg)
+                                 "use tpN, spN, cfg2 and + between them")
+            sizes[kind] = int(number)
+        return cls(**sizes)
 
 
 @dataclass
 class RankGroups:
     rank: int
-    tp_group: object
+    tp_group: object  # the ranks sharing one forward pass (tensor or sequence parallel)
     tp_rank: int
     cfg_group: object
     cfg_half: int
@@ -69,13 +77,12 @@ def init_groups(plan: ParallelPlan, rank: int, init_file: str, backend: str,
     rank creates every subgroup, in the same order, as torch.distributed requires."""
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=plan.world, timeout=timedelta(seconds=timeout_s))
-    tp_groups = [dist.new_group(list(range(h * plan.tp, (h + 1) * plan.tp)))
-                 for h in range(plan.cfg)]
-    cfg_groups = [dist.new_group([i, i + plan.tp]) for i in range(plan.tp)] \
-        if plan.cfg == 2 else []
-    half, tp_rank = divmod(rank, plan.tp)
-    return RankGroups(rank, tp_groups[half], tp_rank,
-                      cfg_groups[tp_rank] if cfg_groups else None, half)
+    mp = plan.model_parallel
+    mp_groups = [dist.new_group(list(range(h * mp, (h + 1) * mp))) for h in range(plan.cfg)]
+    cfg_groups = [dist.new_group([i, i + mp]) for i in range(mp)] if plan.cfg == 2 else []
+    half, mp_rank = divmod(rank, mp)
+    return RankGroups(rank, mp_groups[half], mp_rank,
+                      cfg_groups[mp_rank] if cfg_groups else None, half)
 
 
 def pipeline_options(plan: ParallelPlan, groups: RankGroups) -> dict:
@@ -87,6 +94,9 @@ def pipeline_options(plan: ParallelPlan, groups: RankGroups) -> dict:
 
 
 def apply_after_load(pipeline, plan: ParallelPlan, groups: RankGroups) -> None:
+    if plan.sp > 1:
+        for expert in pipeline.experts:
+            apply_sequence_parallel(expert, groups.tp_group, groups.tp_rank, plan.sp)
     if plan.cfg == 2:
         pipeline.guide = CfgParallel(groups.cfg_group, groups.cfg_half).guide
 
