@@ -58,6 +58,12 @@ class Guidance(_Strict):
     low: Annotated[float, Field(ge=0)]  # of the low-noise expert (A14B: 3.0)
 
 
+class Latent(_Strict):
+    channels: Annotated[int, Field(ge=1)]
+    stride: tuple[int, int, int]  # VAE: frames, height, width per latent cell
+    patch: tuple[int, int, int]  # transformer patch over latent cells
+
+
 class ModelVariant(_Strict):
     name: str = ""
     folder: str  # diffusers layout under FARM_MODELS_DIR
@@ -69,6 +75,9 @@ class ModelVariant(_Strict):
     params_b: Annotated[float, Field(gt=0)]  # billions of parameters per expert
     experts: Annotated[int, Field(ge=1, le=2)]
     bytes_per_param: Annotated[float, Field(gt=0)]
+    dim: Annotated[int, Field(ge=1)]  # transformer width
+    layers: Annotated[int, Field(ge=1)]  # transformer blocks
+    latent: Latent
     heads: Annotated[int, Field(ge=1)]  # attention heads: tensor parallelism splits them
     degrees: list[int]  # parallel degrees the model supports
     extra_gb: Annotated[float, Field(ge=0)]  # text encoder + VAE kept on every GPU
@@ -94,6 +103,11 @@ class ModelVariant(_Strict):
             raise ValueError(f"degrees {self.degrees} must be non-empty divisors of the "
                              f"{self.heads} attention heads (bad: {bad})")
         return self
+
+    def tokens(self, width: int, height: int, frames: int) -> int:
+        """Video tokens of one forward pass at that size (one segment of ``frames``)."""
+        (st, sh, sw), (pt, ph, pw) = self.latent.stride, self.latent.patch
+        return (((frames - 1) // st + 1) // pt) * (height // sh // ph) * (width // sw // pw)
 
     # The names the render path has used since issue 2.
     @property

@@ -33,8 +33,9 @@ class MemoryEstimate:
     def total_gb(self) -> float:
         return self.weights_gb + self.extra_gb + self.activations_gb + self.overhead_gb
 
-    def arithmetic(self) -> str:
-        return (f"{self.variant} at degree {self.degree} ({self.placement}, {self.size}): "
+    def arithmetic(self, plan: str | None = None) -> str:
+        how = f", {plan}" if plan else ""
+        return (f"{self.variant} at degree {self.degree} ({self.placement}{how}, {self.size}): "
                 f"weights {self.weights_gb:.1f} + encoders {self.extra_gb:.1f} + activations "
                 f"{self.activations_gb:.1f} + overhead {self.overhead_gb:.1f} = "
                 f"{self.total_gb:.1f} GB per GPU")

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from scheduler.catalog import Catalog, ModelVariant
-from scheduler.memory import estimate
+from scheduler.parallel_cost import default_plan, parse_plan, plan_memory, plan_memory_gb
 from scheduler.rules import Choice, Match, Rule, RuleSet, describe
 
 STITCH_QUEUE = "stitch"  # CPU-only work: concatenation, probing, thumbnails
@@ -57,6 +57,7 @@ class Route:
     tier: str
     degree: int  # ranks (GPUs) of the actor group
     placement: str  # resident | offload | split
+    parallel: str  # how the ranks split a render: "single", "tp2", "sp2+cfg2", ...
     queue: str  # Celery queue of the tier's render tasks
     rule: str
     window: str | None = None
@@ -121,23 +122,30 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 1)
 
 
-def _memory_gb(catalog: Catalog, variant: str, degree: int, placement: str) -> float:
-    key = ("memory", variant, degree, placement)
+def _plan(catalog: Catalog, variant: str, tier: str, degree: int, placement: str,
+          parallel: str) -> tuple[str, float]:
+    """(plan name, memory GB per GPU), memoised: the same few routes are asked for often."""
+    key = ("plan", variant, tier, degree, placement, parallel)
     if key not in catalog._memo:
         m = catalog.models[variant]
-        catalog._memo[key] = round(estimate(catalog, m, degree, placement, m.native).total_gb, 2)
+        plan = (default_plan(catalog, m, catalog.tiers[tier], degree, placement)[0]
+                if parallel == "auto" else parse_plan(parallel))
+        catalog._memo[key] = (plan.name, round(plan_memory_gb(catalog, m, plan, placement), 2))
     return catalog._memo[key]
 
 
 def build(choice: Choice, rule: Rule, job: JobSpec, catalog: Catalog,
           fallback: int | None) -> Route:
     variant = catalog.models[choice.variant or job.model]
+    plan, memory_gb = _plan(catalog, variant.name, choice.tier, choice.degree,
+                            choice.placement, choice.parallel)
     return Route(
         variant=variant.name, tier=choice.tier, degree=choice.degree,
-        placement=choice.placement, queue=choice.queue or render_queue(choice.tier),
+        placement=choice.placement, parallel=plan,
+        queue=choice.queue or render_queue(choice.tier),
         rule=rule.name, window=choice.window, timezone=choice.timezone, fallback=fallback,
         est_seconds=_rounded(est_seconds(variant, choice.tier, choice.degree, job)),
-        memory_gb=_memory_gb(catalog, variant.name, choice.degree, choice.placement),
+        memory_gb=memory_gb,
     )
 
 
@@ -183,6 +191,7 @@ class Explanation:
     verdicts: list[dict] = field(default_factory=list)  # rule, matches, why not / spills
     route: dict | None = None
     memory: str | None = None  # the chosen route's arithmetic
+    parallel_plans: list[dict] = field(default_factory=list)  # bytes per step, memory, fits
     error: str | None = None
 
 
@@ -207,10 +216,13 @@ def explain(job: JobSpec, rules: RuleSet, catalog: Catalog,
             verdict["spills"].append({"fallback": i, "taken": True, "because": reason})
             chosen = build(fallback.route, rule, job, catalog, i)
         out.route = chosen.as_dict()
-        variant = catalog.models[chosen.variant]
-        out.memory = (estimate(catalog, variant, chosen.degree, chosen.placement,
-                               variant.native).arithmetic()
-                      + f"; tier {chosen.tier} has {catalog.tiers[chosen.tier].memory_gb:g} GB")
+        variant, tier = catalog.models[chosen.variant], catalog.tiers[chosen.tier]
+        plan = parse_plan(chosen.parallel)
+        out.memory = (plan_memory(catalog, variant, plan, chosen.placement)
+                      .arithmetic(chosen.parallel)
+                      + f"; tier {chosen.tier} has {tier.memory_gb:g} GB")
+        out.parallel_plans = default_plan(catalog, variant, tier, chosen.degree,
+                                          chosen.placement)[1]
         return out
     out.error = _no_route_message(job, rules)
     return out

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scheduler.catalog import Catalog, PolicyError, _load_yaml, parse_size, validation_message
 from scheduler.memory import fit_problem
+from scheduler.parallel_cost import parse_plan, plan_memory_gb
 from scheduler.windows import Window, WindowError
 
 TRACKS = ("draft", "final")
@@ -86,6 +87,9 @@ class Choice(_Strict):
     tier: str
     degree: Annotated[int, Field(ge=1, le=64)] = 1
     placement: Literal["resident", "offload", "split"] = "resident"
+    # How the degree's ranks split a render: "auto" (the plan moving the fewest bytes that
+    # fits, scheduler.parallel_cost), or e.g. "tp2", "sp4", "sp2+cfg2".
+    parallel: str = "auto"
     queue: str | None = None  # default render.{tier}
     window: str | None = None  # e.g. "22:00-06:00": the job waits for it
     timezone: str = "UTC"
@@ -196,12 +200,33 @@ def _choice_problems(where: str, choice: Choice, rule: Rule, catalog: Catalog,
                           choice.degree, choice.placement)
         if why:
             problems.append(f"{where}: {why}")
+        elif choice.parallel != "auto":
+            problems += [f"{where}.parallel: {p}" for p in plan_problems(
+                catalog, catalog.models[name], catalog.tiers[choice.tier], choice)]
     if choice.window is not None:
         try:
             Window.parse(choice.window, choice.timezone)
         except WindowError as exc:
             problems.append(f"{where}.window: {exc}")
     return problems
+
+
+def plan_problems(catalog: Catalog, variant, tier, choice: Choice) -> list[str]:
+    try:
+        plan = parse_plan(choice.parallel)
+    except ValueError as exc:
+        return [str(exc)]
+    if plan.degree != choice.degree:
+        return [f"{choice.parallel!r} uses {plan.degree} ranks; the route's degree is "
+                f"{choice.degree}"]
+    if variant.heads % (plan.tp * plan.sp):
+        return [f"{choice.parallel!r} splits {variant.name}'s {variant.heads} heads "
+                f"{plan.tp * plan.sp} ways"]
+    need = plan_memory_gb(catalog, variant, plan, choice.placement)
+    if need > tier.memory_gb:
+        return [f"{choice.parallel!r} needs {need:.1f} GB per GPU; tier {tier.name} has "
+                f"{tier.memory_gb:g} GB: {need - tier.memory_gb:.1f} GB over"]
+    return []
 
 
 # ---- reachability ----------------------------------------------------------------------

@@ -38,7 +38,8 @@ RAY_PORT = free_port()
 
 def _test_policy() -> dict[str, str]:
     """The shipped tiers and rules plus a second CPU tier, `cpu-b`, and a rule sending the
-    project `tier-b` there: jobs of two tiers on their own queues and actors."""
+    project `tier-b` there (jobs of two tiers on their own queues and actors), and a rule
+    rendering the project `parallel` tensor-parallel on two ranks."""
     import yaml
 
     config = Path(__file__).resolve().parent.parent / "scheduler" / "config"
@@ -49,6 +50,9 @@ def _test_policy() -> dict[str, str]:
     rules["rules"].insert(0, {"name": "tier-b-project", "match": {"project": ["tier-b"],
                                                                   "model": ["wan-tiny"]},
                               "route": {"tier": "cpu-b"}})
+    rules["rules"].insert(0, {"name": "tensor-parallel-project",
+                              "match": {"project": ["parallel"], "model": ["wan-tiny"]},
+                              "route": {"tier": "cpu", "degree": 2, "parallel": "tp2"}})
     TMP.joinpath("tiers.yaml").write_text(yaml.safe_dump(tiers))
     TMP.joinpath("rules.yaml").write_text(yaml.safe_dump(rules))
     return {"FARM_TIERS_FILE": str(TMP / "tiers.yaml"), "FARM_RULES_FILE": str(TMP / "rules.yaml")}
@@ -176,9 +180,9 @@ def ray_head(settings):
 
     from workers import ray_cluster
 
-    # Room for the single-rank actors of both tiers and one group of 2 ranks (issue #5).
-    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "6", "--resources",
-                                '{"tier:cpu": 4, "tier:cpu-b": 1}'])
+    # Room for the single-rank actors of both tiers and two groups of 2 ranks (issue #5).
+    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "7", "--resources",
+                                '{"tier:cpu": 5, "tier:cpu-b": 1}'])
     _wait_until(lambda: _ray_up(settings.ray_address), 60, "ray head", head.log)
     ray_cluster.connect(settings.ray_address)
     yield settings.ray_address

@@ -33,6 +33,20 @@ def test_jobs_of_two_tiers_land_on_their_own_queues_and_actors(client):
         ray.get_actor(actor_name("wan-tiny", tier, 0), namespace=NAMESPACE)
 
 
+def test_a_tensor_parallel_route_renders_through_a_group_of_two_ranks(client):
+    body = {"prompt": "a blue square", "model": "wan-tiny", "frames": 5, "steps": 2,
+            "project": "parallel", "seed": 5}
+    job = wait_for(client, client.post("/v1/jobs", json=body).json()["id"],
+                   {"succeeded", "failed"})
+    assert job["state"] == "succeeded", job["error"]
+    assert (job["route"]["degree"], job["route"]["parallel"]) == (2, "tp2")
+    ranks = [ray.get_actor(actor_name("wan-tiny", "cpu", r, "tp2"), namespace=NAMESPACE)
+             for r in (0, 1)]
+    info = ray.get([a.info.remote() for a in ranks])
+    assert [i["heads_here"] for i in info] == [1, 1] and info[0]["renders"] >= 1
+    assert [s["worker"] for s in job["segments"]][0].startswith("render-")
+
+
 def test_admission_orders_by_priority_within_project_quotas(client):
     """The a100 tier (2 nodes x 8 GPUs) has no worker here: what admission sends stays in its
     queue, so the database shows exactly what was let through. 8 GPUs per project, 2 a job."""

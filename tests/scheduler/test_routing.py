@@ -117,6 +117,8 @@ def test_explain_lists_every_rule_and_the_memory_arithmetic():
                                              "queue render.a100 has 20 jobs waiting (> 8)"}]
     assert "drafts" not in verdicts  # first match wins: later rules are not consulted
     assert out.route["tier"] == "a10"
-    assert out.memory.startswith("wan2.2-t2v-a14b-int8 at degree 4 (offload, 1280x720): "
+    assert out.memory.startswith("wan2.2-t2v-a14b-int8 at degree 4 (offload, tp4, 1280x720): "
                                  "weights 3.5 + encoders 11.6")
+    # Only tp4 fits four 24 GB cards: the others keep whole weights on every rank.
+    assert [p["plan"] for p in out.parallel_plans if p["fits"]] == ["tp4"]
     assert out.rules_sha256 == RULES.sha256
