@@ -77,7 +77,8 @@ def _actor_group(settings: Settings, job) -> ActorGroup:
         tier = get_policy().catalog.tier(job.route["tier"])
         return ActorGroup.get_or_create(variant.name, tier, str(model_dir),
                                         detached=settings.ray_address != "local",
-                                        plan=job.route.get("parallel", "single"))
+                                        plan=job.route.get("parallel", "single"),
+                                        placement=job.route.get("placement", "resident"))
     except ACTOR_LOST as exc:
         raise WorkerLost(f"actor for {variant.name} on {job.route['tier']} is gone: {exc}") from exc
 

@@ -18,7 +18,8 @@ import torch
 
 from workers.parallel.plan import ParallelPlan, agree_to_stop, apply_after_load, init_groups
 from workers.parallel.plan import pipeline_options
-from workers.wan_pipeline import RenderRequest, WanT2V
+from workers.parallel.placement import NotOnThisGroup, apply_placement
+from workers.wan_pipeline import DenoiseState, RenderRequest, WanT2V
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ class RenderWorker:
     ``init_file`` (the group's rendezvous file) are given to every rank of a group."""
 
     def __init__(self, variant: str, model_dir: str, rank: int = 0, plan: str = "single",
-                 init_file: str | None = None, collective_timeout_s: float = 120.0):
+                 init_file: str | None = None, collective_timeout_s: float = 120.0,
+                 placement: str = "resident", role: str | None = None):
         self.variant, self.model_dir, self.rank = variant, model_dir, rank
+        self.placement, self.role = placement, role  # role: "high" | "low" when split
         self.plan = ParallelPlan.parse(plan)
         self.init_file, self.collective_timeout_s = init_file, collective_timeout_s
         self.groups = None
@@ -67,6 +70,7 @@ class RenderWorker:
                 self.pipeline = WanT2V.from_folder(self.model_dir, self.device, dtype, **options)
                 if self.groups is not None:
                     apply_after_load(self.pipeline, self.plan, self.groups)
+                apply_placement(self.pipeline, self.placement, self.role, self.device)
                 log.info("%s rank %d loaded %s in %.1fs", self.variant, self.rank,
                          self.model_dir, time.monotonic() - started)
 
@@ -76,14 +80,20 @@ class RenderWorker:
             if self.warm:
                 return
             # The smallest frame the model takes: one transformer patch of latents.
-            stride = self.pipeline.vae_stride_s * self.pipeline.transformer.config.patch_size[-1]
+            stride = self.pipeline.vae_stride_s * self._expert().config.patch_size[-1]
             # Sequence parallelism splits the tokens: one patch per rank.
             req = RenderRequest("warm up", "", frames=1, height=stride,
                                 width=stride * self.plan.sp, steps=1,
                                 guidance_high=1.0, guidance_low=1.0, seed=0)
-            latents = self.pipeline.denoise(req)
+            # The low-noise group of a split placement starts mid-render: it warms its decoder.
+            latents = (self.pipeline.start(req).latents if self.role == "low"
+                       else self.pipeline.denoise(req))
             next(self.pipeline.decode_chunks(latents))
             self.warm = True
+
+    def _expert(self):
+        """An expert this actor holds (the other may live on another group)."""
+        return next(e for e in self.pipeline.experts if not isinstance(e, NotOnThisGroup))
 
     @ray.method(concurrency_group="control")
     def ready(self) -> dict:
@@ -94,8 +104,9 @@ class RenderWorker:
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
-        expert = self.pipeline.transformer if self.pipeline is not None else None
+        expert = self._expert() if self.pipeline is not None else None
         return {"variant": self.variant, "rank": self.rank, "plan": self.plan.name,
+                "placement": self.placement, "role": self.role,
                 "heads_here": expert.blocks[0].attn1.heads if expert is not None else None,
                 "token_shards": getattr(expert, "sp_world", 1), "device": str(self.device),
                 "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
@@ -120,9 +131,13 @@ class RenderWorker:
         if request_id in self._canceled:
             raise RenderCanceled(f"{request_id} canceled {where}")
 
-    def _denoise(self, req: RenderRequest, request_id: str) -> Iterator[tuple]:
-        """The sampler's steps; in a group every rank stops at the same step on a cancel."""
-        for step, steps, expert, latents in self.pipeline.denoise_steps(req):
+    def _denoise(self, req: RenderRequest, request_id: str, state: DenoiseState | None = None
+                 ) -> Iterator[tuple]:
+        """The sampler's steps (this group's phase of them, when split); in a group every rank
+        stops at the same step on a cancel."""
+        stop_before = "low" if self.role == "high" else None
+        for step, steps, expert, latents in self.pipeline.denoise_steps(req, state,
+                                                                        stop_before):
             stop = request_id in self._canceled
             if self.groups is not None:
                 stop = agree_to_stop(stop)
@@ -130,42 +145,61 @@ class RenderWorker:
                 raise RenderCanceled(f"{request_id} canceled at step {step} of {steps}")
             yield step, steps, expert, latents
 
-    def follow(self, request: dict, request_id: str) -> None:
+    def follow(self, request: dict, request_id: str, state: DenoiseState | None = None) -> None:
         """Ranks 1..N-1 of a group: the same loop as rank 0, whose latents are the result."""
         self.load()
         self._active.add(request_id)
         try:
-            for _ in self._denoise(RenderRequest(**request), request_id):
+            for _ in self._denoise(RenderRequest(**request), request_id, self._on_device(state)):
                 pass
         finally:
             self._active.discard(request_id)
             self._canceled.discard(request_id)
 
-    def latents(self, request: dict, request_id: str) -> "torch.Tensor":
-        """Rank 0's latents after the whole sampler (for checks and benchmarks)."""
+    def latents(self, request: dict, request_id: str, state: DenoiseState | None = None):
+        """Rank 0's latents after the sampler (this group's phase of it), for checks and
+        benchmarks; the high-noise group of a split placement returns its handover state."""
         self.load()
         self._active.add(request_id)
         try:
-            out = None
-            for *_, out in self._denoise(RenderRequest(**request), request_id):
+            state = self._on_device(state) or self.pipeline.start(RenderRequest(**request))
+            for _ in self._denoise(RenderRequest(**request), request_id, state):
                 pass
-            return out.cpu()
+            state.latents = state.latents.cpu()
+            return state if self.role == "high" else state.latents
         finally:
             self._active.discard(request_id)
             self._canceled.discard(request_id)
 
-    def render(self, request: dict, request_id: str, latent_frames_per_chunk: int = 4
-               ) -> Iterator[dict]:
-        """Stream of events: {"kind": "progress", step, steps, expert} per denoising step,
-        then {"kind": "frames", "frames": uint8 (T, H, W, 3)} per decoded chunk. In a group,
-        rank 0 runs this and decodes; the other ranks run `follow`."""
+    def _on_device(self, state: DenoiseState | None) -> DenoiseState | None:
+        """A state handed over through the object store, onto this actor's device."""
+        if state is not None:
+            state.latents = state.latents.to(self.device)
+        return state
+
+    def render(self, request: dict, request_id: str, latent_frames_per_chunk: int = 4,
+               state: DenoiseState | None = None) -> Iterator[dict]:
+        """Stream of events: {"kind": "progress", step, steps, expert, at} per denoising
+        step, then {"kind": "frames", "frames": uint8 (T, H, W, 3)} per decoded chunk. In a
+        group, rank 0 runs this and decodes; the other ranks run `follow`. The high-noise
+        group of a split placement ends with {"kind": "handover", "state"} instead of frames;
+        the low-noise group's render starts from that ``state``."""
         self.load()
         req = RenderRequest(**request)
+        if self.role == "low" and state is None:
+            raise ValueError("the low-noise group of a split placement needs the handed-over "
+                             "state of the high-noise group")
         self._active.add(request_id)
         try:
-            latents = None
-            for step, steps, expert, latents in self._denoise(req, request_id):
-                yield {"kind": "progress", "step": step, "steps": steps, "expert": expert}
+            state = self._on_device(state) or self.pipeline.start(req)
+            latents = state.latents
+            for step, steps, expert, latents in self._denoise(req, request_id, state):
+                yield {"kind": "progress", "step": step, "steps": steps, "expert": expert,
+                       "at": time.time()}
+            if self.role == "high":
+                state.latents = state.latents.cpu()
+                yield {"kind": "handover", "state": state, "at": time.time()}
+                return
             for frames in self.pipeline.decode_chunks(latents, latent_frames_per_chunk):
                 self._check_canceled(request_id, "while decoding")
                 yield {"kind": "frames", "frames": frames}

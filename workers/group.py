@@ -29,16 +29,18 @@ log = logging.getLogger(__name__)
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
-def actor_name(variant: str, tier: str, rank: int, plan: str = "single") -> str:
-    middle = "" if plan == "single" else f"{plan}:"
-    return f"render:{variant}:{tier}:{middle}r{rank}"
+def actor_name(variant: str, tier: str, rank: int, plan: str = "single",
+               placement: str = "resident", role: str | None = None) -> str:
+    parts = ([plan] * (plan != "single") + [placement] * (placement != "resident")
+             + [role] * bool(role))
+    return ":".join(["render", variant, tier, *parts, f"r{rank}"])
 
 
-def _existing(variant: str, tier: str, plan: str, world: int) -> list | None:
+def _existing(variant: str, tier: str, plan: str, world: int, placement, role) -> list | None:
     """Every rank of a group already in the cluster, or None."""
     try:
-        return [ray.get_actor(actor_name(variant, tier, rank, plan), namespace=NAMESPACE)
-                for rank in range(world)]
+        return [ray.get_actor(actor_name(variant, tier, rank, plan, placement, role),
+                              namespace=NAMESPACE) for rank in range(world)]
     except ValueError:
         return None
 
@@ -49,9 +51,21 @@ class ActorGroup:
 
     @classmethod
     def get_or_create(cls, variant: str, tier: Tier, model_dir: str, *, detached: bool,
-                      plan: str = "single", ready_timeout_s: float = 600) -> "ActorGroup":
+                      plan: str = "single", placement: str = "resident",
+                      ready_timeout_s: float = 600):
         """Reuse the named actors or create them; then wait until all have loaded and warmed
-        up (a group's ranks load together: they meet in collectives)."""
+        up (a group's ranks load together: they meet in collectives). A split placement
+        gives a `SplitGroup`: one group per expert."""
+        if placement == "split":
+            return SplitGroup(*(cls._get_or_create(variant, tier, model_dir, detached, plan,
+                                                   placement, role, ready_timeout_s)
+                                for role in ("high", "low")))
+        return cls._get_or_create(variant, tier, model_dir, detached, plan, placement, None,
+                                  ready_timeout_s)
+
+    @classmethod
+    def _get_or_create(cls, variant, tier, model_dir, detached, plan, placement, role,
+                       ready_timeout_s) -> "ActorGroup":
         world = ParallelPlan.parse(plan).world
         options = dict(namespace=NAMESPACE, get_if_exists=True, num_cpus=1,
                        max_restarts=0 if world > 1 else 1, max_task_retries=0)
@@ -64,14 +78,14 @@ class ActorGroup:
         init_file = pg = None
         if world == 1:
             options["resources"] = {tier.ray_resource: 1}
-        elif existing := _existing(variant, tier.name, plan, world):
+        elif existing := _existing(variant, tier.name, plan, world, placement, role):
             ray.get([a.ready.remote() for a in existing], timeout=ready_timeout_s)
-            pg_name = f"{actor_name(variant, tier.name, 0, plan)}:pg"
+            pg_name = f"{actor_name(variant, tier.name, 0, plan, placement, role)}:pg"
             return cls(variant, tier, existing, ray.util.get_placement_group(pg_name))
         else:
             # A restarted rank could not rejoin its group's collectives: a dead rank takes
             # the group down (max_restarts 0) and the next get_or_create builds a new one.
-            name = f"{actor_name(variant, tier.name, 0, plan)}:pg"
+            name = f"{actor_name(variant, tier.name, 0, plan, placement, role)}:pg"
             bundle = {tier.ray_resource: 1, "CPU": 1, **({"GPU": 1} if tier.gpus_per_actor else {})}
             pg = placement_group([bundle] * world, strategy="STRICT_PACK", name=name,
                                  lifetime="detached" if detached else None)
@@ -83,16 +97,16 @@ class ActorGroup:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=rank)
             actors.append(RemoteRenderWorker.options(
-                name=actor_name(variant, tier.name, rank, plan), **options,
-            ).remote(variant, model_dir, rank, plan, init_file))
+                name=actor_name(variant, tier.name, rank, plan, placement, role), **options,
+            ).remote(variant, model_dir, rank, plan, init_file, placement=placement, role=role))
         ray.get([a.ready.remote() for a in actors], timeout=ready_timeout_s)
         return cls(variant, tier, actors, pg)
 
-    def latents(self, request: dict, request_id: str | None = None):
-        """Every rank runs the sampler; rank 0's latents come back."""
+    def latents(self, request: dict, request_id: str | None = None, state=None):
+        """Every rank runs the sampler; rank 0's latents (or handover state) come back."""
         request_id = request_id or uuid.uuid4().hex
-        refs = [self.actors[0].latents.remote(request, request_id)]
-        refs += [a.follow.remote(request, request_id) for a in self.actors[1:]]
+        refs = [self.actors[0].latents.remote(request, request_id, state)]
+        refs += [a.follow.remote(request, request_id, state) for a in self.actors[1:]]
         return ray.get(refs)[0]
 
     def kill(self) -> None:
@@ -103,15 +117,15 @@ class ActorGroup:
             remove_placement_group(self.pg)
 
     def render(self, request: dict, latent_frames_per_chunk: int = 4,
-               request_id: str | None = None) -> "RenderStream":
+               request_id: str | None = None, state=None) -> "RenderStream":
         request_id = request_id or uuid.uuid4().hex
         # Backpressure: the actor runs at most two events ahead of the consumer, so a cancel
         # seen by the consumer stops the render within a step, not after all of them.
         gen = self.actors[0].render.options(
             num_returns="streaming", _generator_backpressure_num_objects=2,
-        ).remote(request, request_id, latent_frames_per_chunk)
+        ).remote(request, request_id, latent_frames_per_chunk, state)
         for actor in self.actors[1:]:  # the other ranks run the same loop beside rank 0
-            actor.follow.remote(request, request_id)
+            actor.follow.remote(request, request_id, state)
         return RenderStream(self, gen, request_id)
 
     def cancel(self, request_id: str) -> None:
@@ -139,3 +153,51 @@ class RenderStream:
                 if isinstance(exc.cause, RenderCanceled):
                     raise RenderCanceled(str(exc.cause)) from None
                 raise
+
+
+class SplitGroup:
+    """The split placement: the high-noise expert's group, then the low-noise expert's. The
+    render's state goes from one to the other through the object store, so while one job's
+    low-noise phase runs, the next job's high-noise phase can."""
+
+    def __init__(self, high: ActorGroup, low: ActorGroup):
+        self.high, self.low = high, low
+        self.actors = high.actors + low.actors
+
+    def render(self, request: dict, latent_frames_per_chunk: int = 4,
+               request_id: str | None = None) -> "SplitStream":
+        return SplitStream(self, request, latent_frames_per_chunk, request_id or uuid.uuid4().hex)
+
+    def latents(self, request: dict, request_id: str | None = None):
+        request_id = request_id or uuid.uuid4().hex
+        return self.low.latents(request, request_id, self.high.latents(request, request_id))
+
+    def cancel(self, request_id: str) -> None:
+        self.high.cancel(request_id)
+        self.low.cancel(request_id)
+
+    def info(self) -> list[dict]:
+        return self.high.info() + self.low.info()
+
+    def kill(self) -> None:
+        self.high.kill()
+        self.low.kill()
+
+
+class SplitStream:
+    """The high-noise group's progress events, then the low-noise group's events and frames."""
+
+    def __init__(self, group: SplitGroup, request: dict, chunk: int, request_id: str):
+        self.group, self.request, self.chunk, self.request_id = group, request, chunk, request_id
+
+    def cancel(self) -> None:
+        self.group.cancel(self.request_id)
+
+    def __iter__(self) -> Iterator[dict]:
+        state = None
+        for event in self.group.high.render(self.request, self.chunk, self.request_id):
+            if event["kind"] == "handover":
+                state = event["state"]
+            else:
+                yield event
+        yield from self.group.low.render(self.request, self.chunk, self.request_id, state)

@@ -51,6 +51,14 @@ def _load_component(folder: Path, name: str, library: str, class_name: str, dtyp
     return cls.from_pretrained(folder / name, torch_dtype=dtype)
 
 
+@dataclass
+class DenoiseState:
+    """A render between two steps: what one expert's group hands to the other's."""
+    latents: torch.Tensor
+    scheduler: object  # the multistep solver, with its history of model outputs
+    step: int  # steps done
+
+
 class WanT2V:
     """Wan2.2 T2V: a text encoder, one or two transformer experts, a VAE and a scheduler."""
 
@@ -137,28 +145,42 @@ class WanT2V:
                               return_dict=False)[0]
         return noise_uncond + guidance * (noise - noise_uncond)
 
+    def start(self, req: RenderRequest) -> "DenoiseState":
+        """The sampler before its first step: seeded noise and a fresh scheduler."""
+        generator = torch.Generator("cpu").manual_seed(req.seed)
+        latents = torch.randn(self.latent_shape(req), generator=generator, dtype=torch.float32)
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh per render
+        scheduler.set_timesteps(req.steps, device=self.device)
+        return DenoiseState(latents.to(self.device), scheduler, 0)
+
     @torch.no_grad()
-    def denoise_steps(self, req: RenderRequest) -> Iterator[tuple[int, int, str, torch.Tensor]]:
+    def denoise_steps(self, req: RenderRequest, state: "DenoiseState | None" = None,
+                      stop_before: str | None = None
+                      ) -> Iterator[tuple[int, int, str, torch.Tensor]]:
         """Run the sampler step by step, yielding (step, steps, expert, latents) after each.
 
         Latents are normalised, shape (1, z, (frames-1)/4+1, height/8, width/8). A caller
-        that stops iterating stops the render within one step.
+        that stops iterating stops the render within one step. ``state`` continues a render
+        (its latents and scheduler, with the solver's history); ``stop_before="low"`` ends it
+        at the expert boundary, ``state`` then holding what the low-noise expert continues
+        from (the split placement: each expert on its own group).
         """
         cond = self.encode_prompt(req.prompt)
         uncond = self.encode_prompt(req.negative_prompt)
-        generator = torch.Generator("cpu").manual_seed(req.seed)
-        latents = torch.randn(self.latent_shape(req), generator=generator, dtype=torch.float32)
-        latents = latents.to(self.device)
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh state per render
-        scheduler.set_timesteps(req.steps, device=self.device)
-        timesteps = scheduler.timesteps
-        for i, t in enumerate(timesteps):
+        state = state or self.start(req)
+        timesteps = state.scheduler.timesteps
+        while state.step < len(timesteps):
+            t = timesteps[state.step]
             expert, which = self.expert_for(float(t))
+            if which == stop_before:
+                return
             guidance = req.guidance_high if which == "high" else req.guidance_low
-            x = latents.to(expert.dtype)
+            x = state.latents.to(expert.dtype)
             noise = self.guide(expert, x, t.expand(x.shape[0]), cond, uncond, guidance)
-            latents = scheduler.step(noise.float(), t, latents, return_dict=False)[0]
-            yield i + 1, len(timesteps), which, latents
+            state.latents = state.scheduler.step(noise.float(), t, state.latents,
+                                                 return_dict=False)[0]
+            state.step += 1
+            yield state.step, len(timesteps), which, state.latents
 
     def denoise(self, req: RenderRequest,
                 on_step: Callable[[int, int, str], None] | None = None) -> torch.Tensor:

@@ -53,3 +53,53 @@ def test_parallel_group_matches_one_rank(reference, tiny_model, plan):
         group.kill()
     with pytest.raises(ValueError):
         ray.get_actor(actor_name("wan-tiny", "cpu", 0, plan), namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize("placement", ["offload", "split"])
+def test_expert_placements_render_the_same_latents(reference, tiny_model, placement):
+    tier = get_policy().catalog.tier("cpu")
+    group = ActorGroup.get_or_create("wan-tiny", tier, str(tiny_model), detached=False,
+                                     placement=placement)
+    try:
+        info = group.info()
+        assert {i["placement"] for i in info} == {placement}
+        if placement == "split":
+            assert [i["role"] for i in info] == ["high", "low"]
+        latents = group.latents(REQUEST)
+        assert torch.equal(latents, reference)
+    finally:
+        group.kill()
+
+
+def test_split_placement_pipelines_two_jobs(tiny_model, ray_head):
+    """Two renders at once: the second job's high-noise phase runs while the first job's
+    low-noise phase does (timestamps of the actors' progress events)."""
+    import threading
+
+    tier = get_policy().catalog.tier("cpu")
+    group = ActorGroup.get_or_create("wan-tiny", tier, str(tiny_model), detached=False,
+                                     placement="split")
+    slow = REQUEST | {"steps": 30, "width": 224, "height": 128}  # about half the steps each
+    phases: dict[str, dict[str, list[float]]] = {}
+
+    def run(name: str) -> None:
+        spans = phases.setdefault(name, {"high": [], "low": []})
+        for event in group.render(slow):
+            if event["kind"] == "progress":
+                spans[event["expert"]].append(event["at"])
+
+    try:
+        first = threading.Thread(target=run, args=("first",))
+        first.start()
+        while not phases.get("first", {}).get("high"):  # the first job is under way
+            threading.Event().wait(0.05)
+        second = threading.Thread(target=run, args=("second",))
+        second.start()
+        first.join(120)
+        second.join(120)
+    finally:
+        group.kill()
+    one, two = phases["first"], phases["second"]
+    assert one["low"] and two["high"] and two["low"]
+    # The second job's high-noise steps happened between the first job's low-noise steps.
+    assert min(two["high"]) < max(one["low"]) and max(two["high"]) > min(one["low"])
