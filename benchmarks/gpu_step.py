@@ -1,0 +1,175 @@
+"""One denoising step (with CFG) of a Wan2.2-T2V-A14B expert, for a lent GPU; tiny on CPU.
+
+    .venv/bin/python benchmarks/gpu_step.py            # on a GPU: the real A14B expert shape
+    .venv/bin/python benchmarks/gpu_step.py --tiny     # anywhere: a small shape, same code
+
+Everything in one call (the device is lent for minutes): builds the expert with random bf16
+weights (5120 wide, 40 layers, 40 heads, FFN 13824: 14B parameters), checks a 2-layer copy
+against an fp32 reference on a small input, then times one step = two forwards (conditional
+and unconditional) at 720P x 81 frames (75,600 tokens) and 480P x 81:
+  - stock: diffusers' WanTransformer3DModel eager, default attention dispatch;
+  - ours: the same module under torch.compile, with each SDPA backend forced in turn
+    (flash, cuDNN, memory-efficient) where the device has it.
+Prints step time, achieved TFLOP/s and MFU against the bf16 matmul peak measured here, and
+peak memory; the last line is stock over our best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+from diffusers import WanTransformer3DModel
+
+A14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
+            in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2),
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
+TINY = dict(A14B, num_attention_heads=4, attention_head_dim=32, ffn_dim=256, num_layers=2,
+            text_dim=64, freq_dim=32)
+TEXT_TOKENS = 512
+
+
+def build(config: dict, layers: int | None, device, dtype) -> WanTransformer3DModel:
+    torch.manual_seed(0)
+    cfg = dict(config, num_layers=layers or config["num_layers"])
+    with torch.device(device):
+        model = WanTransformer3DModel(**cfg)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def inputs(config: dict, frames: int, height: int, width: int, device, dtype):
+    g = torch.Generator("cpu").manual_seed(1)
+    latent = (1, config["in_channels"], (frames - 1) // 4 + 1, height // 8, width // 8)
+    x = torch.randn(latent, generator=g).to(device, dtype)
+    cond = torch.randn(1, TEXT_TOKENS, config["text_dim"], generator=g).to(device, dtype)
+    uncond = torch.randn(1, TEXT_TOKENS, config["text_dim"], generator=g).to(device, dtype)
+    return x, torch.tensor([900.0], device=device), cond, uncond
+
+
+def step_flops(config: dict, tokens: int) -> float:
+    """Matmul FLOPs of one step (two forwards): projections, attention and FFN per block."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    f, layers = config["ffn_dim"], config["num_layers"]
+    per_block = (2 * tokens * d * d * 4  # self-attention q, k, v, out
+                 + 2 * tokens * d * d * 2 + 2 * TEXT_TOKENS * d * d * 2  # cross q/out, k/v
+                 + 4 * tokens * tokens * d  # self-attention scores and values
+                 + 4 * tokens * TEXT_TOKENS * d  # cross-attention
+                 + 4 * tokens * d * f)  # FFN
+    return 2 * layers * per_block
+
+
+def check_against_fp32(config: dict, device) -> float:
+    """Relative error of bf16 against fp32 on a 2-layer copy at a small size."""
+    ref = build(config, 2, device, torch.float32)
+    low = build(config, 2, device, torch.bfloat16)
+    low.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
+    x, t, cond, _ = inputs(config, 5, 64, 64, device, torch.float32)
+    with torch.no_grad():
+        want = ref(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
+        got = low(hidden_states=x.bfloat16(), timestep=t, encoder_hidden_states=cond.bfloat16(),
+                  return_dict=False)[0].float()
+    return ((got - want).norm() / want.norm()).item()
+
+
+def matmul_peak_tflops(device, dtype, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    seconds = timed(lambda: a @ b, device, repeats=10)
+    return 2 * n ** 3 / seconds / 1e12
+
+
+def timed(fn, device, repeats: int) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def sdpa_backends(device) -> dict:
+    if device.type != "cuda":
+        return {"default": None}
+    from torch.nn.attention import SDPBackend
+    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def one_step(model, x, t, cond, uncond):
+    with torch.no_grad():
+        c = model(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
+        u = model(hidden_states=x, timestep=t, encoder_hidden_states=uncond, return_dict=False)[0]
+        return u + 4.0 * (c - u)
+
+
+def run_case(name, model, size, config, device, backend, peak, repeats) -> dict:
+    from torch.nn.attention import sdpa_kernel
+
+    frames, height, width = size
+    x, t, cond, uncond = inputs(config, frames, height, width, device, torch.bfloat16)
+    tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    guard = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with guard:
+            one_step(model, x, t, cond, uncond)  # warm-up (and compilation)
+            seconds = timed(lambda: one_step(model, x, t, cond, uncond), device, repeats)
+    except RuntimeError as exc:  # a backend the device or shape does not support
+        return {"case": name, "size": f"{width}x{height}x{frames}", "error": str(exc)[:80]}
+    tflops = step_flops(config, tokens) / seconds / 1e12
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+    return {"case": name, "size": f"{width}x{height}x{frames}", "tokens": tokens,
+            "step_s": seconds, "tflops": tflops, "mfu": tflops / peak, "peak_gb": peak_gb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="a small shape (CPU, CI)")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = args.tiny or device.type == "cpu"
+    config = TINY if tiny else A14B
+    sizes = ([(5, 64, 112), (5, 48, 80)] if tiny else [(81, 720, 1280), (81, 480, 832)])
+
+    error = check_against_fp32(config, device)
+    print(f"device {device}; shape {'tiny' if tiny else 'A14B expert'}; bf16 vs fp32 "
+          f"relative error (2 layers): {error:.2e}")
+    assert error < 2e-2, "bf16 output differs from the fp32 reference"
+    peak = matmul_peak_tflops(device, torch.bfloat16, 512 if tiny else 8192)
+    print(f"measured bf16 matmul peak: {peak:.1f} TFLOP/s")
+
+    model = build(config, None, device, torch.bfloat16)
+    rows = []
+    for size in sizes:
+        rows.append(run_case("stock eager", model, size, config, device, None, peak,
+                             args.repeats))
+        compiled = model if args.no_compile else torch.compile(model)
+        label = "ours eager" if args.no_compile else "ours compiled"
+        for backend_name, backend in sdpa_backends(device).items():
+            rows.append(run_case(f"{label} {backend_name}", compiled, size, config, device,
+                                 backend, peak, args.repeats))
+    print(f"{'case':<28}{'size':>16}{'step s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:<28}{r['size']:>16}  unsupported: {r['error']}")
+            continue
+        print(f"{r['case']:<28}{r['size']:>16}{r['step_s']:>10.3f}{r['tflops']:>10.2f}"
+              f"{r['mfu']:>8.1%}{r['peak_gb']:>9.1f}")
+    first = sizes[0]
+    tag = f"{first[2]}x{first[1]}x{first[0]}"
+    stock = next(r for r in rows if r["case"] == "stock eager" and r["size"] == tag)
+    ours = min((r for r in rows if r["case"] != "stock eager" and r["size"] == tag
+                and "error" not in r), key=lambda r: r["step_s"])
+    print(f"stock eager / {ours['case']} at {tag}: {stock['step_s'] / ours['step_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
