@@ -26,7 +26,14 @@ from workers.ray_cluster import NAMESPACE
 
 log = logging.getLogger(__name__)
 
-ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+class GroupBroken(RuntimeError):
+    """A rank of a group died or a collective timed out: the group was taken down, and the
+    next `get_or_create` builds a new one."""
+
+
+ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, GroupBroken)
 
 
 def actor_name(variant: str, tier: str, rank: int, plan: str = "single",
@@ -45,6 +52,20 @@ def _existing(variant: str, tier: str, plan: str, world: int, placement, role) -
         return None
 
 
+def _take_down(variant, tier, plan, world, placement, role, pg_name) -> None:
+    """What is left of a broken group: its live ranks and its placement group."""
+    for rank in range(world):
+        try:
+            ray.kill(ray.get_actor(actor_name(variant, tier, rank, plan, placement, role),
+                                   namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
+    try:
+        remove_placement_group(ray.util.get_placement_group(pg_name))
+    except ValueError:
+        pass
+
+
 class ActorGroup:
     def __init__(self, variant: str, tier: Tier, actors: list, pg=None):
         self.variant, self.tier, self.actors, self.pg = variant, tier, actors, pg
@@ -52,20 +73,21 @@ class ActorGroup:
     @classmethod
     def get_or_create(cls, variant: str, tier: Tier, model_dir: str, *, detached: bool,
                       plan: str = "single", placement: str = "resident",
-                      ready_timeout_s: float = 600):
+                      ready_timeout_s: float = 600, collective_timeout_s: float = 120):
         """Reuse the named actors or create them; then wait until all have loaded and warmed
         up (a group's ranks load together: they meet in collectives). A split placement
         gives a `SplitGroup`: one group per expert."""
         if placement == "split":
             return SplitGroup(*(cls._get_or_create(variant, tier, model_dir, detached, plan,
-                                                   placement, role, ready_timeout_s)
+                                                   placement, role, ready_timeout_s,
+                                                   collective_timeout_s)
                                 for role in ("high", "low")))
         return cls._get_or_create(variant, tier, model_dir, detached, plan, placement, None,
-                                  ready_timeout_s)
+                                  ready_timeout_s, collective_timeout_s)
 
     @classmethod
     def _get_or_create(cls, variant, tier, model_dir, detached, plan, placement, role,
-                       ready_timeout_s) -> "ActorGroup":
+                       ready_timeout_s, collective_timeout_s) -> "ActorGroup":
         world = ParallelPlan.parse(plan).world
         options = dict(namespace=NAMESPACE, get_if_exists=True, num_cpus=1,
                        max_restarts=0 if world > 1 else 1, max_task_retries=0)
@@ -78,14 +100,18 @@ class ActorGroup:
         init_file = pg = None
         if world == 1:
             options["resources"] = {tier.ray_resource: 1}
-        elif existing := _existing(variant, tier.name, plan, world, placement, role):
-            ray.get([a.ready.remote() for a in existing], timeout=ready_timeout_s)
-            pg_name = f"{actor_name(variant, tier.name, 0, plan, placement, role)}:pg"
-            return cls(variant, tier, existing, ray.util.get_placement_group(pg_name))
         else:
+            pg_name = f"{actor_name(variant, tier.name, 0, plan, placement, role)}:pg"
+            existing = _existing(variant, tier.name, plan, world, placement, role)
+            if existing is not None:
+                group = cls(variant, tier, existing, ray.util.get_placement_group(pg_name))
+                if group.healthy():
+                    return group
+                group.kill()  # a rank is gone: its peers cannot form a group again
+            _take_down(variant, tier.name, plan, world, placement, role, pg_name)
             # A restarted rank could not rejoin its group's collectives: a dead rank takes
             # the group down (max_restarts 0) and the next get_or_create builds a new one.
-            name = f"{actor_name(variant, tier.name, 0, plan, placement, role)}:pg"
+            name = pg_name
             bundle = {tier.ray_resource: 1, "CPU": 1, **({"GPU": 1} if tier.gpus_per_actor else {})}
             pg = placement_group([bundle] * world, strategy="STRICT_PACK", name=name,
                                  lifetime="detached" if detached else None)
@@ -98,7 +124,8 @@ class ActorGroup:
                     pg, placement_group_bundle_index=rank)
             actors.append(RemoteRenderWorker.options(
                 name=actor_name(variant, tier.name, rank, plan, placement, role), **options,
-            ).remote(variant, model_dir, rank, plan, init_file, placement=placement, role=role))
+            ).remote(variant, model_dir, rank, plan, init_file, collective_timeout_s,
+                     placement=placement, role=role))
         ray.get([a.ready.remote() for a in actors], timeout=ready_timeout_s)
         return cls(variant, tier, actors, pg)
 
@@ -108,6 +135,13 @@ class ActorGroup:
         refs = [self.actors[0].latents.remote(request, request_id, state)]
         refs += [a.follow.remote(request, request_id, state) for a in self.actors[1:]]
         return ray.get(refs)[0]
+
+    def healthy(self, timeout_s: float = 10) -> bool:
+        try:
+            ray.get([a.info.remote() for a in self.actors], timeout=timeout_s)
+            return True
+        except (*ACTOR_LOST, ray.exceptions.GetTimeoutError):
+            return False
 
     def kill(self) -> None:
         """Stop every rank and give the placement group's resources back."""
@@ -146,13 +180,21 @@ class RenderStream:
         self.group.cancel(self.request_id)
 
     def __iter__(self) -> Iterator[dict]:
-        for ref in self.generator:
-            try:
-                yield ray.get(ref)
-            except RayTaskError as exc:
-                if isinstance(exc.cause, RenderCanceled):
-                    raise RenderCanceled(str(exc.cause)) from None
-                raise
+        try:
+            for ref in self.generator:
+                try:
+                    yield ray.get(ref)
+                except RayTaskError as exc:
+                    if isinstance(exc.cause, RenderCanceled):
+                        raise RenderCanceled(str(exc.cause)) from None
+                    raise
+        except (RayTaskError, *ACTOR_LOST) as exc:
+            group = self.group
+            if len(group.actors) > 1 and not group.healthy():
+                group.kill()
+                raise GroupBroken(f"a rank of {actor_name(group.variant, group.tier.name, 0)}"
+                                  f"'s group is gone; the group was taken down: {exc}") from exc
+            raise
 
 
 class SplitGroup:

@@ -9,7 +9,7 @@ import ray
 import torch
 
 from farm.policy import get_policy
-from workers.group import ActorGroup, actor_name
+from workers.group import ActorGroup, GroupBroken, actor_name
 from workers.ray_cluster import NAMESPACE
 
 REQUEST = dict(prompt="a red circle moving left", negative_prompt="", frames=5, height=64,
@@ -103,3 +103,26 @@ def test_split_placement_pipelines_two_jobs(tiny_model, ray_head):
     assert one["low"] and two["high"] and two["low"]
     # The second job's high-noise steps happened between the first job's low-noise steps.
     assert min(two["high"]) < max(one["low"]) and max(two["high"]) > min(one["low"])
+
+
+def test_a_dead_rank_takes_its_group_down_and_the_next_call_rebuilds_it(reference, tiny_model):
+    tier = get_policy().catalog.tier("cpu")
+    group = ActorGroup.get_or_create("wan-tiny", tier, str(tiny_model), detached=False,
+                                     plan="tp2", collective_timeout_s=15)
+    before = [i["pid"] for i in group.info()]
+    stream = iter(group.render(REQUEST | {"steps": 400}))
+    assert next(stream)["kind"] == "progress"  # rendering on both ranks
+    ray.kill(group.actors[1])
+    with pytest.raises(GroupBroken):
+        for _ in stream:  # rank 0's collective fails instead of hanging
+            pass
+    with pytest.raises(ValueError):  # the whole group is gone, rank 0 included
+        ray.get_actor(actor_name("wan-tiny", "cpu", 0, "tp2"), namespace=NAMESPACE)
+    rebuilt = ActorGroup.get_or_create("wan-tiny", tier, str(tiny_model), detached=False,
+                                       plan="tp2", collective_timeout_s=15)
+    try:
+        assert set(i["pid"] for i in rebuilt.info()).isdisjoint(before)
+        latents = rebuilt.latents(REQUEST)
+        assert ((latents - reference).norm() / reference.norm()).item() < 1e-4
+    finally:
+        rebuilt.kill()
