@@ -9,6 +9,7 @@ timeout, so a dead rank fails the group instead of hanging it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -74,7 +75,10 @@ class RankGroups:
 def init_groups(plan: ParallelPlan, rank: int, init_file: str, backend: str,
                 timeout_s: float) -> RankGroups:
     """Join the group (file store: nothing listens on a port) and build the subgroups. Every
-    rank creates every subgroup, in the same order, as torch.distributed requires."""
+    rank creates every subgroup, in the same order, as torch.distributed requires. A group
+    is one node (STRICT_PACK), so gloo's own connections stay on loopback."""
+    if backend == "gloo":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=plan.world, timeout=timedelta(seconds=timeout_s))
     mp = plan.model_parallel
