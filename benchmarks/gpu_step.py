@@ -11,7 +11,7 @@ and unconditional) at 720P x 81 frames (75,600 tokens) and 480P x 81:
   - ours: the same module under torch.compile, with each SDPA backend forced in turn
     (flash, cuDNN, memory-efficient) where the device has it.
 Prints step time, achieved TFLOP/s and MFU against the bf16 matmul peak measured here, and
-peak memory; the last line is stock over our best.
+the measured peak memory beside the router's estimate; the last line is stock over our best.
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ import argparse
 import contextlib
 import time
 
+from pathlib import Path
+
 import torch
 from diffusers import WanTransformer3DModel
+
+ROOT = Path(__file__).resolve().parent.parent
 
 A14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
             in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2),
@@ -125,7 +129,20 @@ def run_case(name, model, size, config, device, backend, peak, repeats) -> dict:
     tflops = step_flops(config, tokens) / seconds / 1e12
     peak_gb = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
     return {"case": name, "size": f"{width}x{height}x{frames}", "tokens": tokens,
-            "step_s": seconds, "tflops": tflops, "mfu": tflops / peak, "peak_gb": peak_gb}
+            "step_s": seconds, "tflops": tflops, "mfu": tflops / peak, "peak_gb": peak_gb,
+            "est_gb": estimate_gb(model, f"{width}x{height}")}
+
+
+def estimate_gb(model, size: str) -> float:
+    """The router's estimate for what this run holds: one expert's bf16 weights plus the
+    catalog's activation memory at that size (which also covers the VAE decode, so it is
+    an upper bound here), scaled from 81 frames."""
+    import yaml
+
+    models = yaml.safe_load((ROOT / "scheduler" / "config" / "models.yaml").read_text())
+    activation = models["models"]["wan2.2-t2v-a14b"]["activation_gb"].get(size, float("nan"))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    return weights + activation
 
 
 def main() -> None:
@@ -156,13 +173,14 @@ def main() -> None:
         for backend_name, backend in sdpa_backends(device).items():
             rows.append(run_case(f"{label} {backend_name}", compiled, size, config, device,
                                  backend, peak, args.repeats))
-    print(f"{'case':<28}{'size':>16}{'step s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>9}")
+    print(f"{'case':<28}{'size':>16}{'step s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>9}"
+          f"{'est GB':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['case']:<28}{r['size']:>16}  unsupported: {r['error']}")
             continue
         print(f"{r['case']:<28}{r['size']:>16}{r['step_s']:>10.3f}{r['tflops']:>10.2f}"
-              f"{r['mfu']:>8.1%}{r['peak_gb']:>9.1f}")
+              f"{r['mfu']:>8.1%}{r['peak_gb']:>9.1f}{r['est_gb']:>8.1f}")
     first = sizes[0]
     tag = f"{first[2]}x{first[1]}x{first[0]}"
     stock = next(r for r in rows if r["case"] == "stock eager" and r["size"] == tag)
