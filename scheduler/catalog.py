@@ -76,6 +76,7 @@ class ModelVariant(_Strict):
     experts: Annotated[int, Field(ge=1, le=2)]
     bytes_per_param: Annotated[float, Field(gt=0)]
     dim: Annotated[int, Field(ge=1)]  # transformer width
+    ffn_dim: Annotated[int, Field(ge=1)]  # FFN inner width: tensor parallelism splits it too
     layers: Annotated[int, Field(ge=1)]  # transformer blocks
     latent: Latent
     heads: Annotated[int, Field(ge=1)]  # attention heads: tensor parallelism splits them

@@ -53,6 +53,12 @@ def parse_plan(text: str) -> Plan:
     return Plan(**sizes)
 
 
+def splits(variant: ModelVariant, plan: Plan) -> bool:
+    """tp splits heads and FFN columns; sp splits heads (in attention) only."""
+    return (variant.heads % (plan.tp * plan.sp) == 0
+            and variant.ffn_dim % plan.tp == 0 and variant.dim % plan.tp == 0)
+
+
 def candidate_plans(degree: int) -> list[Plan]:
     plans = [Plan(tp=degree), Plan(sp=degree)] if degree > 1 else [Plan()]
     if degree % 2 == 0:
@@ -112,8 +118,7 @@ def default_plan(catalog: Catalog, variant: ModelVariant, tier: Tier, degree: in
     width, height = parse_size(variant.native)
     rows = []
     for plan in candidate_plans(degree):
-        split = plan.tp * plan.sp
-        fits_heads = variant.heads % split == 0
+        fits_heads = splits(variant, plan)
         memory = plan_memory_gb(catalog, variant, plan, placement)
         rows.append({"plan": plan.name, "gb_per_step": round(bytes_per_step(
             variant, plan, width, height, variant.max_frames) / 1e9, 3),

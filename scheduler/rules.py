@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scheduler.catalog import Catalog, PolicyError, _load_yaml, parse_size, validation_message
 from scheduler.memory import fit_problem
-from scheduler.parallel_cost import parse_plan, plan_memory_gb
+from scheduler.parallel_cost import parse_plan, plan_memory_gb, splits
 from scheduler.windows import Window, WindowError
 
 TRACKS = ("draft", "final")
@@ -219,9 +219,9 @@ def plan_problems(catalog: Catalog, variant, tier, choice: Choice) -> list[str]:
     if plan.degree != choice.degree:
         return [f"{choice.parallel!r} uses {plan.degree} ranks; the route's degree is "
                 f"{choice.degree}"]
-    if variant.heads % (plan.tp * plan.sp):
-        return [f"{choice.parallel!r} splits {variant.name}'s {variant.heads} heads "
-                f"{plan.tp * plan.sp} ways"]
+    if not splits(variant, plan):
+        return [f"{choice.parallel!r} cannot split {variant.name} ({variant.heads} heads, "
+                f"FFN {variant.ffn_dim}) {plan.tp * plan.sp} ways"]
     need = plan_memory_gb(catalog, variant, plan, choice.placement)
     if need > tier.memory_gb:
         return [f"{choice.parallel!r} needs {need:.1f} GB per GPU; tier {tier.name} has "

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 import ray
 import torch
 
-from workers.parallel.plan import ParallelPlan, agree_to_stop, apply_after_load, init_groups
+from workers.parallel.plan import (
+    ParallelPlan, agree_on_request, agree_to_stop, apply_after_load, init_groups,
+)
 from workers.parallel.plan import pipeline_options
 from workers.parallel.placement import NotOnThisGroup, apply_placement
 from workers.wan_pipeline import DenoiseState, RenderRequest, WanT2V
@@ -136,6 +138,8 @@ class RenderWorker:
         """The sampler's steps (this group's phase of them, when split); in a group every rank
         stops at the same step on a cancel."""
         stop_before = "low" if self.role == "high" else None
+        if self.groups is not None:
+            agree_on_request(request_id)
         for step, steps, expert, latents in self.pipeline.denoise_steps(req, state,
                                                                         stop_before):
             stop = request_id in self._canceled
@@ -165,7 +169,7 @@ class RenderWorker:
             state = self._on_device(state) or self.pipeline.start(RenderRequest(**request))
             for _ in self._denoise(RenderRequest(**request), request_id, state):
                 pass
-            state.latents = state.latents.cpu()
+            state = state.to("cpu")
             return state if self.role == "high" else state.latents
         finally:
             self._active.discard(request_id)
@@ -173,9 +177,7 @@ class RenderWorker:
 
     def _on_device(self, state: DenoiseState | None) -> DenoiseState | None:
         """A state handed over through the object store, onto this actor's device."""
-        if state is not None:
-            state.latents = state.latents.to(self.device)
-        return state
+        return state.to(self.device) if state is not None else None
 
     def render(self, request: dict, request_id: str, latent_frames_per_chunk: int = 4,
                state: DenoiseState | None = None) -> Iterator[dict]:
@@ -196,9 +198,9 @@ class RenderWorker:
             for step, steps, expert, latents in self._denoise(req, request_id, state):
                 yield {"kind": "progress", "step": step, "steps": steps, "expert": expert,
                        "at": time.time()}
-            if self.role == "high":
-                state.latents = state.latents.cpu()
-                yield {"kind": "handover", "state": state, "at": time.time()}
+            if self.role == "high":  # by reference: the driver never unpickles GPU state
+                yield {"kind": "handover", "state": ray.put(state.to("cpu")),
+                       "at": time.time()}
                 return
             for frames in self.pipeline.decode_chunks(latents, latent_frames_per_chunk):
                 self._check_canceled(request_id, "while decoding")

@@ -66,6 +66,11 @@ def _take_down(variant, tier, plan, world, placement, role, pg_name) -> None:
         pass
 
 
+# Groups this process created without `detached`: their actors live only while a handle
+# does, so the process keeps one (until Ray shuts down) and every segment finds them alive.
+_HELD: dict[tuple, "ActorGroup"] = {}
+
+
 class ActorGroup:
     def __init__(self, variant: str, tier: Tier, actors: list, pg=None):
         self.variant, self.tier, self.actors, self.pg = variant, tier, actors, pg
@@ -88,6 +93,20 @@ class ActorGroup:
     @classmethod
     def _get_or_create(cls, variant, tier, model_dir, detached, plan, placement, role,
                        ready_timeout_s, collective_timeout_s) -> "ActorGroup":
+        key = (variant, tier.name, plan, placement, role)
+        held = _HELD.get(key)
+        if held is not None and held.healthy():
+            return held
+        group = cls._find_or_make(variant, tier, model_dir, detached, plan, placement, role,
+                                  ready_timeout_s, collective_timeout_s)
+        group.key = key
+        if not detached:
+            _HELD[key] = group
+        return group
+
+    @classmethod
+    def _find_or_make(cls, variant, tier, model_dir, detached, plan, placement, role,
+                      ready_timeout_s, collective_timeout_s) -> "ActorGroup":
         world = ParallelPlan.parse(plan).world
         options = dict(namespace=NAMESPACE, get_if_exists=True, num_cpus=1,
                        max_restarts=0 if world > 1 else 1, max_task_retries=0)
@@ -104,7 +123,11 @@ class ActorGroup:
             pg_name = f"{actor_name(variant, tier.name, 0, plan, placement, role)}:pg"
             existing = _existing(variant, tier.name, plan, world, placement, role)
             if existing is not None:
-                group = cls(variant, tier, existing, ray.util.get_placement_group(pg_name))
+                try:
+                    pg = ray.util.get_placement_group(pg_name)
+                except ValueError:
+                    pg = None
+                group = cls(variant, tier, existing, pg)
                 if group.healthy():
                     return group
                 group.kill()  # a rank is gone: its peers cannot form a group again
@@ -112,7 +135,11 @@ class ActorGroup:
             # A restarted rank could not rejoin its group's collectives: a dead rank takes
             # the group down (max_restarts 0) and the next get_or_create builds a new one.
             name = pg_name
-            bundle = {tier.ray_resource: 1, "CPU": 1, **({"GPU": 1} if tier.gpus_per_actor else {})}
+            bundle = {tier.ray_resource: 1, "CPU": 1}
+            if tier.gpus_per_actor:
+                bundle["GPU"] = 1
+                if tier.accelerator_type:  # the actors ask for it: the bundles must hold it
+                    bundle[f"accelerator_type:{tier.accelerator_type}"] = 0.001
             pg = placement_group([bundle] * world, strategy="STRICT_PACK", name=name,
                                  lifetime="detached" if detached else None)
             ray.get(pg.ready(), timeout=ready_timeout_s)
@@ -145,6 +172,7 @@ class ActorGroup:
 
     def kill(self) -> None:
         """Stop every rank and give the placement group's resources back."""
+        _HELD.pop(getattr(self, "key", None), None)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         if self.pg is not None:
@@ -158,9 +186,8 @@ class ActorGroup:
         gen = self.actors[0].render.options(
             num_returns="streaming", _generator_backpressure_num_objects=2,
         ).remote(request, request_id, latent_frames_per_chunk, state)
-        for actor in self.actors[1:]:  # the other ranks run the same loop beside rank 0
-            actor.follow.remote(request, request_id, state)
-        return RenderStream(self, gen, request_id)
+        followers = [a.follow.remote(request, request_id, state) for a in self.actors[1:]]
+        return RenderStream(self, gen, request_id, followers)
 
     def cancel(self, request_id: str) -> None:
         for actor in self.actors:
@@ -173,8 +200,9 @@ class ActorGroup:
 class RenderStream:
     """Iterates a render's events; a cancel inside the actor surfaces as RenderCanceled."""
 
-    def __init__(self, group: ActorGroup, generator, request_id: str):
+    def __init__(self, group: ActorGroup, generator, request_id: str, followers=()):
         self.group, self.generator, self.request_id = group, generator, request_id
+        self.followers = list(followers)  # the other ranks' calls: their errors count too
 
     def cancel(self) -> None:
         self.group.cancel(self.request_id)
@@ -188,12 +216,15 @@ class RenderStream:
                     if isinstance(exc.cause, RenderCanceled):
                         raise RenderCanceled(str(exc.cause)) from None
                     raise
+            ray.get(self.followers)
         except (RayTaskError, *ACTOR_LOST) as exc:
             group = self.group
-            if len(group.actors) > 1 and not group.healthy():
+            if len(group.actors) > 1:
+                # A rank died, or a collective failed or timed out: the ranks' process group
+                # cannot be trusted again. Take it down; the next call builds a new one.
                 group.kill()
                 raise GroupBroken(f"a rank of {actor_name(group.variant, group.tier.name, 0)}"
-                                  f"'s group is gone; the group was taken down: {exc}") from exc
+                                  f"'s group failed; the group was taken down: {exc}") from exc
             raise
 
 

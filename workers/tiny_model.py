@@ -43,11 +43,17 @@ def build_tokenizer(words: list[str] = _WORDS, max_length: int = TEXT_LEN) -> Pr
 
 def tiny_transformer() -> WanTransformer3DModel:
     # Same class and patch (1,2,2) as A14B; 2 heads of 12 dims, 2 layers.
-    return WanTransformer3DModel(
+    model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
         out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     )
+    # Norm weights start at one; random ones make a wrongly sharded norm show (issue #5).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.uniform_(0.5, 1.5)
+    return model
 
 
 def make_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:

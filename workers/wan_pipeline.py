@@ -58,6 +58,17 @@ class DenoiseState:
     scheduler: object  # the multistep solver, with its history of model outputs
     step: int  # steps done
 
+    def to(self, device) -> "DenoiseState":
+        """Latents and every tensor the solver keeps (history, timesteps), onto ``device``."""
+        self.latents = self.latents.to(device)
+        for name, value in vars(self.scheduler).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self.scheduler, name, value.to(device))
+            elif isinstance(value, list) and any(isinstance(v, torch.Tensor) for v in value):
+                setattr(self.scheduler, name,
+                        [v.to(device) if isinstance(v, torch.Tensor) else v for v in value])
+        return self
+
 
 class WanT2V:
     """Wan2.2 T2V: a text encoder, one or two transformer experts, a VAE and a scheduler."""

@@ -67,6 +67,12 @@ def test_routes_carry_the_plan_and_rules_check_an_explicit_one():
   - name: finals
     route: {variant: wan2.2-t2v-a14b, tier: a100, degree: 2, parallel: cfg2}
 """, CAT)
+    # A14B's FFN (13824) does not split 5 ways: sp5 can run, tp5 cannot.
+    with pytest.raises(PolicyError, match="'tp5' cannot split wan2.2-t2v-a14b"):
+        parse_rules("""rules:
+  - name: finals
+    route: {variant: wan2.2-t2v-a14b-int8, tier: a100, degree: 5, parallel: tp5}
+""", CAT)
     with pytest.raises(PolicyError, match="'sp4' uses 4 ranks; the route's degree is 2"):
         parse_rules("""rules:
   - name: finals

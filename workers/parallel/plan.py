@@ -9,6 +9,7 @@ timeout, so a dead rank fails the group instead of hanging it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -77,13 +78,20 @@ def init_groups(plan: ParallelPlan, rank: int, init_file: str, backend: str,
     """Join the group (file store: nothing listens on a port) and build the subgroups. Every
     rank creates every subgroup, in the same order, as torch.distributed requires. A group
     is one node (STRICT_PACK), so gloo's own connections stay on loopback."""
-    if backend == "gloo":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
-                            world_size=plan.world, timeout=timedelta(seconds=timeout_s))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():  # a load that failed half-way may be retried
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
+                                world_size=plan.world, timeout=timeout)
     mp = plan.model_parallel
-    mp_groups = [dist.new_group(list(range(h * mp, (h + 1) * mp))) for h in range(plan.cfg)]
-    cfg_groups = [dist.new_group([i, i + mp]) for i in range(mp)] if plan.cfg == 2 else []
+    mp_groups = [dist.new_group(list(range(h * mp, (h + 1) * mp)), timeout=timeout)
+                 for h in range(plan.cfg)]
+    cfg_groups = ([dist.new_group([i, i + mp], timeout=timeout) for i in range(mp)]
+                  if plan.cfg == 2 else [])
+    dist.barrier()
+    if rank == 0 and os.path.exists(init_file):  # everyone has joined: the file is spent
+        os.unlink(init_file)
     half, mp_rank = divmod(rank, mp)
     return RankGroups(rank, mp_groups[half], mp_rank,
                       cfg_groups[mp_rank] if cfg_groups else None, half)
@@ -105,9 +113,26 @@ def apply_after_load(pipeline, plan: ParallelPlan, groups: RankGroups) -> None:
         pipeline.guide = CfgParallel(groups.cfg_group, groups.cfg_half).guide
 
 
+def _device() -> torch.device:
+    """Where this rank's collectives run: NCCL needs CUDA tensors."""
+    return (torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl" else torch.device("cpu"))
+
+
 def agree_to_stop(stop: bool) -> bool:
     """All ranks stop at the same step if any was told to (a cancel reaches ranks apart)."""
-    flag = torch.tensor([1 if stop else 0])
+    flag = torch.tensor([1 if stop else 0], device=_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def agree_on_request(request_id: str) -> None:
+    """Every rank must be running the same request: two callers of one group could
+    otherwise interleave and mix their activations without an error."""
+    digest = int(hashlib.sha256(request_id.encode()).hexdigest()[:12], 16)
+    values = torch.tensor([digest, -digest], dtype=torch.int64, device=_device())
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    if int(values[0]) != digest or int(-values[1]) != digest:
+        raise RuntimeError(f"ranks disagree on the request ({request_id} here): "
+                           "two callers used one group at once")
 

@@ -5,7 +5,8 @@ attention (self and cross) q/k/v are split column-wise (each rank keeps heads/N 
 output projection row-wise (partial sums, then one all-reduce); in every FFN the first linear
 column-wise, the second row-wise. Wan's q/k RMSNorm normalises across all heads
 (`rms_norm_across_heads`): a rank holds only its heads, so the sum of squares is all-reduced
-before dividing (RUNBOOK.md). Two all-reduces per attention and one per FFN.
+before dividing (RUNBOOK.md). Per block: three all-reduces of activations (each attention's
+output, the FFN's) and four small ones (the q/k norms of both attentions).
 
 `load_sharded` builds the expert on the meta device, applies the plan, then reads each
 parameter's own slice from the safetensors files: no rank ever holds the whole expert.
@@ -91,7 +92,7 @@ def _set(parent: nn.Module, path: str, module: nn.Module) -> None:
 
 def apply_tensor_parallel(model: nn.Module, group, rank: int, world: int) -> nn.Module:
     """Replace every block's linears and q/k norms by their shards (weights left to fill:
-    `load_sharded`, or `shard_from_full` for a model already loaded)."""
+    `load_sharded`)."""
     heads = model.config.num_attention_heads
     if heads % world:
         raise ValueError(f"{heads} attention heads do not split over {world} ranks")
@@ -153,6 +154,7 @@ def load_sharded(cls, folder: str | Path, group, rank: int, world: int,
     dims = split_dims(model)
     wanted = dict(model.named_parameters())
     wanted.update(dict(model.named_buffers()))
+    keep_fp32 = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as fh:
@@ -162,7 +164,10 @@ def load_sharded(cls, folder: str | Path, group, rank: int, world: int,
                 piece = fh.get_slice(key)
                 index = shard_slice(key, torch.Size(piece.get_shape()), rank, world, dims)
                 tensor = piece[index] if index is not None else piece[:]
-                state[key] = tensor.to(device=device, dtype=dtype)
+                # As from_pretrained does: the modules diffusers keeps in fp32 stay fp32.
+                fp32 = any(part in keep_fp32 for part in key.split("."))
+                state[key] = tensor.to(device=device,
+                                       dtype=torch.float32 if fp32 else dtype)
     missing = [k for k, p in model.named_parameters() if k not in state]
     if missing:
         raise ValueError(f"{folder}: no weights for {missing[:5]}")
