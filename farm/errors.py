@@ -56,3 +56,7 @@ class BadBatch(FarmError):
 class BatchNotFound(FarmError):
     def __init__(self, batch_id: str):
         super().__init__(f"no batch with id {batch_id!r}")
+
+
+class IdempotencyConflict(FarmError):
+    """The Idempotency-Key was used before with a different request body."""

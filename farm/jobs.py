@@ -53,12 +53,14 @@ def new_job(request: JobCreate, route: Route, rules_sha256: str, batch_id: str |
     return job
 
 
-def add_jobs(db_url: str, new: list[Job], batch=None) -> None:
-    """Write the jobs (and their batch) in one transaction."""
+def add_jobs(db_url: str, new: list[Job], batch=None, extra: tuple = ()) -> None:
+    """Write the jobs (and their batch, and ``extra`` rows) in one transaction."""
     with session_scope(db_url) as session:
         if batch is not None:
             session.add(batch)
         session.add_all(new)
+        session.flush()  # the jobs first: ``extra`` rows may point at them
+        session.add_all(extra)
     for job in new:
         log.info("job %s created: model=%s frames=%d segments=%d rule=%s tier=%s",
                  job.id, job.model, job.frames, len(job.segments), job.route["rule"],
@@ -73,10 +75,11 @@ def get_job(db_url: str, job_id: str) -> Job:
         return job
 
 
-def list_jobs(db_url: str, state: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+def list_jobs(db_url: str, state: str | None, limit: int, offset: int,
+              project: str) -> tuple[list[Job], int]:
     with session_scope(db_url) as session:
-        query = select(Job).options(selectinload(Job.segments))
-        count = select(func.count()).select_from(Job)
+        query = select(Job).options(selectinload(Job.segments)).where(Job.project == project)
+        count = select(func.count()).select_from(Job).where(Job.project == project)
         if state:
             query, count = query.where(Job.state == state), count.where(Job.state == state)
         rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id)

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_url: str = ""  # what the CLI talks to; default: http://{api_host}:{api_port}
+    api_key: SecretStr = SecretStr("")  # what the CLI sends; else the key file in FARM_HOME
+    rate_limit_per_minute: int = 120  # submissions per project (0: no limit)
+    max_body_bytes: int = 10_000_000  # larger request bodies get a 413
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555
     flower_user: str = "admin"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import datetime
 from functools import lru_cache
 
+from sqlalchemy.exc import IntegrityError
+
 from farm import admission, jobs
-from farm.db.models import Job, utcnow
-from farm.errors import QueueUnavailable, Unroutable
+from farm.db.models import IdempotencyRecord, Job, utcnow
+from farm.db.session import session_scope
+from farm.errors import IdempotencyConflict, QueueUnavailable, Unroutable
 from farm.policy import get_policy
 from farm.schemas import JobCreate
 from farm.settings import Settings
@@ -44,15 +48,42 @@ def must_wait(route_dict: dict, now: datetime) -> bool:
     return bool(window) and not parse_window(window, route_dict.get("timezone") or "UTC").is_open(now)
 
 
-def submit(settings: Settings, request: JobCreate) -> Job:
+def submit(settings: Settings, request: JobCreate, idempotency_key: str | None = None) -> Job:
     """Route, save, then release. A job is accepted once saved: when the broker is down it
-    stays queued, and the next release (a beat tick) sends it."""
-    chosen = route_request(request, admission.queue_loads(settings.database_url))
+    stays queued, and the next release (a beat tick) sends it. With an ``idempotency_key``,
+    a retry of the same request returns the job first created; a different request under
+    the same key raises IdempotencyConflict."""
+    db = settings.database_url
+    body_sha = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+    if idempotency_key and (earlier := _replay(db, request.project, idempotency_key, body_sha)):
+        return earlier
+    chosen = route_request(request, admission.queue_loads(db))
     job = jobs.new_job(request, chosen, get_policy().rules.sha256,
                        waiting=must_wait(chosen.as_dict(), utcnow()))
-    jobs.add_jobs(settings.database_url, [job])
+    extra = ()
+    if idempotency_key:
+        extra = (IdempotencyRecord(project=request.project, key=idempotency_key,
+                                   body_sha256=body_sha, job_id=job.id, created_at=utcnow()),)
+    try:
+        jobs.add_jobs(db, [job], extra=extra)
+    except IntegrityError:  # the same key, submitted at the same moment: the first one won
+        if idempotency_key and (earlier := _replay(db, request.project, idempotency_key,
+                                                   body_sha)):
+            return earlier
+        raise
     release_or_defer(settings)
     return job
+
+
+def _replay(db_url: str, project: str, key: str, body_sha: str) -> Job | None:
+    with session_scope(db_url) as session:
+        record = session.get(IdempotencyRecord, (project, key))
+    if record is None:
+        return None
+    if record.body_sha256 != body_sha:
+        raise IdempotencyConflict(f"Idempotency-Key {key!r} was used for a different request "
+                                  f"(job {record.job_id})")
+    return jobs.get_job(db_url, record.job_id)
 
 
 def release_or_defer(settings: Settings) -> None:

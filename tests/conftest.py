@@ -180,9 +180,10 @@ def ray_head(settings):
 
     from workers import ray_cluster
 
-    # Room for the single-rank actors of both tiers and two groups of 2 ranks (issue #5).
-    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "7", "--resources",
-                                '{"tier:cpu": 5, "tier:cpu-b": 1}'])
+    # Room for the single-rank actors (wan-tiny, wan-toy; cpu-b) and groups of 2 and 4
+    # ranks (issue #5).
+    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "9", "--resources",
+                                '{"tier:cpu": 7, "tier:cpu-b": 1}'])
     _wait_until(lambda: _ray_up(settings.ray_address), 60, "ray head", head.log)
     ray_cluster.connect(settings.ray_address)
     yield settings.ray_address
@@ -236,7 +237,41 @@ def _http_service(name: str, health_path: str):
 
 
 @pytest.fixture(scope="session")
-def api_url(celery_workers) -> str:
+def api_key(db_url) -> str:
+    """A key of the project `default`; also in FARM_API_KEY for the CLI the tests run."""
+    from farm import keys
+
+    _, key = keys.create_key(db_url, "default", "tests")
+    os.environ["FARM_API_KEY"] = key
+    return key
+
+
+@pytest.fixture(scope="session")
+def project_client(api_url, db_url):
+    """project_client(name): an HTTP client with a key of that project (made once each)."""
+    from farm import keys
+
+    made: dict[str, str] = {}
+
+    def make(project: str):
+        if project not in made:
+            made[project] = keys.create_key(db_url, project, "tests")[1]
+        return api_client(api_url, made[project])
+
+    return make
+
+
+def api_client(url: str, key: str | None = None):
+    """An HTTP client of the API, with the session's key unless told otherwise."""
+    import httpx
+
+    key = os.environ["FARM_API_KEY"] if key is None else key
+    return httpx.Client(base_url=url, timeout=30,
+                        headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+@pytest.fixture(scope="session")
+def api_url(celery_workers, api_key) -> str:
     yield from _http_service("api", "/healthz")
 
 

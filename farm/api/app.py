@@ -8,6 +8,8 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from farm.api import batch_routes, routes
+from farm.api.auth import RateLimiter
+from farm.api.limits import BodyLimit
 from farm.api.errors import validation_error_handler
 from farm.settings import Settings, get_settings
 
@@ -27,6 +29,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Render farm for Wan2.2-class text-to-video models")
     app.state.settings = settings = settings or get_settings()
     app.state.check_broker = _broker_check(settings)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.broker_url)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(routes.router)
     app.include_router(batch_routes.router)

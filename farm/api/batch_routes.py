@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm import admission, batches
-from farm.api.routes import unroutable
+from farm.api.routes import Project, own_project, unroutable
 from farm.db.models import utcnow
 from farm.errors import BadBatch, BatchNotFound, Unroutable
 from farm.policy import get_policy
@@ -21,7 +21,9 @@ router = APIRouter()
 
 
 @router.post("/v1/batches", status_code=202, response_model=BatchAccepted)
-def submit_batch(body: BatchCreate, request: Request) -> BatchAccepted:
+def submit_batch(body: BatchCreate, request: Request, project: Project) -> BatchAccepted:
+    body.project = own_project(body.project, body.model_fields_set, project, "body")
+    request.app.state.rate_limiter.check(project)
     try:
         batch, new = batches.create_batch(request.app.state.settings, body)
     except BadBatch as exc:
@@ -36,12 +38,19 @@ def submit_batch(body: BatchCreate, request: Request) -> BatchAccepted:
                          url=str(request.url_for("get_batch", batch_id=batch.id)))
 
 
-@router.get("/v1/batches/{batch_id}", response_model=BatchPublic, name="get_batch")
-def get_batch(batch_id: str, request: Request) -> BatchPublic:
+def _batch_or_404(db_url: str, batch_id: str, project: str):
     try:
-        batch, states = batches.get_batch(request.app.state.settings.database_url, batch_id)
+        batch, states = batches.get_batch(db_url, batch_id)
     except BatchNotFound as exc:
         raise HTTPException(404, str(exc)) from None
+    if batch.project != project:
+        raise HTTPException(403, f"batch {batch_id} belongs to another project")
+    return batch, states
+
+
+@router.get("/v1/batches/{batch_id}", response_model=BatchPublic, name="get_batch")
+def get_batch(batch_id: str, request: Request, project: Project) -> BatchPublic:
+    batch, states = _batch_or_404(request.app.state.settings.database_url, batch_id, project)
     urls = {kind: str(request.url_for("get_batch_report", batch_id=batch_id, kind=kind))
             for kind in batch.report_keys}
     return BatchPublic(
@@ -54,12 +63,10 @@ def get_batch(batch_id: str, request: Request) -> BatchPublic:
 
 
 @router.get("/v1/batches/{batch_id}/report.{kind}", name="get_batch_report")
-def get_batch_report(batch_id: str, kind: Literal["html", "csv"], request: Request):
+def get_batch_report(batch_id: str, kind: Literal["html", "csv"], request: Request,
+                     project: Project):
     settings = request.app.state.settings
-    try:
-        batch, _ = batches.get_batch(settings.database_url, batch_id)
-    except BatchNotFound as exc:
-        raise HTTPException(404, str(exc)) from None
+    batch, _ = _batch_or_404(settings.database_url, batch_id, project)
     if kind not in batch.report_keys:
         raise HTTPException(409, f"batch {batch_id} has no report yet: it is {batch.state}")
     with Storage(settings.storage_url).open(batch.report_keys[kind]) as fh:
@@ -87,7 +94,8 @@ class RouteQuery(BaseModel):
 
 
 @router.get("/v1/routes/explain")
-def explain_route(query: Annotated[RouteQuery, Query()], request: Request) -> dict:
+def explain_route(query: Annotated[RouteQuery, Query()], request: Request,
+                  project: Project) -> dict:
     """Which rule a job with these fields would hit, which did not and why, and the memory
     arithmetic of the chosen route, against the queues as they are now."""
     policy = get_policy()
@@ -95,5 +103,8 @@ def explain_route(query: Annotated[RouteQuery, Query()], request: Request) -> di
         raise HTTPException(422, [{"field": "model", "value": query.model,
                                    "message": f"model: unknown model {query.model!r}"}])
     loads = admission.queue_loads(request.app.state.settings.database_url)
-    result = explain(JobSpec(**query.model_dump()), policy.rules, policy.catalog, loads)
+    fields = query.model_dump()
+    if "project" not in query.model_fields_set:  # by default, as the caller's own jobs
+        fields["project"] = project
+    result = explain(JobSpec(**fields), policy.rules, policy.catalog, loads)
     return result.__dict__

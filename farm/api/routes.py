@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import text
 
 from farm import admission, jobs, submit
 from farm.db.models import Job, JobState
 from farm.db.session import get_engine
-from farm.errors import JobNotFound, Unroutable
+from farm.api.auth import current_project
+from farm.errors import IdempotencyConflict, JobNotFound, Unroutable
 from farm.schemas import JobAccepted, JobCreate, JobList, JobPublic, SegmentPublic
 from farm.storage import Storage
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+Project = Annotated[str, Depends(current_project)]
 
 
 def _settings(request: Request):
@@ -45,11 +49,23 @@ def to_public(job: Job, request: Request) -> JobPublic:
     )
 
 
-def _get_or_404(db_url: str, job_id: str) -> Job:
+def _get_or_404(db_url: str, job_id: str, project: str) -> Job:
+    """The job, if the caller's project owns it: 404 if there is none, 403 if not theirs."""
     try:
-        return jobs.get_job(db_url, job_id)
+        job = jobs.get_job(db_url, job_id)
     except JobNotFound as exc:
         raise HTTPException(404, str(exc)) from None
+    if job.project != project:
+        raise HTTPException(403, f"job {job_id} belongs to another project")
+    return job
+
+
+def own_project(body_project: str, fields_set: set, project: str, what: str) -> str:
+    """The project a submission belongs to: the key's. Naming another is a 403."""
+    if "project" in fields_set and body_project != project:
+        raise HTTPException(403, f"{what}.project: got {body_project!r}; this API key "
+                                 f"belongs to project {project!r}")
+    return project
 
 
 def unroutable(exc: Unroutable) -> HTTPException:
@@ -57,33 +73,39 @@ def unroutable(exc: Unroutable) -> HTTPException:
 
 
 @router.post("/v1/jobs", status_code=202, response_model=JobAccepted)
-def submit_job(body: JobCreate, request: Request) -> JobAccepted:
+def submit_job(body: JobCreate, request: Request, project: Project,
+               idempotency_key: Annotated[str | None, Header(max_length=128)] = None
+               ) -> JobAccepted:
+    body.project = own_project(body.project, body.model_fields_set, project, "body")
+    request.app.state.rate_limiter.check(project)
     try:
-        job = submit.submit(_settings(request), body)
+        job = submit.submit(_settings(request), body, idempotency_key)
     except Unroutable as exc:
         raise unroutable(exc) from None
+    except IdempotencyConflict as exc:
+        raise HTTPException(409, str(exc)) from None
     return JobAccepted(id=job.id, state=job.state,
                        url=str(request.url_for("get_job", job_id=job.id)))
 
 
 @router.get("/v1/jobs", response_model=JobList)
-def list_jobs(request: Request, state: JobState | None = None,
+def list_jobs(request: Request, project: Project, state: JobState | None = None,
               limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0)) -> JobList:
     rows, total = jobs.list_jobs(_settings(request).database_url,
-                                 state.value if state else None, limit, offset)
+                                 state.value if state else None, limit, offset, project)
     return JobList(items=[to_public(j, request) for j in rows], total=total, limit=limit,
                    offset=offset)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic, name="get_job")
-def get_job(job_id: str, request: Request) -> JobPublic:
-    return to_public(_get_or_404(_settings(request).database_url, job_id), request)
+def get_job(job_id: str, request: Request, project: Project) -> JobPublic:
+    return to_public(_get_or_404(_settings(request).database_url, job_id, project), request)
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, request: Request) -> JobPublic:
+def cancel_job(job_id: str, request: Request, project: Project) -> JobPublic:
     db = _settings(request).database_url
-    _get_or_404(db, job_id)
+    _get_or_404(db, job_id, project)
     if not jobs.cancel_job(db, job_id):
         job = jobs.get_job(db, job_id)
         raise HTTPException(409, f"job {job_id} has already ended: {job.state}")
@@ -92,9 +114,9 @@ def cancel_job(job_id: str, request: Request) -> JobPublic:
 
 
 @router.get("/v1/jobs/{job_id}/video", name="download_video")
-def download_video(job_id: str, request: Request):
+def download_video(job_id: str, request: Request, project: Project):
     settings = _settings(request)
-    job = _get_or_404(settings.database_url, job_id)
+    job = _get_or_404(settings.database_url, job_id, project)
     if job.state != JobState.succeeded.value or not job.output_key:
         raise HTTPException(409, f"job {job_id} has no video: it is {job.state}")
     storage = Storage(settings.storage_url)

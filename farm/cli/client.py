@@ -16,8 +16,19 @@ from farm.settings import get_settings
 FINAL = {"succeeded", "failed", "canceled"}
 
 
+def api_key() -> str:
+    """FARM_API_KEY, else the key `farm up` wrote to $FARM_HOME/api_key."""
+    settings = get_settings()
+    key = settings.api_key.get_secret_value()
+    if not key and (settings.home / "api_key").is_file():
+        key = (settings.home / "api_key").read_text().strip()
+    return key
+
+
 def client() -> httpx.Client:
-    return httpx.Client(base_url=get_settings().api_url, timeout=30)
+    key = api_key()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=get_settings().api_url, timeout=30, headers=headers)
 
 
 def check(resp: httpx.Response) -> dict:

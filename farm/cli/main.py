@@ -20,6 +20,46 @@ app.add_typer(toy_app, name="toy")
 app.add_typer(services.ray_app, name="ray")
 app.add_typer(policy_cmds.rules_app, name="rules")
 app.add_typer(policy_cmds.batch_app, name="batch")
+keys_app = typer.Typer(help="Projects' API keys (run where FARM_DATABASE_URL points).")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(project: str = typer.Option(..., help="the project the key acts for"),
+                name: str = typer.Option("", help="a note: who or what uses it")) -> None:
+    """Create a key and print it: it is shown this once, and stored only as a hash."""
+    import re
+
+    from farm import keys
+    from farm.schemas import PROJECT_PATTERN
+
+    if not re.match(PROJECT_PATTERN, project):
+        typer.echo(f"error: --project: got {project!r}: lower-case letters, digits, . _ -",
+                   err=True)
+        raise typer.Exit(2)
+    record, key = keys.create_key(get_settings().database_url, project, name)
+    typer.echo(f"key {record.id} for project {project}:\n{key}")
+
+
+@keys_app.command("list")
+def keys_list(project: str = typer.Option(None)) -> None:
+    """Keys by id, project, name, created and revoked (never the key itself)."""
+    from farm import keys
+
+    for k in keys.list_keys(get_settings().database_url, project):
+        revoked = f" revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else ""
+        typer.echo(f"{k.id}  {k.project:<20} {k.name:<20} {k.created_at:%Y-%m-%d %H:%M}{revoked}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id: every request with it gets a 401 from then on."""
+    from farm import keys
+
+    if not keys.revoke_key(get_settings().database_url, key_id):
+        typer.echo(f"error: no live key with id {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"key {key_id} revoked")
 
 for command in (render.render, client.submit, client.status, client.wait, client.cancel,
                 client.download, services.up, services.api, services.worker, services.beat,

@@ -129,6 +129,14 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     settings = get_settings()
     settings.ensure_dirs()
     upgrade(settings.database_url)
+    key_file = settings.home / "api_key"
+    if not key_file.exists() and not settings.api_key.get_secret_value():
+        from farm import keys
+
+        _, key = keys.create_key(settings.database_url, "default", "farm up")
+        key_file.touch(mode=0o600)
+        key_file.write_text(key + "\n")
+        typer.echo(f"API key for project 'default' written to {key_file} (the CLI reads it)")
     env = dict(os.environ)
     farm = [sys.executable, "-m", "farm.cli.main"]
     commands = []

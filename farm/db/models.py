@@ -137,3 +137,28 @@ class Segment(Base):
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="segments")
+
+
+class ApiKey(Base):
+    """An API key of a project: only its sha256 is stored; the key is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # also the key's prefix
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class IdempotencyRecord(Base):
+    """A submission made with an Idempotency-Key: a retry gets the same job back."""
+
+    __tablename__ = "idempotency_keys"
+
+    project: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

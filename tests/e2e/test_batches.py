@@ -9,8 +9,9 @@ import json
 import time
 from datetime import datetime, timedelta, timezone
 
-import httpx
 import pytest
+
+from tests.conftest import api_client
 
 
 TINY = {"model": "wan-tiny", "frames": 5, "steps": 2}
@@ -18,7 +19,7 @@ TINY = {"model": "wan-tiny", "frames": 5, "steps": 2}
 
 @pytest.fixture()
 def client(api_url, celery_beat):
-    with httpx.Client(base_url=api_url, timeout=30) as c:
+    with api_client(api_url) as c:
         yield c
 
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import ray
 
+from tests.conftest import api_client
 from workers.group import actor_name
 from workers.video import probe
 
@@ -30,7 +31,7 @@ def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout: float
 
 @pytest.fixture
 def client(api_url):
-    with httpx.Client(base_url=api_url, timeout=30) as c:
+    with api_client(api_url) as c:
         yield c
 
 

@@ -39,17 +39,23 @@ def test_up_serves_a_job_with_embedded_defaults(tmp_path, tiny_model):
                 pass
             time.sleep(0.5)
         assert healthy, (tmp_path / "up.log").read_text()[-3000:]
-        job_id = httpx.post(f"{api}/v1/jobs", json={"prompt": "a white circle", "frames": 9,
-                                                    "model": "wan-toy", "steps": 2}).json()["id"]
+        # `farm up` wrote a key of the project `default` for this machine's CLI.
+        key = (tmp_path / "home" / "api_key").read_text().strip()
+        assert (tmp_path / "home" / "api_key").stat().st_mode & 0o077 == 0
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{api}/v1/jobs").status_code == 401
+        job_id = httpx.post(f"{api}/v1/jobs", headers=auth,
+                            json={"prompt": "a white circle", "frames": 9, "model": "wan-toy",
+                                  "steps": 2}).json()["id"]
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            job = httpx.get(f"{api}/v1/jobs/{job_id}").json()
+            job = httpx.get(f"{api}/v1/jobs/{job_id}", headers=auth).json()
             if job["state"] in ("succeeded", "failed", "canceled"):
                 break
             time.sleep(0.5)
         assert job["state"] == "succeeded", (job, (tmp_path / "up.log").read_text()[-3000:])
         video = tmp_path / "up.mp4"
-        video.write_bytes(httpx.get(f"{api}/v1/jobs/{job_id}/video").content)
+        video.write_bytes(httpx.get(f"{api}/v1/jobs/{job_id}/video", headers=auth).content)
         assert probe(video).frames == 9
         flower = httpx.get(f"http://127.0.0.1:{flower_port}/api/workers", auth=("admin", "pw"))
         assert flower.status_code == 200

@@ -8,15 +8,27 @@ import pytest
 
 from farm import jobs
 from farm.db.migrate import upgrade
-from farm.schemas import JobCreate
 from farm.db.session import session_scope
+from farm.schemas import JobCreate
 from farm.submit import route_request
+from tests.conftest import RUN_ID, drop_database, make_database
+
+
+@pytest.fixture(scope="module")
+def own_pg():
+    """A database of this module's own: its half-finished jobs must not hold the session
+    farm's GPUs (admission counts them)."""
+    name = f"farm_jobs_{RUN_ID}"
+    url = make_database(name)
+    upgrade(url)
+    yield url
+    drop_database(name)
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
 def any_db(request, tmp_path):
     if request.param == "postgresql":
-        return request.getfixturevalue("db_url")
+        return request.getfixturevalue("own_pg")
     url = f"sqlite:///{tmp_path}/farm.db"
     upgrade(url)
     return url
@@ -95,9 +107,9 @@ def test_only_one_of_racing_finishers_wins(any_db):
 def test_list_filters_and_pages(any_db):
     ids = [new_job(any_db, frames=9).id for _ in range(3)]
     jobs.cancel_job(any_db, ids[1])
-    canceled, total = jobs.list_jobs(any_db, "canceled", 10, 0)
+    canceled, total = jobs.list_jobs(any_db, "canceled", 10, 0, "default")
     assert ids[1] in [j.id for j in canceled] and all(j.state == "canceled" for j in canceled)
-    page, total_all = jobs.list_jobs(any_db, None, 2, 0)
+    page, total_all = jobs.list_jobs(any_db, None, 2, 0, "default")
     assert len(page) == 2 and total_all >= 3 and total_all >= total
 
 
