@@ -62,3 +62,10 @@ class Storage:
 
     def open(self, key: str):
         return self.fs.open(self._full(key), "rb")
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        with self.open(key) as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()

@@ -6,11 +6,12 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from farm.api import batch_routes, routes
 from farm.api.auth import RateLimiter
 from farm.api.limits import BodyLimit
-from farm.api.errors import validation_error_handler
+from farm.api.errors import database_unavailable_handler, validation_error_handler
 from farm.settings import Settings, get_settings
 
 
@@ -32,6 +33,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.broker_url)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    # Connection-level database errors (OperationalError, InterfaceError) are a 503.
+    for error in (OperationalError, InterfaceError):
+        app.add_exception_handler(error, database_unavailable_handler)
     app.include_router(routes.router)
     app.include_router(batch_routes.router)
     return app

@@ -16,7 +16,7 @@ from farm.db.session import get_engine
 from farm.api.auth import current_project
 from farm.errors import IdempotencyConflict, JobNotFound, Unroutable
 from farm.schemas import JobAccepted, JobCreate, JobList, JobPublic, SegmentPublic
-from farm.storage import Storage
+from farm.storage import Storage, sha256_of
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -122,6 +122,13 @@ def download_video(job_id: str, request: Request, project: Project):
     storage = Storage(settings.storage_url)
     headers = {"ETag": f'"{job.output_sha256}"', "X-Content-SHA256": job.output_sha256 or ""}
     local = storage.local_path(job.output_key)
+    # Checked on every serve: a file changed or damaged since it was stored is never sent.
+    stored = sha256_of(local) if local is not None else storage.sha256(job.output_key)
+    if stored != job.output_sha256:
+        log.error("job %s: stored video %s has sha256 %s, recorded %s", job_id,
+                  job.output_key, stored, job.output_sha256)
+        raise HTTPException(500, f"job {job_id}'s stored video does not match its recorded "
+                                 "sha256; it is not served")
     if local is not None:
         return FileResponse(local, media_type="video/mp4", filename=f"{job_id}.mp4",
                             headers=headers)

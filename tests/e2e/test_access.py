@@ -94,3 +94,31 @@ def test_rate_limit_and_body_limit(settings, db_url):
         assert huge.json()["detail"][0]["field"] == "body"
         for job_id in ids:
             client.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def test_a_stored_video_that_changed_is_not_served(api_url, owned, settings):
+    from farm.storage import Storage
+
+    with api_client(api_url) as client:
+        job = client.get(f"/v1/jobs/{owned['job']}").json()
+        assert client.get(job["output_url"]).status_code == 200
+        path = Storage(settings.storage_url).local_path(f"jobs/{owned['job']}/video.mp4")
+        original = path.read_bytes()
+        try:
+            path.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))  # one bit flipped
+            resp = client.get(job["output_url"])
+            assert resp.status_code == 500 and "does not match its recorded sha256" in resp.text
+        finally:
+            path.write_bytes(original)
+        assert client.get(job["output_url"]).status_code == 200
+
+
+def test_database_unreachable_is_503_with_retry_after(settings, api_key):
+    from farm.api.app import create_app
+
+    down = settings.model_copy(update={
+        "database_url": "postgresql+psycopg://postgres@127.0.0.1:1/none"})
+    client = TestClient(create_app(down), headers={"Authorization": f"Bearer {api_key}"})
+    for path in ("/v1/jobs", "/v1/jobs/0123456789abcdef"):
+        resp = client.get(path)
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "5", resp.text
