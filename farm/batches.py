@@ -18,11 +18,13 @@ from sqlalchemy import select
 from farm import admission, jobs
 from farm.db.models import FINAL_JOB_STATES, Batch, Job, JobState, utcnow
 from farm.db.session import session_scope
-from farm.errors import BadBatch, BatchNotFound, Unroutable
+from farm.errors import BadBatch, BatchNotFound, PromptTooLong, Unroutable
 from farm.policy import get_policy
 from farm.schemas import BatchCreate, JobCreate
 from farm.settings import Settings
-from farm.submit import must_wait, parse_window, release_or_defer, route_request
+from farm.submit import (
+    check_prompt_length, must_wait, parse_window, release_or_defer, route_request,
+)
 from scheduler.batch_lines import BatchFileError, parse_batch
 from scheduler.routing import QueueLoad
 
@@ -63,8 +65,11 @@ def create_batch(settings: Settings, body: BatchCreate) -> tuple[Batch, list[Job
     for line, request in requests:
         try:
             chosen = route_request(request, loads, batch=True)
+            check_prompt_length(settings, request, chosen.variant)
         except Unroutable as exc:
             raise BadBatch(f"line {line.line}: route: {exc}", line.line, "route") from None
+        except PromptTooLong as exc:
+            raise BadBatch(f"line {line.line}: {exc}", line.line, exc.field) from None
         if body.window:  # the batch's own window wins over its rule's
             chosen = chosen.__class__(**{**chosen.as_dict(), "window": body.window,
                                          "timezone": body.timezone})

@@ -60,3 +60,11 @@ class BatchNotFound(FarmError):
 
 class IdempotencyConflict(FarmError):
     """The Idempotency-Key was used before with a different request body."""
+
+
+class PromptTooLong(FarmError):
+    """A prompt with more tokens than the model's text encoder reads."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field

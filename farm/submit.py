@@ -58,6 +58,7 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
     if idempotency_key and (earlier := _replay(db, request.project, idempotency_key, body_sha)):
         return earlier
     chosen = route_request(request, admission.queue_loads(db))
+    check_prompt_length(settings, request, chosen.variant)
     job = jobs.new_job(request, chosen, get_policy().rules.sha256,
                        waiting=must_wait(chosen.as_dict(), utcnow()))
     extra = ()
@@ -73,6 +74,23 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
         raise
     release_or_defer(settings)
     return job
+
+
+def check_prompt_length(settings: Settings, request: JobCreate, variant: str) -> None:
+    """PromptTooLong naming the field when the routed model would cut the text."""
+    from farm.errors import ModelUnavailable, PromptTooLong
+    from farm.models import resolve_model_dir
+    from farm.prompt_limits import too_long
+
+    try:
+        folder = resolve_model_dir(settings, get_policy().catalog.model(variant))
+    except ModelUnavailable:  # not on this machine: its worker will say so
+        return
+    for field in ("prompt", "negative_prompt"):
+        over = too_long(folder, getattr(request, field))
+        if over:
+            raise PromptTooLong(field, f"{field}: {over[0]} tokens; {variant} reads at most "
+                                       f"{over[1]}")
 
 
 def _replay(db_url: str, project: str, key: str, body_sha: str) -> Job | None:

@@ -27,8 +27,9 @@ def submit_batch(body: BatchCreate, request: Request, project: Project) -> Batch
     try:
         batch, new = batches.create_batch(request.app.state.settings, body)
     except BadBatch as exc:
-        item = {"field": f"content.line{exc.line}.{exc.field}" if exc.line else
-                f"content.{exc.field or 'content'}", "message": str(exc), "line": exc.line}
+        where = f"content.line{exc.line}" if exc.line else "content"
+        field = f"{where}.{exc.field}" if exc.field and exc.line else where
+        item = {"field": field, "message": f"{field}: {exc}", "line": exc.line}
         if isinstance(exc.value, (int, float, str, bool, type(None))):
             item["value"] = exc.value
         raise HTTPException(422, [item]) from None

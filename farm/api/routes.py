@@ -14,7 +14,7 @@ from farm import admission, jobs, submit
 from farm.db.models import Job, JobState
 from farm.db.session import get_engine
 from farm.api.auth import current_project
-from farm.errors import IdempotencyConflict, JobNotFound, Unroutable
+from farm.errors import IdempotencyConflict, JobNotFound, PromptTooLong, Unroutable
 from farm.schemas import JobAccepted, JobCreate, JobList, JobPublic, SegmentPublic
 from farm.storage import Storage, sha256_of
 
@@ -84,6 +84,8 @@ def submit_job(body: JobCreate, request: Request, project: Project,
         raise unroutable(exc) from None
     except IdempotencyConflict as exc:
         raise HTTPException(409, str(exc)) from None
+    except PromptTooLong as exc:
+        raise HTTPException(422, [{"field": exc.field, "message": str(exc)}]) from None
     return JobAccepted(id=job.id, state=job.state,
                        url=str(request.url_for("get_job", job_id=job.id)))
 

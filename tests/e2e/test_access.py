@@ -122,3 +122,20 @@ def test_database_unreachable_is_503_with_retry_after(settings, api_key):
     for path in ("/v1/jobs", "/v1/jobs/0123456789abcdef"):
         resp = client.get(path)
         assert resp.status_code == 503 and resp.headers["retry-after"] == "5", resp.text
+
+
+def test_prompts_over_the_models_token_limit_are_refused(api_url):
+    """wan-toy's text encoder reads 32 tokens: a longer prompt would be cut without a word."""
+    long = " ".join(["red circle moving left"] * 12)
+    with api_client(api_url) as client:
+        resp = client.post("/v1/jobs", json={"prompt": long, "model": "wan-toy"})
+        assert resp.status_code == 422, resp.text
+        detail = resp.json()["detail"][0]
+        assert detail["field"] == "prompt" and "wan-toy reads at most 32" in detail["message"]
+        resp = client.post("/v1/batches", json={"content": '{"prompt": "%s"}\n' % long,
+                                                "defaults": {"model": "wan-toy"}})
+        assert resp.status_code == 422 and resp.json()["detail"][0]["field"] == \
+            "content.line1.prompt"
+        ok = client.post("/v1/jobs", json={"prompt": "a red circle moving left",
+                                           "model": "wan-toy", "frames": 5, "steps": 1})
+        assert ok.status_code == 202
