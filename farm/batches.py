@@ -7,6 +7,7 @@ report of each batch whose jobs have all ended.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections import Counter
@@ -71,8 +72,7 @@ def create_batch(settings: Settings, body: BatchCreate) -> tuple[Batch, list[Job
         except PromptTooLong as exc:
             raise BadBatch(f"line {line.line}: {exc}", line.line, exc.field) from None
         if body.window:  # the batch's own window wins over its rule's
-            chosen = chosen.__class__(**{**chosen.as_dict(), "window": body.window,
-                                         "timezone": body.timezone})
+            chosen = dataclasses.replace(chosen, window=body.window, timezone=body.timezone)
         new.append(jobs.new_job(request, chosen, rules_sha, batch.id,
                                 waiting=must_wait(chosen.as_dict(), now)))
         # The batch's own jobs count in the queues the next lines see (fallbacks spill).

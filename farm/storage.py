@@ -13,12 +13,16 @@ from pathlib import Path
 import fsspec
 
 
-def sha256_of(path: str | Path) -> str:
+def _sha256_stream(fh) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_of(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return _sha256_stream(fh)
 
 
 class Storage:
@@ -64,8 +68,5 @@ class Storage:
         return self.fs.open(self._full(key), "rb")
 
     def sha256(self, key: str) -> str:
-        digest = hashlib.sha256()
         with self.open(key) as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+            return _sha256_stream(fh)

@@ -31,6 +31,15 @@ class Plan:
         return self.tp * self.sp * self.cfg
 
     @property
+    def world(self) -> int:  # the ranks of an actor group
+        return self.degree
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that share one forward pass (tp or sp)."""
+        return self.tp * self.sp
+
+    @property
     def name(self) -> str:
         parts = [f"tp{self.tp}"] * (self.tp > 1) + [f"sp{self.sp}"] * (self.sp > 1)
         return "+".join(parts + ["cfg2"] * (self.cfg == 2)) or "single"

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 import ray
 import torch
 
+from scheduler.parallel_cost import parse_plan
 from workers.parallel.plan import (
-    ParallelPlan, agree_on_request, agree_to_stop, apply_after_load, init_groups,
+    agree_on_request, agree_to_stop, apply_after_load, init_groups, pipeline_options,
 )
-from workers.parallel.plan import pipeline_options
 from workers.parallel.placement import NotOnThisGroup, apply_placement
 from workers.wan_pipeline import DenoiseState, RenderRequest, WanT2V
 
@@ -39,7 +39,7 @@ class RenderWorker:
                  placement: str = "resident", role: str | None = None):
         self.variant, self.model_dir, self.rank = variant, model_dir, rank
         self.placement, self.role = placement, role  # role: "high" | "low" when split
-        self.plan = ParallelPlan.parse(plan)
+        self.plan = parse_plan(plan)
         self.init_file, self.collective_timeout_s = init_file, collective_timeout_s
         self.groups = None
         self.device = self._init_device()

@@ -20,8 +20,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from scheduler.catalog import Tier
+from scheduler.parallel_cost import parse_plan
 from workers.actor import RemoteRenderWorker, RenderCanceled
-from workers.parallel.plan import ParallelPlan
 from workers.ray_cluster import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class ActorGroup:
     @classmethod
     def _find_or_make(cls, variant, tier, model_dir, detached, plan, placement, role,
                       ready_timeout_s, collective_timeout_s) -> "ActorGroup":
-        world = ParallelPlan.parse(plan).world
+        world = parse_plan(plan).world
         options = dict(namespace=NAMESPACE, get_if_exists=True, num_cpus=1,
                        max_restarts=0 if world > 1 else 1, max_task_retries=0)
         if detached:  # outlives the Celery process that created it

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PLACEMENTS = ("resident", "offload", "split")
+from scheduler.memory import PLACEMENTS
+
 
 
 class ExpertOffload:

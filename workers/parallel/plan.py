@@ -17,51 +17,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from scheduler.parallel_cost import Plan  # routes and actors name plans alike
 from workers.parallel.cfg_parallel import CfgParallel
 from workers.parallel.sequence_parallel import apply_sequence_parallel
 from workers.parallel.tensor_parallel import load_sharded
-
-
-@dataclass(frozen=True)
-class ParallelPlan:
-    tp: int = 1
-    sp: int = 1
-    cfg: int = 1  # 1 or 2
-
-    def __post_init__(self):
-        if self.tp < 1 or self.sp < 1 or self.cfg not in (1, 2) or (self.tp > 1 and self.sp > 1):
-            raise ValueError(f"parallel plan tp={self.tp} sp={self.sp} cfg={self.cfg}: tp or "
-                             "sp (not both) >= 1, cfg 1 or 2")
-
-    @property
-    def model_parallel(self) -> int:
-        """Ranks that share one forward pass (tp or sp)."""
-        return self.tp * self.sp
-
-    @property
-    def world(self) -> int:
-        return self.model_parallel * self.cfg
-
-    @property
-    def name(self) -> str:
-        parts = [f"tp{self.tp}"] if self.tp > 1 else []
-        parts += [f"sp{self.sp}"] if self.sp > 1 else []
-        parts += ["cfg2"] if self.cfg == 2 else []
-        return "+".join(parts) or "single"
-
-    @classmethod
-    def parse(cls, text: str) -> "ParallelPlan":
-        """"tp2", "sp2", "cfg2", "tp2+cfg2", "single"."""
-        sizes = {"tp": 1, "sp": 1, "cfg": 1}
-        for part in filter(None, text.split("+")):
-            kind, number = part.rstrip("0123456789"), part[len(part.rstrip("0123456789")):]
-            if part == "single":
-                continue
-            if kind not in sizes or not number:
-                raise ValueError(f"parallel plan {text!r}: unknown part {part!r}; "
-                                 "use tpN, spN, cfg2 and + between them")
-            sizes[kind] = int(number)
-        return cls(**sizes)
 
 
 @dataclass
@@ -73,7 +32,7 @@ class RankGroups:
     cfg_half: int
 
 
-def init_groups(plan: ParallelPlan, rank: int, init_file: str, backend: str,
+def init_groups(plan: Plan, rank: int, init_file: str, backend: str,
                 timeout_s: float) -> RankGroups:
     """Join the group (file store: nothing listens on a port) and build the subgroups. Every
     rank creates every subgroup, in the same order, as torch.distributed requires. A group
@@ -97,7 +56,7 @@ def init_groups(plan: ParallelPlan, rank: int, init_file: str, backend: str,
                       cfg_groups[mp_rank] if cfg_groups else None, half)
 
 
-def pipeline_options(plan: ParallelPlan, groups: RankGroups) -> dict:
+def pipeline_options(plan: Plan, groups: RankGroups) -> dict:
     """Keyword arguments for `WanT2V.from_folder` on this rank."""
     if plan.tp == 1:
         return {}
@@ -105,7 +64,7 @@ def pipeline_options(plan: ParallelPlan, groups: RankGroups) -> dict:
         cls, folder, groups.tp_group, groups.tp_rank, plan.tp, device, dtype)}
 
 
-def apply_after_load(pipeline, plan: ParallelPlan, groups: RankGroups) -> None:
+def apply_after_load(pipeline, plan: Plan, groups: RankGroups) -> None:
     if plan.sp > 1:
         for expert in pipeline.experts:
             apply_sequence_parallel(expert, groups.tp_group, groups.tp_rank, plan.sp)
