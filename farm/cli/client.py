@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,10 +27,19 @@ def api_key() -> str:
     return key
 
 
-def client() -> httpx.Client:
+@contextmanager
+def client() -> Iterator[httpx.Client]:
+    """The API's client; a farm that cannot be reached is one line of error, no traceback."""
     key = api_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=get_settings().api_url, timeout=30, headers=headers)
+    url = get_settings().api_url
+    try:
+        with httpx.Client(base_url=url, timeout=30, headers=headers) as http:
+            yield http
+    except httpx.TransportError as exc:
+        typer.echo(f"error: cannot reach the farm's API at {url} ({exc}); is `farm up` or "
+                   "`farm api` running, and FARM_API_URL right?", err=True)
+        raise typer.Exit(1) from None
 
 
 def check(resp: httpx.Response) -> dict:

@@ -138,3 +138,11 @@ def test_ray_head_starts_on_a_machine_without_ray_state(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+
+def test_client_commands_say_when_the_api_cannot_be_reached():
+    env = dict(os.environ, FARM_API_URL="http://127.0.0.1:9")  # nothing listens on port 9
+    for args in (("status", "abc"), ("batch", "status", "abc")):
+        result = farm(*args, env=env)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "cannot reach the farm's API at http://127.0.0.1:9" in result.stderr
