@@ -34,7 +34,7 @@ _sqlite_lock = threading.Lock()
 
 
 @contextmanager
-def _locked_session(db_url: str):
+def locked_session(db_url: str):
     """One release at a time, across processes: PostgreSQL's advisory lock; on SQLite an
     empty UPDATE first, which takes the database's write lock until commit (other writers
     wait), plus a lock for the threads of this process."""
@@ -84,7 +84,7 @@ def release(settings: Settings, enqueue: Callable | None = None) -> list[str]:
     if enqueue is None:
         from farm.dispatch import enqueue_job as enqueue
     db = settings.database_url
-    with _locked_session(db) as session:
+    with locked_session(db) as session:
         chosen, impossible = _choose(session)
     for job_id, why in impossible.items():  # e.g. a tier removed from the policy since
         jobs.fail_job(db, job_id, f"cannot run as routed: {why}")

@@ -30,6 +30,9 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # Each worker also reads its own queue, so a failed segment can be sent to a worker
+        # that is not blocklisted for its job (farm.failures).
+        worker_direct=True,
         broker_transport_options=transport_options,
         result_backend_transport_options=transport_options,
         task_soft_time_limit=settings.task_soft_time_limit_s,

@@ -68,3 +68,8 @@ class PromptTooLong(FarmError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+class SegmentFailed(FarmError):
+    """A segment failed for good (farm.failures): on enough different workers, or with no
+    worker left that is not blocklisted for its job. The message carries every failure."""

@@ -120,17 +120,25 @@ def _job_is_live():
     return Segment.job_id.in_(select(Job.id).where(Job.state.in_(LIVE_JOB_STATES)))
 
 
-def start_segment(db_url: str, seg_id: int, worker: str, max_attempts: int = 4) -> bool:
-    """pending -> running (or running -> running when a lost attempt is re-run).
+def _fenced(task_id: str | None) -> tuple:
+    """SQL condition: the segment's current task is ``task_id`` (None: no fencing)."""
+    return () if task_id is None else (Segment.celery_id == task_id,)
 
-    Also moves the job queued -> running. False if the job is no longer live. A segment
-    that has already been started ``max_attempts`` times (a task whose worker keeps dying,
-    redelivered by the broker each time) raises SegmentExhausted instead of running again.
+
+def start_segment(db_url: str, seg_id: int, worker: str, max_attempts: int = 4,
+                  task_id: str | None = None) -> bool:
+    """pending -> running (or running -> running when a lost or failed attempt is re-run).
+
+    Also moves the job queued -> running. False if the job is no longer live, or if
+    ``task_id`` is no longer the segment's task (the reconciler re-sent it meanwhile). A
+    segment already started ``max_attempts`` times raises SegmentExhausted instead.
     """
     with session_scope(db_url) as session:
         seg = session.get(Segment, seg_id)
         if seg is None:
             raise JobNotFound(f"segment {seg_id}")
+        if task_id is not None and seg.celery_id != task_id:
+            return False
         now = utcnow()
         # Only a job admission has sent (never one waiting for its window).
         session.execute(update(Job).where(Job.id == seg.job_id,
@@ -140,13 +148,28 @@ def start_segment(db_url: str, seg_id: int, worker: str, max_attempts: int = 4) 
         job_state = session.scalar(select(Job.state).where(Job.id == seg.job_id))
         if job_state != JobState.running.value:
             return False
-        if seg.attempts >= max_attempts:
+        if seg.attempts >= max_attempts and seg.state != SegmentState.done.value:
             raise SegmentExhausted(f"segment {seg.index} of job {seg.job_id} was started "
                                    f"{seg.attempts} times; giving up")
         return _cas_segment(session, seg_id, [SegmentState.pending.value, SegmentState.running.value],
-                            Segment.attempts < max_attempts,
+                            Segment.attempts < max_attempts, *_fenced(task_id),
                             state=SegmentState.running.value, worker=worker, started_at=now,
-                            attempts=Segment.attempts + 1, progress=0.0, error=None)
+                            heartbeat_at=now, attempts=Segment.attempts + 1, progress=0.0,
+                            error=None)
+
+
+def beat_segment(db_url: str, seg_id: int, task_id: str | None) -> bool:
+    """The running task's heartbeat; False once the segment is no longer its own."""
+    with session_scope(db_url) as session:
+        return _cas_segment(session, seg_id, [SegmentState.running.value], *_fenced(task_id),
+                            heartbeat_at=utcnow())
+
+
+def owns_segment(db_url: str, seg_id: int, task_id: str | None) -> bool:
+    if task_id is None:
+        return True
+    with session_scope(db_url) as session:
+        return session.scalar(select(Segment.celery_id).where(Segment.id == seg_id)) == task_id
 
 
 def report_segment_progress(db_url: str, seg_id: int, fraction: float) -> str:
@@ -159,10 +182,13 @@ def report_segment_progress(db_url: str, seg_id: int, fraction: float) -> str:
         return session.scalar(select(Job.state).where(Job.id == seg.job_id))
 
 
-def finish_segment(db_url: str, seg_id: int, chunk_keys: list[str]) -> bool:
-    """running -> done, only while the job is live (not for a job already failed or canceled)."""
+def finish_segment(db_url: str, seg_id: int, chunk_keys: list[str],
+                   task_id: str | None = None) -> bool:
+    """running -> done, only while the job is live (not for a job already failed or canceled)
+    and by the segment's current task."""
     with session_scope(db_url) as session:
         return _cas_segment(session, seg_id, [SegmentState.running.value], _job_is_live(),
+                            *_fenced(task_id),
                             state=SegmentState.done.value, chunk_keys=chunk_keys,
                             progress=1.0, finished_at=utcnow())
 
@@ -174,10 +200,25 @@ def fail_segment(db_url: str, seg_id: int, error: str) -> bool:
                             finished_at=utcnow())
 
 
-def begin_stitch(db_url: str, job_id: str) -> bool:
+def begin_stitch(db_url: str, job_id: str, chord_id: str | None = None) -> bool:
+    """running -> stitching, by the job's current stitch task (``chord_id``; None: any). That
+    task may begin again (stitching -> stitching) when it retries after a database outage."""
+    if chord_id is None:
+        fence, states = (), [JobState.running.value]
+    else:
+        fence, states = (Job.celery_id == chord_id,), [JobState.running.value,
+                                                      JobState.stitching.value]
     with session_scope(db_url) as session:
-        return _cas_job(session, job_id, [JobState.running.value], state=JobState.stitching.value,
-                        progress=RENDER_SHARE)
+        result = session.execute(
+            update(Job).where(Job.id == job_id, Job.state.in_(states), *fence)
+            .values(updated_at=utcnow(), state=JobState.stitching.value, progress=RENDER_SHARE))
+        return result.rowcount == 1
+
+
+def beat_job(db_url: str, job_id: str) -> None:
+    """The stitch task's heartbeat (``updated_at``), read by the reconciler."""
+    with session_scope(db_url) as session:
+        _cas_job(session, job_id, [JobState.stitching.value])
 
 
 def succeed_job(db_url: str, job_id: str, output_key: str, sha256: str, size: int) -> bool:

@@ -106,11 +106,24 @@ class JobPublic(BaseModel):
     output_sha256: str | None
     created_at: datetime
     dispatched_at: datetime | None  # sent to its tier's queue by admission
+    resends: int  # times the reconciler sent it again after its task was lost
     started_at: datetime | None
     finished_at: datetime | None
     queued_seconds: float | None
     run_seconds: float | None
     segments: list[SegmentPublic]
+
+
+class JobEventPublic(BaseModel):
+    """One line of a job's log (farm.events)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    created_at: datetime
+    kind: str
+    segment_index: int | None
+    worker: str | None
+    message: str
 
 
 class JobAccepted(BaseModel):

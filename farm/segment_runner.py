@@ -10,14 +10,17 @@ import logging
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from farm import jobs
+from farm import events, jobs
 from farm.db.models import Segment
+from farm.db.session import DATABASE_OUTAGE, retry_through_outage
 from farm.errors import WorkerLost
+from farm.heartbeat import Heartbeat
 from farm.models import resolve_model_dir
 from farm.settings import Settings
 from farm.storage import Storage
@@ -57,7 +60,8 @@ class ChunkEncoder:
 
     def _encode(self, count: int) -> None:
         frames, self.buffer = np.stack(self.buffer[:count]), self.buffer[count:]
-        name = f"s{self.segment.index:04d}_c{len(self.keys):04d}.mp4"
+        # Named by attempt: a superseded attempt still writing never overwrites this one's.
+        name = f"s{self.segment.index:04d}_a{self.segment.attempts:02d}_c{len(self.keys):04d}.mp4"
         local = encode_chunk(frames, self.work / name, self.job.width, self.job.height,
                              self.job.fps, self.settings.x264_preset, self.settings.x264_crf)
         key = f"jobs/{self.job.id}/chunks/{name}"
@@ -83,51 +87,100 @@ def _actor_group(settings: Settings, job) -> ActorGroup:
         raise WorkerLost(f"actor for {variant.name} on {job.route['tier']} is gone: {exc}") from exc
 
 
+def _request(job, segment: Segment) -> dict:
+    variant = get_policy().catalog.model(job.model)
+    return dict(prompt=job.prompt, negative_prompt=job.negative_prompt,
+                frames=segment.render_frames, height=variant.native_height,
+                width=variant.native_width, steps=job.steps, guidance_high=job.guidance_high,
+                guidance_low=job.guidance_low, seed=segment.seed)
+
+
+def _report_progress(db: str, seg_id: int, event: dict) -> str | None:
+    """The job's state after recording progress; None while the database is down (progress
+    is advisory: the render goes on, and the next step reports again)."""
+    try:
+        return jobs.report_segment_progress(db, seg_id, event["step"] / event["steps"])
+    except DATABASE_OUTAGE as exc:
+        log.warning("segment %d: progress not recorded, database unavailable: %s", seg_id,
+                    type(exc).__name__)
+        return None
+
+
 def run_segment(settings: Settings, job_id: str, seg_id: int,
-                on_progress: ProgressFn | None = None, worker: str | None = None) -> dict:
-    """``worker``: who runs it (the Celery worker's name), recorded on the segment."""
+                on_progress: ProgressFn | None = None, worker: str | None = None,
+                task_id: str | None = None) -> dict:
+    """``worker``: who runs it (the Celery worker's name), recorded on the segment.
+    ``task_id``: the Celery task running it, its fencing token (farm.jobs)."""
     db = settings.database_url
-    if not jobs.start_segment(db, seg_id, worker=worker or socket.gethostname(),
-                              max_attempts=settings.segment_max_retries + 1):
+    worker = worker or socket.gethostname()
+    if not jobs.start_segment(db, seg_id, worker=worker, task_id=task_id,
+                              max_attempts=settings.segment_max_attempts):
         return {"segment_id": seg_id, "skipped": True}
     job = jobs.get_job(db, job_id)
     segment = next(s for s in job.segments if s.id == seg_id)
-    variant = get_policy().catalog.model(job.model)
+    events.record(db, job_id, events.SEGMENT_STARTED, f"attempt {segment.attempts}",
+                  segment.index, worker)
+    superseded = threading.Event()  # the reconciler gave the segment to another task
+
+    def beat() -> None:
+        if not jobs.beat_segment(db, seg_id, task_id):
+            superseded.set()
+
+    # From here to the end the segment is alive: loading a model may take minutes.
+    with Heartbeat(beat, settings.heartbeat_s, f"job {job_id} segment {segment.index}"):
+        keys = _render_and_encode(settings, job, segment, superseded, on_progress)
+    if keys is None:
+        return _stopped(db, job_id, seg_id, segment.index, superseded.is_set())
+    if not retry_through_outage(lambda: jobs.finish_segment(db, seg_id, keys, task_id)):
+        log.info("job %s segment %d rendered after the job ended or by a superseded task; "
+                 "chunks kept", job_id, segment.index)
+        return {"segment_id": seg_id, "finished": False}
+    events.record(db, job_id, events.SEGMENT_DONE, f"{len(keys)} chunk(s)", segment.index, worker)
+    return {"segment_id": seg_id, "chunks": keys}
+
+
+def _render_and_encode(settings: Settings, job, segment: Segment, superseded: threading.Event,
+                       on_progress: ProgressFn | None) -> list[str] | None:
+    """The segment's chunk keys; None when the render was stopped (job ended, superseded)."""
+    db = settings.database_url
     group = _actor_group(settings, job)
-    request = dict(prompt=job.prompt, negative_prompt=job.negative_prompt,
-                   frames=segment.render_frames, height=variant.native_height,
-                   width=variant.native_width, steps=job.steps, guidance_high=job.guidance_high,
-                   guidance_low=job.guidance_low, seed=segment.seed)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{job_id}-s{segment.index}-", dir=settings.work_dir))
+    work = Path(tempfile.mkdtemp(prefix=f"{job.id}-s{segment.index}-", dir=settings.work_dir))
     encoder = ChunkEncoder(job, segment, settings, Storage(settings.storage_url), work)
-    stream = group.render(request)
+    try:
+        stream = group.render(_request(job, segment))
+    except ACTOR_LOST as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise WorkerLost(f"actor for job {job.id} is gone: {exc}") from exc
     completed = False
     try:
         for event in stream:
             if event["kind"] == "progress":
-                state = jobs.report_segment_progress(db, seg_id, event["step"] / event["steps"])
+                state = _report_progress(db, segment.id, event)
                 if on_progress is not None:
                     on_progress(event["step"], event["steps"])
-                if state not in jobs.LIVE_JOB_STATES:  # canceled, or failed by a sibling
-                    stream.cancel()  # the actor stops before its next step
+                if superseded.is_set() or (state and state not in jobs.LIVE_JOB_STATES):
+                    stream.cancel()  # canceled, failed by a sibling, or superseded
             else:
                 encoder.add(event["frames"])
         keys = encoder.finish()
         completed = True
+        return keys
     except RenderCanceled:
-        jobs.fail_segment(db, seg_id, "job ended while rendering: "
-                          f"{jobs.get_job(db, job_id).state}")
-        log.info("job %s segment %d stopped: the job ended", job_id, segment.index)
-        return {"segment_id": seg_id, "canceled": True}
+        return None
     except ACTOR_LOST as exc:
-        raise WorkerLost(f"actor died rendering job {job_id} segment {segment.index}: {exc}") from exc
+        raise WorkerLost(f"actor died rendering job {job.id} segment {segment.index}: "
+                         f"{exc}") from exc
     finally:
         if not completed:  # an error here must not leave the actor rendering for nobody
             stream.cancel()
         shutil.rmtree(work, ignore_errors=True)
-    if not jobs.finish_segment(db, seg_id, keys):
-        log.info("job %s segment %d rendered after the job ended; chunks kept", job_id,
-                 segment.index)
-        return {"segment_id": seg_id, "finished": False}
-    return {"segment_id": seg_id, "chunks": keys}
+
+
+def _stopped(db: str, job_id: str, seg_id: int, index: int, superseded: bool) -> dict:
+    if superseded:
+        log.info("job %s segment %d stopped: re-sent to another task", job_id, index)
+        return {"segment_id": seg_id, "superseded": True}
+    jobs.fail_segment(db, seg_id, f"job ended while rendering: {jobs.get_job(db, job_id).state}")
+    log.info("job %s segment %d stopped: the job ended", job_id, index)
+    return {"segment_id": seg_id, "canceled": True}

@@ -50,7 +50,14 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: int = 3300
     task_time_limit_s: int = 3600
     visibility_timeout_s: int = 7200  # above the hard limit, or Redis hands a task out twice
-    segment_max_retries: int = 3
+    # Faults (issue #6): heartbeats, the reconciler's lease and the failure policy.
+    heartbeat_s: float = 5.0  # a rendering task writes its segment's heartbeat this often
+    lease_s: float = 60.0  # no heartbeat for this long: the task is lost and its job re-sent
+    blocklist_after: int = 3  # failures of one job's segments that blocklist a worker for it
+    segment_failure_workers: int = 3  # a segment fails for good on this many different workers
+    segment_max_attempts: int = 10  # starts of one segment, lost ones included
+    retry_countdown_s: float = 2.0  # a failed segment is re-sent after this long
+    db_outage_retries: int = 20  # a task retries this often (every 3 s) while the database is down
 
     # Routing policy (scheduler/config/*.yaml unless set): tiers, model catalog, rules.
     tiers_file: Path | None = None
@@ -79,6 +86,9 @@ class Settings(BaseSettings):
         self.models_dir = (self.models_dir or home / "models").resolve()
         self.work_dir = (self.work_dir or home / "work").resolve()
         self.api_url = self.api_url or f"http://{self.api_host}:{self.api_port}"
+        if self.lease_s < 3 * self.heartbeat_s:
+            raise ValueError(f"lease_s ({self.lease_s}) must be at least 3 x heartbeat_s "
+                             f"({self.heartbeat_s}), or a slow heartbeat looks like a lost task")
         if self.task_time_limit_s >= self.visibility_timeout_s:
             raise ValueError(
                 f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "

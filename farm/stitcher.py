@@ -9,6 +9,7 @@ from pathlib import Path
 from farm import jobs
 from farm.db.models import SegmentState
 from farm.errors import OutputInvalid
+from farm.heartbeat import Heartbeat
 from farm.settings import Settings
 from farm.storage import Storage
 from workers.video import concat, probe, thumbnail
@@ -20,10 +21,17 @@ def video_key(job_id: str) -> str:
     return f"jobs/{job_id}/video.mp4"
 
 
-def stitch(settings: Settings, job_id: str) -> dict:
+def stitch(settings: Settings, job_id: str, chord_id: str | None = None) -> dict:
+    """``chord_id``: the stitch task's id; one the reconciler has replaced does nothing."""
     db = settings.database_url
-    if not jobs.begin_stitch(db, job_id):  # canceled or failed meanwhile: store nothing
+    if not jobs.begin_stitch(db, job_id, chord_id):  # ended meanwhile, or superseded
         return {"job_id": job_id, "stitched": False}
+    with Heartbeat(lambda: jobs.beat_job(db, job_id), settings.heartbeat_s, f"stitch {job_id}"):
+        return _stitch(settings, job_id)
+
+
+def _stitch(settings: Settings, job_id: str) -> dict:
+    db = settings.database_url
     job = jobs.get_job(db, job_id)
     not_done = [s.index for s in job.segments if s.state != SegmentState.done.value]
     if not_done:

@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from farm.api import batch_routes, routes
 from farm.api.auth import RateLimiter
 from farm.api.limits import BodyLimit
 from farm.api.errors import database_unavailable_handler, validation_error_handler
+from farm.db.session import DATABASE_OUTAGE
 from farm.settings import Settings, get_settings
 
 
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     # Connection-level database errors (OperationalError, InterfaceError) are a 503.
-    for error in (OperationalError, InterfaceError):
+    for error in DATABASE_OUTAGE:
         app.add_exception_handler(error, database_unavailable_handler)
     app.include_router(routes.router)
     app.include_router(batch_routes.router)

@@ -10,12 +10,14 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import text
 
-from farm import admission, jobs, submit
+from farm import admission, events, jobs, submit
 from farm.db.models import Job, JobState
 from farm.db.session import get_engine
 from farm.api.auth import current_project
 from farm.errors import IdempotencyConflict, JobNotFound, PromptTooLong, Unroutable
-from farm.schemas import JobAccepted, JobCreate, JobList, JobPublic, SegmentPublic
+from farm.schemas import (
+    JobAccepted, JobCreate, JobEventPublic, JobList, JobPublic, SegmentPublic,
+)
 from farm.storage import Storage, sha256_of
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def to_public(job: Job, request: Request) -> JobPublic:
         track=job.track, batch_id=job.batch_id, route=job.route, rules_sha256=job.rules_sha256,
         error=job.error,
         output_url=url, output_sha256=job.output_sha256, created_at=job.created_at,
-        dispatched_at=job.dispatched_at,
+        dispatched_at=job.dispatched_at, resends=job.resends,
         started_at=job.started_at, finished_at=job.finished_at, queued_seconds=queued,
         run_seconds=run, segments=[SegmentPublic.model_validate(s) for s in job.segments],
     )
@@ -102,6 +104,14 @@ def list_jobs(request: Request, project: Project, state: JobState | None = None,
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic, name="get_job")
 def get_job(job_id: str, request: Request, project: Project) -> JobPublic:
     return to_public(_get_or_404(_settings(request).database_url, job_id, project), request)
+
+
+@router.get("/v1/jobs/{job_id}/events", response_model=list[JobEventPublic])
+def job_events(job_id: str, request: Request, project: Project) -> list[JobEventPublic]:
+    """The job's log: segments started, failed, lost and re-sent, workers blocklisted."""
+    db = _settings(request).database_url
+    _get_or_404(db, job_id, project)
+    return [JobEventPublic.model_validate(e) for e in events.list_events(db, job_id)]
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobPublic)

@@ -99,6 +99,17 @@ def wait(job_id: str, timeout: float = typer.Option(3600.0, help="seconds")) -> 
     typer.echo(f"job {job_id} succeeded: {job['output_url']}")
 
 
+def logs(job_id: str) -> None:
+    """Print a job's log: where each segment ran, what failed, what was sent again."""
+    with client() as http:
+        lines = check(http.get(f"/v1/jobs/{job_id}/events"))
+    for e in lines:
+        where = " ".join(x for x in (f"segment {e['segment_index']}"
+                                     if e["segment_index"] is not None else "",
+                                     e["worker"] or "") if x)
+        typer.echo(f"{e['created_at']}  {e['kind']:<18} {where:<40} {e['message']}".rstrip())
+
+
 def cancel(job_id: str) -> None:
     """Cancel a job that has not ended."""
     with client() as http:

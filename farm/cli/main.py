@@ -61,8 +61,8 @@ def keys_revoke(key_id: str) -> None:
         raise typer.Exit(1)
     typer.echo(f"key {key_id} revoked")
 
-for command in (render.render, client.submit, client.status, client.wait, client.cancel,
-                client.download, services.up, services.api, services.worker, services.beat,
+for command in (render.render, client.submit, client.status, client.wait, client.logs,
+                client.cancel, client.download, services.up, services.api, services.worker, services.beat,
                 services.flower):
     app.command()(command)
 

@@ -87,7 +87,10 @@ class Job(Base):
     output_key: Mapped[str | None] = mapped_column(String(512), nullable=True)  # storage key
     output_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     output_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The chord's id; also the fencing token of the stitch task: a stitch task whose id is
+    # not this one (sent before the reconciler re-sent the job) does nothing.
     celery_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    resends: Mapped[int] = mapped_column(Integer, default=0)  # times farm.reconcile re-sent it
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -130,7 +133,11 @@ class Segment(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    celery_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # render task id
+    # The render task's id, and its fencing token: only the task with this id may start,
+    # report or finish the segment (farm.reconcile gives a re-sent segment a new one).
+    celery_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Written every few seconds while a task renders it; stale means its worker vanished.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
     chunk_keys: Mapped[list] = mapped_column(JSON, default=list)  # storage keys, in order
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -161,4 +168,20 @@ class IdempotencyRecord(Base):
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     body_sha256: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobEvent(Base):
+    """A job's log: what happened to it and where (segments started, failed, re-sent,
+    workers blocklisted). Kept with the job whatever its end; failures by worker are read
+    from here to blocklist a worker for a job."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    segment_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    kind: Mapped[str] = mapped_column(String(32))  # see farm.events.KINDS
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    message: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

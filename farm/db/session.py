@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -51,3 +52,24 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+DATABASE_OUTAGE = (OperationalError, InterfaceError)  # unreachable, restarting, failing over
+
+
+def retry_through_outage(call, attempts: int = 20, wait_s: float = 1.5):
+    """``call()``, tried again while the database is unreachable (``attempts`` times,
+    ``wait_s`` apart): a database restart must not throw away a finished render."""
+    import logging
+    import time
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except DATABASE_OUTAGE as exc:
+            if attempt == attempts:
+                raise
+            logging.getLogger(__name__).warning(
+                "database unavailable (%s); try %d of %d in %.1fs", type(exc).__name__,
+                attempt + 1, attempts, wait_s)
+            time.sleep(wait_s)

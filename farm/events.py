@@ -1,0 +1,61 @@
+"""A job's event log (table ``job_events``): what happened to it and on which worker.
+
+It is the job's log for people (`GET /v1/jobs/{id}/events`, `farm logs`), kept whatever
+the job's end, and the record the failure policy counts (farm.failures): a segment's
+failures by worker, and the workers blocklisted for a job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from sqlalchemy import select
+
+from farm.db.models import JobEvent
+from farm.db.session import session_scope
+
+log = logging.getLogger(__name__)
+
+# Kinds of event. SEGMENT_FAILED and SEGMENT_LOST count as failures of their worker.
+RESENT = "resent"  # the reconciler sent the job again (its task was lost)
+SEGMENT_STARTED = "segment_started"
+SEGMENT_DONE = "segment_done"
+SEGMENT_FAILED = "segment_failed"  # an attempt raised
+SEGMENT_LOST = "segment_lost"  # its worker stopped heartbeating mid-segment
+SEGMENT_HANDED_ON = "segment_handed_on"  # a blocklisted worker passed it to another
+BLOCKLISTED = "blocklisted"  # a worker will not run this job's segments again
+JOB_FAILED = "job_failed"
+FAILURE_KINDS = (SEGMENT_FAILED, SEGMENT_LOST)
+
+
+def record(db_url: str, job_id: str, kind: str, message: str = "",
+           segment_index: int | None = None, worker: str | None = None) -> None:
+    with session_scope(db_url) as session:
+        session.add(JobEvent(job_id=job_id, kind=kind, message=message[:4000],
+                             segment_index=segment_index, worker=worker))
+
+
+def add(session, job_id: str, kind: str, message: str = "", segment_index: int | None = None,
+        worker: str | None = None) -> None:
+    """The same, inside the caller's transaction."""
+    session.add(JobEvent(job_id=job_id, kind=kind, message=message[:4000],
+                         segment_index=segment_index, worker=worker))
+
+
+def list_events(db_url: str, job_id: str) -> list[JobEvent]:
+    with session_scope(db_url) as session:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                                    .order_by(JobEvent.id)))
+
+
+def failures(db_url: str, job_id: str) -> list[JobEvent]:
+    """The job's failure events, oldest first."""
+    with session_scope(db_url) as session:
+        return list(session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id,
+                                   JobEvent.kind.in_(FAILURE_KINDS)).order_by(JobEvent.id)))
+
+
+def failures_by_worker(events: list[JobEvent]) -> Counter:
+    return Counter(e.worker for e in events if e.kind in FAILURE_KINDS)

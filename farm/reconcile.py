@@ -1,0 +1,169 @@
+"""The reconciler: a job that was sent to Celery but has no live task is sent again (#6).
+
+A job can lose its task in several ways: the process that claimed it died before sending,
+Redis restarted and dropped its queues (and the chord's counter), the Celery worker running
+a segment was killed (its message waits in Redis' unacked set until the visibility
+timeout, hours away), or a stitch task died. Every beat tick, under admission's lock, a job
+is stranded when it was sent more than ``lease_s`` ago and
+- none of its segments' tasks has heartbeaten (farm.segment_runner) within ``lease_s``,
+- it is not stitching with a stitch heartbeat within ``lease_s``,
+- and none of its current task ids is still waiting in the broker's queues.
+A stranded job is sent again with new task ids: tasks of the earlier send are fenced off
+(farm.jobs: only a segment's current task may start, report or finish it), so a late
+redelivery does nothing. A segment whose worker vanished counts as a failure of that
+worker (farm.failures), and fails for good after as many different workers as any failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import selectinload
+
+from farm import events, jobs
+from farm.admission import locked_session
+from farm.db.models import Job, JobState, SegmentState, utcnow
+from farm.db.session import get_engine
+from farm.failures import segment_errors
+from farm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SENT_STATES = (JobState.queued.value, JobState.running.value, JobState.stitching.value)
+_REDIS_PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + priority
+
+
+@dataclass
+class Resend:
+    job_id: str
+    lost: list[tuple[int, str | None]]  # (segment index, worker) of segments whose worker vanished
+
+
+def _alive(job: Job, since: datetime) -> bool:
+    if job.state == JobState.stitching.value:
+        return job.updated_at >= since
+    return any(s.state == SegmentState.running.value and s.heartbeat_at is not None
+               and s.heartbeat_at >= since for s in job.segments)
+
+
+def _task_ids(job: Job) -> set[str]:
+    ids = {s.celery_id for s in job.segments
+           if s.state in (SegmentState.pending.value, SegmentState.running.value)}
+    return {i for i in ids | {job.celery_id} if i}
+
+
+def stranded_jobs(session, now: datetime, lease_s: float, in_broker: set[str] | None) -> list[Job]:
+    """Jobs sent over ``lease_s`` ago with no sign of life. ``in_broker``: the task ids
+    waiting in the broker's queues (None: unknown; then only heartbeats count)."""
+    since = now - timedelta(seconds=lease_s)
+    rows = session.scalars(select(Job).options(selectinload(Job.segments))
+                           .where(Job.state.in_(SENT_STATES), Job.dispatched_at.is_not(None),
+                                  Job.dispatched_at < since)).all()
+    return [job for job in rows
+            if not _alive(job, since) and not (in_broker and _task_ids(job) & in_broker)]
+
+
+def _mark_for_resend(session, job: Job, now: datetime) -> Resend:
+    lost = []
+    for seg in job.segments:
+        if seg.state == SegmentState.running.value:
+            lost.append((seg.index, seg.worker))
+            events.add(session, job.id, events.SEGMENT_LOST,
+                       f"worker {seg.worker} stopped heartbeating (last at {seg.heartbeat_at:%H:%M:%S})"
+                       if seg.heartbeat_at else f"worker {seg.worker} never heartbeat",
+                       seg.index, seg.worker)
+            seg.state = SegmentState.pending.value
+    if job.state == JobState.stitching.value:
+        job.state = JobState.running.value
+    job.dispatched_at, job.resends, job.updated_at = now, job.resends + 1, now
+    events.add(session, job.id, events.RESENT,
+               f"no live task for {len(lost)} running segment(s)" if lost else "its task was lost")
+    return Resend(job.id, lost)
+
+
+def reconcile(settings: Settings, enqueue=None, now: datetime | None = None) -> list[str]:
+    """Send every stranded job again; returns their ids. A job whose lost segment has now
+    failed on ``segment_failure_workers`` workers fails instead, with the errors."""
+    if enqueue is None:
+        from farm.dispatch import enqueue_job as enqueue
+    db, now = settings.database_url, now or utcnow()
+    try:
+        in_broker = broker_task_ids(settings.broker_url)
+    except Exception as exc:  # nothing can be sent either; the next tick looks again
+        log.warning("reconciler skipped: the broker's queues cannot be read: %s", exc)
+        return []
+    with locked_session(db) as session:
+        marked = [_mark_for_resend(session, job, now)
+                  for job in stranded_jobs(session, now, settings.lease_s, in_broker)]
+    sent = []
+    for resend in marked:
+        if _fail_if_exhausted(settings, resend):
+            continue
+        try:
+            enqueue(jobs.get_job(db, resend.job_id))
+        except Exception:  # its dispatched_at is now: the tick after the lease tries again
+            log.exception("job %s: re-sending failed", resend.job_id)
+            continue
+        log.warning("job %s had no live task; sent again (lost segments: %s)", resend.job_id,
+                    resend.lost or "none")
+        sent.append(resend.job_id)
+    return sent
+
+
+def _fail_if_exhausted(settings: Settings, resend: Resend) -> bool:
+    db = settings.database_url
+    evs = events.failures(db, resend.job_id)
+    for index, _worker in resend.lost:
+        workers = {e.worker for e in evs if e.segment_index == index}
+        if len(workers) >= settings.segment_failure_workers:
+            message = (f"segment {index} failed on {len(workers)} different workers:\n"
+                       + segment_errors(evs, index))
+            if jobs.fail_job(db, resend.job_id, message):
+                events.record(db, resend.job_id, events.JOB_FAILED, message, index)
+            return True
+    return False
+
+
+# ---- what the broker still holds ------------------------------------------------------------
+
+def broker_task_ids(broker_url: str) -> set[str] | None:
+    """Ids of the tasks waiting in the broker's queues (not those a worker has taken);
+    None for a broker this cannot read. Raises when the broker is unreachable."""
+    if broker_url.startswith(("redis://", "rediss://")):
+        return _redis_task_ids(broker_url)
+    if broker_url.startswith("sqla+"):
+        return _sqla_task_ids(broker_url.removeprefix("sqla+"))
+    return None
+
+
+def _task_id(payload: bytes | str) -> str | None:
+    try:
+        return json.loads(payload)["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _redis_task_ids(url: str) -> set[str]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    ids: set[str] = set()
+    for key in client.scan_iter(match="*", count=500, _type="list"):
+        if key.startswith((b"_kombu", b"unacked")) or b"celery-task-meta" in key:
+            continue
+        ids.update(filter(None, map(_task_id, client.lrange(key, 0, -1))))
+    return ids
+
+
+def _sqla_task_ids(url: str) -> set[str]:
+    from sqlalchemy import inspect
+
+    if "kombu_message" not in inspect(get_engine(url)).get_table_names():
+        return set()  # nothing was ever sent
+    with get_engine(url).connect() as conn:
+        rows = conn.execute(text("SELECT payload FROM kombu_message WHERE visible")).all()
+    return set(filter(None, (_task_id(r[0]) for r in rows)))

@@ -1,0 +1,124 @@
+"""The reconciler against a real PostgreSQL database and a real Redis broker (its own db):
+a job whose task is gone is sent again with new task ids, and the old ones are fenced off."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import redis
+
+from farm import events, jobs, reconcile
+from farm.celery_app import make_celery
+from farm.db.migrate import upgrade
+from farm.db.models import utcnow
+from farm.db.session import session_scope
+from farm.dispatch import enqueue_job
+from farm.schemas import JobCreate
+from farm.submit import route_request
+from tests.conftest import RUN_ID, drop_database, make_database
+
+BROKER = "redis://127.0.0.1:6379/14"
+
+
+@pytest.fixture(scope="module")
+def rsettings(settings):
+    name = f"farm_reconcile_{RUN_ID}"
+    url = make_database(name)
+    upgrade(url)
+    yield settings.model_copy(update={"database_url": url, "broker_url": BROKER,
+                                      "result_backend": BROKER, "lease_s": 30.0})
+    drop_database(name)
+
+
+@pytest.fixture()
+def broker(rsettings):
+    client = redis.Redis.from_url(BROKER)
+    client.flushdb()
+    app = make_celery(rsettings)
+    yield lambda job: enqueue_job(job, app, rsettings.database_url)
+    client.flushdb()
+
+
+def sent_job(settings, enqueue=None, frames: int = 33):
+    request = JobCreate(prompt="a red circle", frames=frames, model="wan-tiny")
+    job = jobs.new_job(request, route_request(request, {}), "sha")
+    jobs.add_jobs(settings.database_url, [job])
+    with session_scope(settings.database_url) as session:
+        assert jobs.claim_for_dispatch(session, job.id)
+    if enqueue is not None:
+        enqueue(jobs.get_job(settings.database_url, job.id))
+    return jobs.get_job(settings.database_url, job.id)
+
+
+def later(settings, seconds: float = 1.0):
+    return utcnow() + timedelta(seconds=settings.lease_s + seconds)
+
+
+def test_a_claimed_job_never_sent_is_sent_after_the_lease(rsettings, broker):
+    job = sent_job(rsettings)  # claimed, then the process died before sending
+    assert reconcile.reconcile(rsettings, broker) == []  # within the lease: left alone
+    assert reconcile.reconcile(rsettings, broker, later(rsettings)) == [job.id]
+    after = jobs.get_job(rsettings.database_url, job.id)
+    assert after.resends == 1 and after.celery_id is not None
+    assert {s.celery_id for s in after.segments} <= reconcile.broker_task_ids(BROKER)
+    assert [e.kind for e in events.list_events(rsettings.database_url, job.id)] == ["resent"]
+
+
+def test_a_job_whose_task_waits_in_the_broker_is_not_sent_twice(rsettings, broker):
+    job = sent_job(rsettings, broker)
+    assert reconcile.reconcile(rsettings, broker, later(rsettings)) == []
+    redis.Redis.from_url(BROKER).flushdb()  # Redis restarted without persistence
+    assert reconcile.reconcile(rsettings, broker, later(rsettings)) == [job.id]
+
+
+def test_a_segment_whose_worker_stopped_heartbeating_is_rerun_and_the_old_task_fenced(
+        rsettings, broker):
+    db = rsettings.database_url
+    job = sent_job(rsettings, broker)
+    seg, old_task = job.segments[0], job.segments[0].celery_id
+    assert jobs.start_segment(db, seg.id, "w1", task_id=old_task)
+    redis.Redis.from_url(BROKER).flushdb()  # its message went with the worker
+    assert reconcile.reconcile(rsettings, broker, later(rsettings, -5)) == []  # fresh beat
+    assert reconcile.reconcile(rsettings, broker, later(rsettings)) == [job.id]
+    after = jobs.get_job(db, job.id)
+    assert after.segments[0].state == "pending" and after.segments[0].celery_id != old_task
+    lost = [e for e in events.list_events(db, job.id) if e.kind == "segment_lost"]
+    assert [(e.segment_index, e.worker) for e in lost] == [(0, "w1")]
+    # The old task, redelivered late, can neither start, beat nor finish the segment.
+    assert not jobs.start_segment(db, seg.id, "w1", task_id=old_task)
+    assert jobs.start_segment(db, seg.id, "w2", task_id=after.segments[0].celery_id)
+    assert not jobs.beat_segment(db, seg.id, old_task)
+    assert not jobs.finish_segment(db, seg.id, ["x.mp4"], task_id=old_task)
+    assert jobs.finish_segment(db, seg.id, ["y.mp4"], task_id=after.segments[0].celery_id)
+
+
+def test_a_segment_lost_on_three_workers_fails_the_job_with_each_loss(rsettings, broker):
+    db = rsettings.database_url
+    job = sent_job(rsettings, frames=5)
+    for n, worker in enumerate(["w1", "w2", "w3"]):
+        seg = jobs.get_job(db, job.id).segments[0]
+        assert jobs.start_segment(db, seg.id, worker, task_id=seg.celery_id), n
+        redis.Redis.from_url(BROKER).flushdb()
+        reconcile.reconcile(rsettings, broker, later(rsettings, 60 * n + 1))
+    after = jobs.get_job(db, job.id)
+    assert after.state == "failed"
+    assert after.error.startswith("segment 0 failed on 3 different workers:\n[w1] worker w1 "
+                                  "stopped heartbeating")
+    assert "[w3]" in after.error and after.resends == 3
+
+
+def test_a_stitch_task_that_died_is_replaced_and_the_old_one_fenced(rsettings, broker):
+    db = rsettings.database_url
+    job = sent_job(rsettings, broker, frames=5)
+    seg = job.segments[0]
+    assert jobs.start_segment(db, seg.id, "w1", task_id=seg.celery_id)
+    assert jobs.finish_segment(db, seg.id, ["a.mp4"], task_id=seg.celery_id)
+    assert jobs.begin_stitch(db, job.id, job.celery_id)
+    redis.Redis.from_url(BROKER).flushdb()
+    assert reconcile.reconcile(rsettings, broker, later(rsettings)) == [job.id]
+    after = jobs.get_job(db, job.id)
+    assert after.state == "running" and after.segments[0].state == "done"
+    assert not jobs.begin_stitch(db, job.id, job.celery_id)
+    assert jobs.begin_stitch(db, job.id, after.celery_id)
+    assert jobs.begin_stitch(db, job.id, after.celery_id)  # its own retry may begin again
