@@ -8,12 +8,17 @@ long task to a second worker.
 
 from __future__ import annotations
 
+import redis.exceptions
 from celery import Celery
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from farm.settings import Settings, get_settings
 from scheduler.routing import STITCH_QUEUE
 
 TICK_TASK = "farm.tick"
+# The broker or result backend is unreachable (Redis restarting): nothing can be sent.
+BROKER_OUTAGE = (KombuOperationalError, redis.exceptions.ConnectionError,
+                 redis.exceptions.TimeoutError, ConnectionError)
 
 
 def make_celery(settings: Settings) -> Celery:

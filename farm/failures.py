@@ -44,7 +44,7 @@ def decide(events, segment_index: int, worker: str, queue: str, serving: set[str
         return Decision(f"segment {segment_index} failed on {len(failed_here)} different "
                         f"workers", None, newly)
     target, why = pick_worker(events, segment_index, worker, queue, serving, blocklist_after)
-    return Decision(why, target, newly)
+    return Decision(why and f"segment {segment_index} cannot run: {why}", target, newly)
 
 
 def pick_worker(events, segment_index: int, worker: str, queue: str, serving: set[str] | None,

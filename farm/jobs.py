@@ -215,6 +215,12 @@ def begin_stitch(db_url: str, job_id: str, chord_id: str | None = None) -> bool:
         return result.rowcount == 1
 
 
+def end_stitch_early(db_url: str, job_id: str) -> bool:
+    """stitching -> running: a stitch that found segments not done gives the job back."""
+    with session_scope(db_url) as session:
+        return _cas_job(session, job_id, [JobState.stitching.value], state=JobState.running.value)
+
+
 def beat_job(db_url: str, job_id: str) -> None:
     """The stitch task's heartbeat (``updated_at``), read by the reconciler."""
     with session_scope(db_url) as session:

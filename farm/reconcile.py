@@ -27,14 +27,16 @@ from sqlalchemy.orm import selectinload
 from farm import events, jobs
 from farm.admission import locked_session
 from farm.db.models import Job, JobState, SegmentState, utcnow
-from farm.db.session import get_engine
+from farm.db.session import DATABASE_OUTAGE, get_engine
 from farm.failures import segment_errors
 from farm.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SENT_STATES = (JobState.queued.value, JobState.running.value, JobState.stitching.value)
-_REDIS_PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + priority
+# After a database outage seen here, heartbeats written by live tasks (which could not be
+# written during it) get one lease to catch up before any job is judged stranded.
+_outage = {"down": False, "back_at": None}
 
 
 @dataclass
@@ -96,9 +98,16 @@ def reconcile(settings: Settings, enqueue=None, now: datetime | None = None) -> 
     except Exception as exc:  # nothing can be sent either; the next tick looks again
         log.warning("reconciler skipped: the broker's queues cannot be read: %s", exc)
         return []
-    with locked_session(db) as session:
-        marked = [_mark_for_resend(session, job, now)
-                  for job in stranded_jobs(session, now, settings.lease_s, in_broker)]
+    try:
+        with locked_session(db) as session:
+            if _catching_up(now, settings.lease_s):
+                return []
+            marked = [_mark_for_resend(session, job, now)
+                      for job in stranded_jobs(session, now, settings.lease_s, in_broker)]
+    except DATABASE_OUTAGE as exc:
+        _outage["down"] = True
+        log.warning("reconciler skipped: database unavailable (%s)", type(exc).__name__)
+        return []
     sent = []
     for resend in marked:
         if _fail_if_exhausted(settings, resend):
@@ -112,6 +121,12 @@ def reconcile(settings: Settings, enqueue=None, now: datetime | None = None) -> 
                     resend.lost or "none")
         sent.append(resend.job_id)
     return sent
+
+
+def _catching_up(now: datetime, lease_s: float) -> bool:
+    if _outage["down"]:
+        _outage.update(down=False, back_at=now)
+    return _outage["back_at"] is not None and now - _outage["back_at"] < timedelta(seconds=lease_s)
 
 
 def _fail_if_exhausted(settings: Settings, resend: Resend) -> bool:

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     segment_failure_workers: int = 3  # a segment fails for good on this many different workers
     segment_max_attempts: int = 10  # starts of one segment, lost ones included
     retry_countdown_s: float = 2.0  # a failed segment is re-sent after this long
+    control_timeout_s: float = 1.0  # how long to wait for workers to say which queues they read
     db_outage_retries: int = 20  # a task retries this often (every 3 s) while the database is down
 
     # Routing policy (scheduler/config/*.yaml unless set): tiers, model catalog, rules.

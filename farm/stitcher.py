@@ -34,8 +34,11 @@ def _stitch(settings: Settings, job_id: str) -> dict:
     db = settings.database_url
     job = jobs.get_job(db, job_id)
     not_done = [s.index for s in job.segments if s.state != SegmentState.done.value]
-    if not_done:
-        raise OutputInvalid(f"segments {not_done} are not done")
+    if not_done:  # their tasks were lost (a Redis restart): the reconciler re-sends the job
+        jobs.end_stitch_early(db, job_id)
+        log.warning("job %s: stitch found segments %s not done; left to the reconciler",
+                    job_id, not_done)
+        return {"job_id": job_id, "stitched": False, "not_done": not_done}
     storage = Storage(settings.storage_url)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix=f"stitch-{job_id}-") as tmp:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Retry
 from celery.utils import worker_direct
 
 from farm import admission, batches, events, failures, jobs, reconcile, segment_runner, stitcher
-from farm.celery_app import TICK_TASK, app
+from farm.celery_app import BROKER_OUTAGE, TICK_TASK, app
 from farm.db.session import DATABASE_OUTAGE
 from farm.dispatch import RENDER_TASK, SEGMENT_FAILED_TASK, STITCH_TASK
 from farm.errors import FarmError, SegmentFailed
@@ -58,8 +58,8 @@ def _hand_on_if_blocklisted(task, job_id: str, seg_id: int, worker: str) -> None
     job = jobs.get_job(settings.database_url, job_id)
     index = next(s.index for s in job.segments if s.id == seg_id)
     queue = job.route["queue"]
-    target, why = failures.pick_worker(evs, index, worker, queue,
-                                       failures.serving_workers(app, queue),
+    serving = failures.serving_workers(app, queue, settings.control_timeout_s)
+    target, why = failures.pick_worker(evs, index, worker, queue, serving,
                                        settings.blocklist_after)
     if target is None:
         raise SegmentFailed(f"segment {index} cannot run: {why}:\n"
@@ -78,8 +78,9 @@ def _after_failure(task, job_id: str, seg_id: int, worker: str, exc: Exception) 
     events.record(db, job_id, events.SEGMENT_FAILED, f"{type(exc).__name__}: {exc}", index, worker)
     evs = events.failures(db, job_id)
     queue = job.route["queue"]
-    decision = failures.decide(evs, index, worker, queue, failures.serving_workers(app, queue),
-                               settings.blocklist_after, settings.segment_failure_workers)
+    serving = failures.serving_workers(app, queue, settings.control_timeout_s)
+    decision = failures.decide(evs, index, worker, queue, serving, settings.blocklist_after,
+                               settings.segment_failure_workers)
     if decision.newly_blocklisted:
         events.record(db, job_id, events.BLOCKLISTED,
                       f"{worker} failed this job {settings.blocklist_after} times", index, worker)
@@ -99,10 +100,14 @@ def render_segment(self, job_id: str, seg_id: int) -> dict:
     worker = self.request.hostname or "local"
 
     def progress(step: int, steps: int) -> None:
-        if not self.request.is_eager:
+        if self.request.is_eager:
+            return
+        try:  # advisory, like the database's progress: a Redis restart must not stop a render
             self.update_state(state=PROGRESS_STATE,
                               meta={"job_id": job_id, "segment_id": seg_id, "step": step,
                                     "steps": steps})
+        except BROKER_OUTAGE as exc:
+            log.warning("job %s segment %s: progress not sent: %s", job_id, seg_id, exc)
 
     try:
         _hand_on_if_blocklisted(self, job_id, seg_id, worker)
@@ -117,15 +122,28 @@ def render_segment(self, job_id: str, seg_id: int) -> dict:
                          max_retries=settings.db_outage_retries)
     except Exception as exc:
         try:
-            if isinstance(exc, FarmError) and not exc.retryable:
+            if isinstance(exc, BROKER_OUTAGE) or (isinstance(exc, FarmError)
+                                                  and not exc.retryable):
                 raise
             _after_failure(self, job_id, seg_id, worker, exc)
         except Retry:
             raise
+        except BROKER_OUTAGE + DATABASE_OUTAGE as outage:
+            _abandon(job_id, seg_id, outage)
         except Exception as final:
             log.exception("job %s segment %s failed for good", job_id, seg_id)
             _record_failure(job_id, seg_id, final)
             raise final from exc
+
+
+def _abandon(job_id: str, seg_id: int, outage: Exception) -> None:
+    """The broker or database went away while a failure was being handled: nothing can be
+    recorded or sent. The task ends as ignored (no result, no errback, not counted by the
+    chord); its segment's heartbeat stops, and the reconciler sends the job again."""
+    log.warning("job %s segment %s abandoned, %s unavailable: %s; the reconciler re-sends "
+                "it", job_id, seg_id, "broker" if isinstance(outage, BROKER_OUTAGE)
+                else "database", outage)
+    raise Ignore() from outage
 
 
 @app.task(name=SEGMENT_FAILED_TASK)

@@ -158,17 +158,28 @@ def _wait_until(check, timeout: float, what: str, log: Path | None = None) -> No
 
 
 class Service:
-    """A farm command running as a child process, its output in a log file."""
+    """A farm command running as a child process, its output in a log file. ``env``:
+    settings over the session's (another stack's database or broker)."""
 
-    def __init__(self, name: str, args: list[str]):
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None):
         self.name, self.log = name, TMP / f"{name}.log"
-        self.proc = subprocess.Popen([str(BIN / "farm"), *args], stdout=self.log.open("w"),
-                                     stderr=subprocess.STDOUT, env=dict(os.environ),
+        self.proc = subprocess.Popen([str(BIN / "farm"), *args], stdout=self.log.open("a"),
+                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                      start_new_session=True)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: a worker that dies with no goodbye."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

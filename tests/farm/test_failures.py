@@ -41,8 +41,8 @@ def test_a_blocklisted_only_worker_fails_the_segment_with_the_reason():
     evs = [failure("w1")] * 3
     d = decide(evs, 0, "w1", "render.cpu", {"w1"})
     assert d.target is None
-    assert d.final == ("no worker of queue render.cpu is left for this job: blocklisted ['w1'] "
-                       "(after 3 failures each), serving ['w1']")
+    assert d.final == ("segment 0 cannot run: no worker of queue render.cpu is left for this "
+                       "job: blocklisted ['w1'] (after 3 failures each), serving ['w1']")
     # Unknown workers (one process): retried on the queue until blocklisted.
     assert decide(evs[:2], 0, "w1", "q", None) == decide(evs[:2], 0, "w1", "q", None)
     assert decide(evs[:2], 0, "w1", "q", None).final is None
