@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from farm.db.models import JobEvent
 from farm.db.session import session_scope
@@ -59,3 +59,10 @@ def failures(db_url: str, job_id: str) -> list[JobEvent]:
 
 def failures_by_worker(events: list[JobEvent]) -> Counter:
     return Counter(e.worker for e in events if e.kind in FAILURE_KINDS)
+
+
+def count(db_url: str, job_id: str, kind: str, segment_index: int) -> int:
+    with session_scope(db_url) as session:
+        return session.scalar(select(func.count()).select_from(JobEvent).where(
+            JobEvent.job_id == job_id, JobEvent.kind == kind,
+            JobEvent.segment_index == segment_index))

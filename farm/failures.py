@@ -50,11 +50,9 @@ def decide(events, segment_index: int, worker: str, queue: str, serving: set[str
 def pick_worker(events, segment_index: int, worker: str, queue: str, serving: set[str] | None,
                 blocklist_after: int = 3) -> tuple[str | None, str | None]:
     """-> (worker to send the segment to, or None for the queue; why none can take it)."""
-    blocked = blocklisted(events, blocklist_after)
-    if serving is None:
-        if worker in blocked:
-            return None, f"{worker} is blocklisted for this job and no other worker is known"
+    if serving is None:  # unknown: the tier's queue, where another worker may take it
         return None, None
+    blocked = blocklisted(events, blocklist_after)
     failed_here = {e.worker for e in events if e.segment_index == segment_index}
     fresh = sorted(serving - blocked - failed_here)
     usable = sorted(serving - blocked)
@@ -65,11 +63,20 @@ def pick_worker(events, segment_index: int, worker: str, queue: str, serving: se
                   + (f", serving {sorted(serving)}" if serving else ", none serving it"))
 
 
-def serving_workers(app, queue: str, timeout: float = 1.0) -> set[str] | None:
-    """Names of the live Celery workers consuming ``queue``; None in eager mode."""
+# A blocklisted worker that cannot tell who else serves the queue puts the segment back on
+# it; after this many hand-ons of one segment nobody else took it, and it fails.
+MAX_HAND_ONS = 10
+
+
+def serving_workers(app, queue: str, me: str, timeout: float = 1.0) -> set[str] | None:
+    """Names of the live Celery workers consuming ``queue``. None when that cannot be known:
+    in eager mode, or when not even the asking worker ``me`` answered (a broker without
+    broadcast, as kombu's SQLAlchemy transport of the one-machine farm)."""
     if app.conf.task_always_eager:
         return None
     replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    if me not in replies:
+        return None
     return {worker for worker, queues in replies.items()
             if any(q.get("name") == queue for q in queues)}
 

@@ -49,24 +49,30 @@ def _route_to(worker: str | None, queue: str) -> dict:
 
 
 def _hand_on_if_blocklisted(task, job_id: str, seg_id: int, worker: str) -> None:
-    """A worker blocklisted for this job passes the segment to one that is not, or fails
-    it for good when no such worker serves the queue."""
+    """A worker blocklisted for this job passes the segment to one that is not (or back to
+    the queue when it cannot tell who serves it), or fails it for good when no such worker
+    serves the queue, or when it has been handed on MAX_HAND_ONS times."""
     settings = get_settings()
-    evs = events.failures(settings.database_url, job_id)
+    db = settings.database_url
+    evs = events.failures(db, job_id)
     if worker not in failures.blocklisted(evs, settings.blocklist_after):
         return
-    job = jobs.get_job(settings.database_url, job_id)
+    job = jobs.get_job(db, job_id)
     index = next(s.index for s in job.segments if s.id == seg_id)
     queue = job.route["queue"]
-    serving = failures.serving_workers(app, queue, settings.control_timeout_s)
+    serving = failures.serving_workers(app, queue, worker, settings.control_timeout_s)
     target, why = failures.pick_worker(evs, index, worker, queue, serving,
                                        settings.blocklist_after)
-    if target is None:
+    handed_on = events.count(db, job_id, events.SEGMENT_HANDED_ON, index)
+    if why is None and handed_on >= failures.MAX_HAND_ONS:
+        why = f"handed on {handed_on} times by workers blocklisted for it; no other took it"
+    if why is not None:
         raise SegmentFailed(f"segment {index} cannot run: {why}:\n"
                             f"{failures.segment_errors(evs, index)}")
-    events.record(settings.database_url, job_id, events.SEGMENT_HANDED_ON,
-                  f"{worker} is blocklisted for this job; sent to {target}", index, worker)
-    raise task.retry(countdown=0, max_retries=None, **_route_to(target, queue))
+    events.record(db, job_id, events.SEGMENT_HANDED_ON, f"{worker} is blocklisted for this "
+                  f"job; sent to {target or queue}", index, worker)
+    raise task.retry(countdown=0 if target else settings.retry_countdown_s, max_retries=None,
+                     **_route_to(target, queue))
 
 
 def _after_failure(task, job_id: str, seg_id: int, worker: str, exc: Exception) -> None:
@@ -78,7 +84,7 @@ def _after_failure(task, job_id: str, seg_id: int, worker: str, exc: Exception) 
     events.record(db, job_id, events.SEGMENT_FAILED, f"{type(exc).__name__}: {exc}", index, worker)
     evs = events.failures(db, job_id)
     queue = job.route["queue"]
-    serving = failures.serving_workers(app, queue, settings.control_timeout_s)
+    serving = failures.serving_workers(app, queue, worker, settings.control_timeout_s)
     decision = failures.decide(evs, index, worker, queue, serving, settings.blocklist_after,
                                settings.segment_failure_workers)
     if decision.newly_blocklisted:

@@ -21,7 +21,10 @@ import pytest
 
 RUN_ID = uuid.uuid4().hex[:8]
 TMP = Path(tempfile.mkdtemp(prefix=f"farm-tests-{RUN_ID}-"))
-PG_SERVER = os.environ.get("FARM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+# A password the trust-auth server ignores: tests/e2e/test_secrets.py checks no log shows it.
+DB_PASSWORD = f"pg-secret-{RUN_ID}"
+PG_SERVER = os.environ.get("FARM_TEST_PG",
+                           f"postgresql+psycopg://postgres:{DB_PASSWORD}@127.0.0.1:5432")
 PG_DB = f"farm_test_{RUN_ID}"
 REDIS_DB = int(os.environ.get("FARM_TEST_REDIS_DB", "11"))
 BIN = Path(sys.executable).parent

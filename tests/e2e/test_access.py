@@ -30,11 +30,25 @@ def owned(api_url, db_url):
 def routes(o):
     job, batch = o["job"], o["batch"]
     return [("POST", "/v1/jobs", TINY), ("GET", "/v1/jobs", None),
-            ("GET", f"/v1/jobs/{job}", None), ("POST", f"/v1/jobs/{job}/cancel", None),
-            ("GET", f"/v1/jobs/{job}/video", None),
+            ("GET", f"/v1/jobs/{job}", None), ("GET", f"/v1/jobs/{job}/events", None),
+            ("POST", f"/v1/jobs/{job}/cancel", None), ("GET", f"/v1/jobs/{job}/video", None),
             ("POST", "/v1/batches", {"content": '{"prompt": "x"}\n', "defaults": TINY}),
             ("GET", f"/v1/batches/{batch}", None), ("GET", f"/v1/batches/{batch}/report.csv", None),
+            ("GET", f"/v1/batches/{batch}/report.html", None),
             ("GET", "/v1/routes/explain", None)]
+
+
+def test_the_access_tests_try_every_route_of_the_api(owned):
+    """A route added to the API without being added above fails here."""
+    from farm.api.app import create_app
+
+    paths = create_app().openapi()["paths"]
+    served = {(method.upper(), path) for path, ops in paths.items() if path.startswith("/v1")
+              for method in ops}
+    tried = {(method, path.replace(owned["job"], "{job_id}").replace(owned["batch"], "{batch_id}")
+              .replace("report.csv", "report.{kind}").replace("report.html", "report.{kind}"))
+             for method, path, _ in routes(owned)}
+    assert served == tried
 
 
 @pytest.mark.parametrize("who", ["none", "revoked", "garbage"])

@@ -43,10 +43,9 @@ def test_a_blocklisted_only_worker_fails_the_segment_with_the_reason():
     assert d.target is None
     assert d.final == ("segment 0 cannot run: no worker of queue render.cpu is left for this "
                        "job: blocklisted ['w1'] (after 3 failures each), serving ['w1']")
-    # Unknown workers (one process): retried on the queue until blocklisted.
-    assert decide(evs[:2], 0, "w1", "q", None) == decide(evs[:2], 0, "w1", "q", None)
-    assert decide(evs[:2], 0, "w1", "q", None).final is None
-    assert "blocklisted" in decide(evs, 0, "w1", "q", None).final
+    # Workers unknown (a broker without broadcast): back to the queue, for another to take.
+    unknown = decide(evs, 0, "w1", "q", None)
+    assert unknown.final is None and unknown.target is None and unknown.newly_blocklisted
 
 
 def test_when_every_other_worker_failed_the_segment_a_usable_one_still_gets_it():

@@ -176,7 +176,7 @@ def fault_stack(ray_head, tiny_model):
     env = {"FARM_DATABASE_URL": pg.url, "FARM_BROKER_URL": redis.url,
            "FARM_RESULT_BACKEND": redis.url, "FARM_STORAGE_URL": f"file://{TMP}/fault-storage",
            "FARM_WORK_DIR": str(TMP / "fault-work"), "FARM_RETRY_COUNTDOWN_S": "0.5",
-           "FARM_HOME": str(TMP / "fault-home"), "FARM_CONTROL_TIMEOUT_S": "0.3"}
+           "FARM_HOME": str(TMP / "fault-home")}
     stack = FaultStack(pg, redis, env)
     stack.broken_scratch = {"FARM_WORK_DIR": str(broken / "work")}
     port = free_port()
