@@ -122,3 +122,16 @@ def test_a_stitch_task_that_died_is_replaced_and_the_old_one_fenced(rsettings, b
     assert not jobs.begin_stitch(db, job.id, job.celery_id)
     assert jobs.begin_stitch(db, job.id, after.celery_id)
     assert jobs.begin_stitch(db, job.id, after.celery_id)  # its own retry may begin again
+
+
+def test_the_one_machine_brokers_queue_is_read_too(rsettings, tmp_path):
+    """kombu's SQLAlchemy transport on SQLite (the embedded defaults of `farm up`)."""
+    broker = f"sqla+sqlite:///{tmp_path}/broker.db"
+    assert reconcile.broker_task_ids(broker) == set()  # nothing ever sent: no table yet
+    local = rsettings.model_copy(update={"broker_url": broker,
+                                         "result_backend": f"db+sqlite:///{tmp_path}/r.db"})
+    app = make_celery(local)
+    job = sent_job(rsettings, lambda j: enqueue_job(j, app, rsettings.database_url))
+    # Its render tasks (and Celery's chord_unlock, which polls a database result backend).
+    assert {s.celery_id for s in job.segments} <= reconcile.broker_task_ids(broker)
+    assert reconcile.reconcile(local, None, later(local)) == []  # waiting there: not re-sent
