@@ -18,7 +18,7 @@ from scheduler.routing import STITCH_QUEUE
 TICK_TASK = "farm.tick"
 # The broker or result backend is unreachable (Redis restarting): nothing can be sent.
 BROKER_OUTAGE = (KombuOperationalError, redis.exceptions.ConnectionError,
-                 redis.exceptions.TimeoutError, ConnectionError)
+                 redis.exceptions.TimeoutError)
 
 
 def make_celery(settings: Settings) -> Celery:

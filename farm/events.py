@@ -29,18 +29,18 @@ JOB_FAILED = "job_failed"
 FAILURE_KINDS = (SEGMENT_FAILED, SEGMENT_LOST)
 
 
-def record(db_url: str, job_id: str, kind: str, message: str = "",
-           segment_index: int | None = None, worker: str | None = None) -> None:
-    with session_scope(db_url) as session:
-        session.add(JobEvent(job_id=job_id, kind=kind, message=message[:4000],
-                             segment_index=segment_index, worker=worker))
-
-
 def add(session, job_id: str, kind: str, message: str = "", segment_index: int | None = None,
         worker: str | None = None) -> None:
-    """The same, inside the caller's transaction."""
+    """Add an event inside the caller's transaction."""
     session.add(JobEvent(job_id=job_id, kind=kind, message=message[:4000],
                          segment_index=segment_index, worker=worker))
+
+
+def record(db_url: str, job_id: str, kind: str, message: str = "",
+           segment_index: int | None = None, worker: str | None = None) -> None:
+    """Add an event in a transaction of its own."""
+    with session_scope(db_url) as session:
+        add(session, job_id, kind, message, segment_index, worker)
 
 
 def list_events(db_url: str, job_id: str) -> list[JobEvent]:

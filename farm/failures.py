@@ -33,16 +33,27 @@ def blocklisted(events, blocklist_after: int = 3) -> set[str]:
     return {w for w, n in failures_by_worker(events).items() if n >= blocklist_after}
 
 
+def failed_on(events, segment_index: int) -> set[str]:
+    """The workers on which the segment has failed."""
+    return {e.worker for e in events if e.segment_index == segment_index}
+
+
+def exhausted(events, segment_index: int, distinct_workers: int = 3) -> str | None:
+    """Why the segment has failed for good by the different-workers rule, or None."""
+    workers = failed_on(events, segment_index)
+    if len(workers) >= distinct_workers:
+        return f"segment {segment_index} failed on {len(workers)} different workers"
+    return None
+
+
 def decide(events, segment_index: int, worker: str, queue: str, serving: set[str] | None,
            blocklist_after: int = 3, distinct_workers: int = 3) -> Decision:
     """``events``: the job's failure events, this failure included. ``serving``: the workers
     consuming ``queue`` now (None: unknown, as in the one-process `farm render`)."""
-    counts = failures_by_worker(events)
-    newly = counts[worker] == blocklist_after
-    failed_here = {e.worker for e in events if e.segment_index == segment_index}
-    if len(failed_here) >= distinct_workers:
-        return Decision(f"segment {segment_index} failed on {len(failed_here)} different "
-                        f"workers", None, newly)
+    newly = failures_by_worker(events)[worker] == blocklist_after
+    final = exhausted(events, segment_index, distinct_workers)
+    if final:
+        return Decision(final, None, newly)
     target, why = pick_worker(events, segment_index, worker, queue, serving, blocklist_after)
     return Decision(why and f"segment {segment_index} cannot run: {why}", target, newly)
 
@@ -53,8 +64,7 @@ def pick_worker(events, segment_index: int, worker: str, queue: str, serving: se
     if serving is None:  # unknown: the tier's queue, where another worker may take it
         return None, None
     blocked = blocklisted(events, blocklist_after)
-    failed_here = {e.worker for e in events if e.segment_index == segment_index}
-    fresh = sorted(serving - blocked - failed_here)
+    fresh = sorted(serving - blocked - failed_on(events, segment_index))
     usable = sorted(serving - blocked)
     if fresh or usable:
         return (fresh or usable)[0], None

@@ -97,9 +97,10 @@ def set_celery_ids(db_url: str, job_id: str, chord_id: str, segment_ids: dict[in
 
 # ---- compare-and-set transitions -----------------------------------------------------------
 
-def _cas_job(session: Session, job_id: str, from_states: Iterable[str], **values) -> bool:
+def _cas_job(session: Session, job_id: str, from_states: Iterable[str], *conditions,
+             **values) -> bool:
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.state.in_(list(from_states)))
+        update(Job).where(Job.id == job_id, Job.state.in_(list(from_states)), *conditions)
         .values(updated_at=utcnow(), **values)
     )
     return result.rowcount == 1
@@ -166,6 +167,7 @@ def beat_segment(db_url: str, seg_id: int, task_id: str | None) -> bool:
 
 
 def owns_segment(db_url: str, seg_id: int, task_id: str | None) -> bool:
+    """Whether ``task_id`` is still the segment's task (None: no fencing)."""
     if task_id is None:
         return True
     with session_scope(db_url) as session:
@@ -200,36 +202,37 @@ def fail_segment(db_url: str, seg_id: int, error: str) -> bool:
                             finished_at=utcnow())
 
 
+def _stitch_fence(chord_id: str | None) -> tuple:
+    """SQL condition: the job's current stitch task is ``chord_id`` (None: no fencing)."""
+    return () if chord_id is None else (Job.celery_id == chord_id,)
+
+
 def begin_stitch(db_url: str, job_id: str, chord_id: str | None = None) -> bool:
     """running -> stitching, by the job's current stitch task (``chord_id``; None: any). That
     task may begin again (stitching -> stitching) when it retries after a database outage."""
-    if chord_id is None:
-        fence, states = (), [JobState.running.value]
-    else:
-        fence, states = (Job.celery_id == chord_id,), [JobState.running.value,
-                                                      JobState.stitching.value]
+    states = [JobState.running.value] + ([JobState.stitching.value] if chord_id else [])
     with session_scope(db_url) as session:
-        result = session.execute(
-            update(Job).where(Job.id == job_id, Job.state.in_(states), *fence)
-            .values(updated_at=utcnow(), state=JobState.stitching.value, progress=RENDER_SHARE))
-        return result.rowcount == 1
+        return _cas_job(session, job_id, states, *_stitch_fence(chord_id),
+                        state=JobState.stitching.value, progress=RENDER_SHARE)
 
 
-def end_stitch_early(db_url: str, job_id: str) -> bool:
+def end_stitch_early(db_url: str, job_id: str, chord_id: str | None = None) -> bool:
     """stitching -> running: a stitch that found segments not done gives the job back."""
     with session_scope(db_url) as session:
-        return _cas_job(session, job_id, [JobState.stitching.value], state=JobState.running.value)
+        return _cas_job(session, job_id, [JobState.stitching.value], *_stitch_fence(chord_id),
+                        state=JobState.running.value)
 
 
-def beat_job(db_url: str, job_id: str) -> None:
+def beat_job(db_url: str, job_id: str, chord_id: str | None = None) -> None:
     """The stitch task's heartbeat (``updated_at``), read by the reconciler."""
     with session_scope(db_url) as session:
-        _cas_job(session, job_id, [JobState.stitching.value])
+        _cas_job(session, job_id, [JobState.stitching.value], *_stitch_fence(chord_id))
 
 
-def succeed_job(db_url: str, job_id: str, output_key: str, sha256: str, size: int) -> bool:
+def succeed_job(db_url: str, job_id: str, output_key: str, sha256: str, size: int,
+                chord_id: str | None = None) -> bool:
     with session_scope(db_url) as session:
-        return _cas_job(session, job_id, [JobState.stitching.value],
+        return _cas_job(session, job_id, [JobState.stitching.value], *_stitch_fence(chord_id),
                         state=JobState.succeeded.value, progress=1.0, output_key=output_key,
                         output_sha256=sha256, output_bytes=size, finished_at=utcnow())
 

@@ -28,15 +28,37 @@ from farm import events, jobs
 from farm.admission import locked_session
 from farm.db.models import Job, JobState, SegmentState, utcnow
 from farm.db.session import DATABASE_OUTAGE, get_engine
-from farm.failures import segment_errors
+from farm.failures import exhausted, segment_errors
 from farm.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SENT_STATES = (JobState.queued.value, JobState.running.value, JobState.stitching.value)
-# After a database outage seen here, heartbeats written by live tasks (which could not be
-# written during it) get one lease to catch up before any job is judged stranded.
-_outage = {"down": False, "back_at": None}
+
+
+class _OutageWatch:
+    """After a database outage this process saw, heartbeats written by live tasks (which
+    could not be written during it) get one lease to catch up before any job is judged
+    stranded. A restart seen by another process is caught by PostgreSQL's own start time."""
+
+    def __init__(self):
+        self.down, self.back_at = False, None
+
+    def saw_outage(self) -> None:
+        self.down = True
+
+    def catching_up(self, session, now: datetime, lease: timedelta) -> bool:
+        if self.down:
+            self.down, self.back_at = False, now
+        if self.back_at is not None and now - self.back_at < lease:
+            return True
+        if session.get_bind().dialect.name != "postgresql":
+            return False
+        started = session.scalar(text("SELECT pg_postmaster_start_time()"))
+        return now - started < lease
+
+
+_OUTAGE = _OutageWatch()
 
 
 @dataclass
@@ -100,12 +122,12 @@ def reconcile(settings: Settings, enqueue=None, now: datetime | None = None) -> 
         return []
     try:
         with locked_session(db) as session:
-            if _catching_up(now, settings.lease_s):
+            if _OUTAGE.catching_up(session, now, timedelta(seconds=settings.lease_s)):
                 return []
             marked = [_mark_for_resend(session, job, now)
                       for job in stranded_jobs(session, now, settings.lease_s, in_broker)]
     except DATABASE_OUTAGE as exc:
-        _outage["down"] = True
+        _OUTAGE.saw_outage()
         log.warning("reconciler skipped: database unavailable (%s)", type(exc).__name__)
         return []
     sent = []
@@ -123,20 +145,13 @@ def reconcile(settings: Settings, enqueue=None, now: datetime | None = None) -> 
     return sent
 
 
-def _catching_up(now: datetime, lease_s: float) -> bool:
-    if _outage["down"]:
-        _outage.update(down=False, back_at=now)
-    return _outage["back_at"] is not None and now - _outage["back_at"] < timedelta(seconds=lease_s)
-
-
 def _fail_if_exhausted(settings: Settings, resend: Resend) -> bool:
     db = settings.database_url
     evs = events.failures(db, resend.job_id)
     for index, _worker in resend.lost:
-        workers = {e.worker for e in evs if e.segment_index == index}
-        if len(workers) >= settings.segment_failure_workers:
-            message = (f"segment {index} failed on {len(workers)} different workers:\n"
-                       + segment_errors(evs, index))
+        why = exhausted(evs, index, settings.segment_failure_workers)
+        if why:
+            message = f"{why}:\n{segment_errors(evs, index)}"
             if jobs.fail_job(db, resend.job_id, message):
                 events.record(db, resend.job_id, events.JOB_FAILED, message, index)
             return True
@@ -168,7 +183,9 @@ def _redis_task_ids(url: str) -> set[str]:
     client = redis.Redis.from_url(url)
     ids: set[str] = set()
     for key in client.scan_iter(match="*", count=500, _type="list"):
-        if key.startswith((b"_kombu", b"unacked")) or b"celery-task-meta" in key:
+        # A worker's own queue (worker_direct) keeps a message while the worker is gone, and
+        # kombu's dead letters keep one for ever: neither is a task on its way.
+        if key.startswith((b"_kombu", b"unacked", b"ae.undeliver")) or b".dq2" in key:
             continue
         ids.update(filter(None, map(_task_id, client.lrange(key, 0, -1))))
     return ids

@@ -2,7 +2,7 @@
 
 Stored at ``batches/{id}/report.html`` and ``report.csv``. Thumbnails are inlined, so the
 page is whole wherever it is read; video links are relative to the storage root
-(``../../jobs/{id}/video.mp4``), so they work on local files and on a bucket served as is.
+(``../../jobs/{id}/video-{stitch task}.mp4``), so they work on local files and on a bucket served as is.
 """
 
 from __future__ import annotations

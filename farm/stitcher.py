@@ -17,8 +17,10 @@ from workers.video import concat, probe, thumbnail
 log = logging.getLogger(__name__)
 
 
-def video_key(job_id: str) -> str:
-    return f"jobs/{job_id}/video.mp4"
+def video_key(job_id: str, chord_id: str | None = None) -> str:
+    """Each stitch task writes its own file: a replaced one still running never overwrites
+    or removes the video another has made the job's result."""
+    return f"jobs/{job_id}/video.mp4" if chord_id is None else f"jobs/{job_id}/video-{chord_id}.mp4"
 
 
 def stitch(settings: Settings, job_id: str, chord_id: str | None = None) -> dict:
@@ -26,16 +28,17 @@ def stitch(settings: Settings, job_id: str, chord_id: str | None = None) -> dict
     db = settings.database_url
     if not jobs.begin_stitch(db, job_id, chord_id):  # ended meanwhile, or superseded
         return {"job_id": job_id, "stitched": False}
-    with Heartbeat(lambda: jobs.beat_job(db, job_id), settings.heartbeat_s, f"stitch {job_id}"):
-        return _stitch(settings, job_id)
+    with Heartbeat(lambda: jobs.beat_job(db, job_id, chord_id), settings.heartbeat_s,
+                   f"stitch {job_id}"):
+        return _stitch(settings, job_id, chord_id)
 
 
-def _stitch(settings: Settings, job_id: str) -> dict:
+def _stitch(settings: Settings, job_id: str, chord_id: str | None) -> dict:
     db = settings.database_url
     job = jobs.get_job(db, job_id)
     not_done = [s.index for s in job.segments if s.state != SegmentState.done.value]
     if not_done:  # their tasks were lost (a Redis restart): the reconciler re-sends the job
-        jobs.end_stitch_early(db, job_id)
+        jobs.end_stitch_early(db, job_id, chord_id)
         log.warning("job %s: stitch found segments %s not done; left to the reconciler",
                     job_id, not_done)
         return {"job_id": job_id, "stitched": False, "not_done": not_done}
@@ -54,10 +57,12 @@ def _stitch(settings: Settings, job_id: str) -> dict:
                                 f"expected {expected}")
         thumb = thumbnail(video, tmp / "thumbnail.jpg")
         storage.put_file(thumb, f"jobs/{job_id}/thumbnail.jpg")
-        sha256, size = storage.put_file(video, video_key(job_id))
-    if not jobs.succeed_job(db, job_id, video_key(job_id), sha256, size):
-        # Canceled while stitching: the video must not stand as the job's result.
-        storage.remove(video_key(job_id))
+        key = video_key(job_id, chord_id)
+        sha256, size = storage.put_file(video, key)
+    if not jobs.succeed_job(db, job_id, key, sha256, size, chord_id):
+        # Canceled while stitching, or replaced: this file must not stand as a result.
+        storage.remove(key)
         return {"job_id": job_id, "stitched": False}
-    log.info("job %s succeeded: %d frames, %d bytes, sha256 %s", job_id, info.frames, size, sha256)
+    log.info("job %s succeeded: %d frames, %d bytes, sha256 %s", job_id, info.frames, size,
+             sha256)
     return {"job_id": job_id, "stitched": True, "sha256": sha256}

@@ -116,7 +116,10 @@ def test_a_stored_video_that_changed_is_not_served(api_url, owned, settings):
     with api_client(api_url) as client:
         job = client.get(f"/v1/jobs/{owned['job']}").json()
         assert client.get(job["output_url"]).status_code == 200
-        path = Storage(settings.storage_url).local_path(f"jobs/{owned['job']}/video.mp4")
+        from farm import jobs
+
+        key = jobs.get_job(settings.database_url, owned["job"]).output_key
+        path = Storage(settings.storage_url).local_path(key)
         original = path.read_bytes()
         try:
             path.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))  # one bit flipped

@@ -34,6 +34,10 @@ def test_submit_wait_status_download_cancel(api_url, tmp_path):
     assert "succeeded" in waited.stdout
     status = json.loads(farm("status", job_id, env=env).stdout)
     assert status["state"] == "succeeded" and status["seed"] == 4
+    logs = farm("logs", job_id, env=env)
+    assert logs.returncode == 0, logs.stderr
+    kinds = [line.split()[1] for line in logs.stdout.splitlines()]
+    assert kinds == ["segment_started", "segment_done"] and "segment 0 render-" in logs.stdout
     out = tmp_path / "cli.mp4"
     assert farm("download", job_id, "-o", str(out), env=env).returncode == 0
     assert probe(out).frames == 9
@@ -93,6 +97,25 @@ def test_failed_render_keeps_its_record_and_says_why(tmp_path, tiny_model):
         seg_state, seg_error = db.execute("SELECT state, error FROM segments").fetchone()
     assert state == "failed" and "ModelUnavailable" in error
     assert seg_state == "failed" and "Wan2.2-T2V-A14B-Diffusers" in seg_error
+
+
+def test_a_render_failing_in_one_process_fails_its_job_at_once(tmp_path, tiny_model):
+    """An error the farm would retry on another worker (storage it cannot write): in one
+    process there is no other worker, so the job fails with it, and is not left running."""
+    import sqlite3
+
+    (tmp_path / "a-file").write_text("not a folder")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env.update(FARM_HOME=str(tmp_path / "home"), FARM_MODELS_DIR=str(tiny_model.parent),
+               FARM_RAY_TEMP_DIR=f"/tmp/rfe-{tmp_path.name[-6:]}",
+               FARM_STORAGE_URL=f"file://{tmp_path}/a-file/storage")
+    result = farm("render", "a red circle", "--model", "wan-tiny", "--frames", "5",
+                  "-o", str(tmp_path / "never.mp4"), env=env)
+    assert result.returncode == 1
+    assert "NotADirectoryError" in result.stderr
+    with sqlite3.connect(tmp_path / "home" / "farm.db") as db:
+        state, error = db.execute("SELECT state, error FROM jobs").fetchone()
+    assert state == "failed" and error.startswith("segment 0: NotADirectoryError")
 
 
 def test_render_refuses_bad_input_naming_the_field(tmp_path):

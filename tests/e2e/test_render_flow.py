@@ -125,7 +125,8 @@ def test_cancel_running_job(client, settings, flower_url):
     assert all(s["state"] in ("pending", "failed") for s in job["segments"][1:])
     assert job["output_url"] is None
     assert client.get(f"/v1/jobs/{job_id}/video").status_code == 409
-    assert not Storage(settings.storage_url).exists(f"jobs/{job_id}/video.mp4")
+    stored = Storage(settings.storage_url).local_path(f"jobs/{job_id}")
+    assert not list(stored.glob("video*.mp4"))
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
 
 

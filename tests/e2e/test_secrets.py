@@ -33,9 +33,8 @@ def test_no_service_logs_a_secret(api_url, flower_url, settings, db_url, api_key
     password = settings.flower_password.get_secret_value()
     assert httpx.get(f"{flower_url}/api/workers", auth=("admin", password)).status_code == 200
     assert httpx.get(f"{flower_url}/api/workers", auth=("admin", password + "x")).status_code == 401
-    # Settings print their secrets masked; the database URL is the one place a password sits.
-    assert password not in repr(settings) and api_key not in repr(settings)
-    assert DB_PASSWORD in settings.database_url or "FARM_TEST_PG" in __import__("os").environ
-
-    secrets = [api_key, revoked, mistyped, password, DB_PASSWORD]
+    assert password not in repr(settings)  # settings print their secrets masked
+    secrets = [api_key, revoked, mistyped, password]
+    if DB_PASSWORD in settings.database_url:  # not when FARM_TEST_PG names another server
+        secrets.append(DB_PASSWORD)
     assert_logs_hold_none_of(secrets, sorted(TMP.glob("*.log")))

@@ -88,6 +88,7 @@ def test_redis_restarted_mid_run(fault_stack: FaultStack):
         fault_stack.redis.start()
         trial = fault_stack.finish_trial("Redis restarted mid-run", job_id, started)
         assert trial.ok, trial
+        assert trial.resends >= 1  # the restart took its queue and its chord's count
         assert_storage_agrees(fault_stack, fault_stack.job(job_id))
 
 
@@ -145,6 +146,22 @@ def test_a_worker_failing_a_job_three_times_is_blocklisted(fault_stack, tier_b):
     kinds = [e["kind"] for e in fault_stack.events(job_id, "tier-b")]
     assert kinds.count("segment_failed") == 3 and "blocklisted" in kinds
     assert kinds[-1] == "job_failed"
+
+
+def test_two_broken_workers_take_turns_until_both_are_blocklisted(fault_stack, tier_b):
+    """Only two workers, both broken: a segment cannot fail on three different workers, so
+    it goes back and forth (more retries than Celery's default limit of 3) until each has
+    failed the job 3 times; then none is left and the job fails saying so."""
+    workers = tier_b("b1", "b2", broken=True)
+    started = time.monotonic()
+    job_id = fault_stack.submit("tier-b", frames=5)
+    trial = fault_stack.finish_trial("the only 2 workers' scratch disks broken", job_id,
+                                     started, expected="failed", project="tier-b")
+    assert trial.ok, trial
+    assert trial.failures == 6
+    error = fault_stack.job(job_id, "tier-b")["error"]
+    assert error.startswith(f"segment 0 cannot run: no worker of queue render.cpu-b is left for "
+                            f"this job: blocklisted {sorted(workers)}")
 
 
 def test_scratch_disk_broken_on_two_of_three_workers(fault_stack, tier_b):
@@ -215,6 +232,7 @@ def test_the_farm_is_healthy_after_the_faults_and_logged_no_key(fault_stack):
     # Every trial's job is accounted for: none lost, none left running.
     from farm import jobs
 
+    assert len(TRIALS_RECORDED) >= 30
     for trial in TRIALS_RECORDED:
-        assert jobs.get_job(fault_stack.pg.url, trial.job_id).state == trial.state
+        assert jobs.get_job(fault_stack.pg.url, trial.job_id).state == trial.expected, trial
     assert_logs_hold_none_of(list(fault_stack.keys.values()), sorted(TMP.glob("fault-*.log")))

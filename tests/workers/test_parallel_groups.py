@@ -54,8 +54,22 @@ def test_parallel_group_matches_one_rank(reference, tiny_model, plan):
         assert tuple(frames.shape) == (5, 64, 112, 3)
     finally:
         group.kill()
-    with pytest.raises(ValueError):
-        ray.get_actor(actor_name("wan-tiny", "cpu", 0, plan), namespace=NAMESPACE)
+    assert_gone(actor_name("wan-tiny", "cpu", 0, plan))
+
+
+def assert_gone(name: str, timeout: float = 15.0) -> None:
+    """The actor's name is released (Ray's kill is asynchronous: a loaded machine may take
+    a moment)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"actor {name} still exists {timeout}s after it was killed")
 
 
 @pytest.mark.parametrize("placement", ["offload", "split"])
@@ -119,8 +133,7 @@ def test_a_dead_rank_takes_its_group_down_and_the_next_call_rebuilds_it(referenc
     with pytest.raises(GroupBroken):
         for _ in stream:  # rank 0's collective fails instead of hanging
             pass
-    with pytest.raises(ValueError):  # the whole group is gone, rank 0 included
-        ray.get_actor(actor_name("wan-tiny", "cpu", 0, "tp2"), namespace=NAMESPACE)
+    assert_gone(actor_name("wan-tiny", "cpu", 0, "tp2"))  # the whole group, rank 0 included
     rebuilt = ActorGroup.get_or_create("wan-tiny", tier, str(tiny_model), detached=False,
                                        plan="tp2", collective_timeout_s=15)
     try:
