@@ -120,6 +120,27 @@ def ray_stop() -> None:
     ray_cluster.stop_all()
 
 
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to every service, then to whatever they started that outlived them (Ray's
+    dashboard and runtime-env agents survive their raylet by minutes)."""
+    import psutil
+
+    started = psutil.Process().children(recursive=True)
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    leftovers = [child for child in started if child.is_running()]
+    for child in leftovers:
+        child.terminate()
+    for child in psutil.wait_procs(leftovers, timeout=10)[1]:
+        child.kill()
+
+
 def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     """Everything on one machine: database migrated, Ray head, API, Celery worker and beat,
     Flower."""
@@ -162,14 +183,7 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop_all(procs)
     if dead is not None:
         typer.echo(f"`{' '.join(commands[dead][3:])}` exited with {procs[dead].returncode}; "
                    f"stopped the rest", err=True)
