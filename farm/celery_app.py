@@ -12,7 +12,7 @@ import redis.exceptions
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from farm.settings import Settings, get_settings
+from farm.settings import Settings, get_settings, is_redis_url
 from scheduler.routing import STITCH_QUEUE
 
 TICK_TASK = "farm.tick"
@@ -25,7 +25,7 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("farm", broker=settings.broker_url, backend=settings.result_backend,
                  include=["farm.tasks"])
     transport_options: dict = {}
-    if settings.broker_url.startswith(("redis://", "rediss://")):
+    if is_redis_url(settings.broker_url):
         # kombu's SQLAlchemy transport hands these to create_engine, which refuses them.
         # Message priorities 0..9 within a queue; queues themselves are served round robin,
         # so a worker on render and stitch queues never starves the stitching.

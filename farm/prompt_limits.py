@@ -29,11 +29,9 @@ def _tokenizer(folder: str):
     return Tokenizer.from_file(str(path / "tokenizer.json")), limit
 
 
-def too_long(folder: Path | None, text: str) -> tuple[int, int] | None:
+def too_long(folder: Path, text: str) -> tuple[int, int] | None:
     """(tokens, limit) when ``text`` is over the limit of the model in ``folder``; None when
-    it fits or the model's tokenizer is not on this machine (the worker checks no more)."""
-    if folder is None:
-        return None
+    it fits or the model has no tokenizer file here (the worker checks no more)."""
     tokenizer, limit = _tokenizer(str(folder))
     if tokenizer is None:
         return None

@@ -29,7 +29,7 @@ from farm.admission import locked_session
 from farm.db.models import Job, JobState, SegmentState, utcnow
 from farm.db.session import DATABASE_OUTAGE, get_engine
 from farm.failures import exhausted, segment_errors
-from farm.settings import Settings
+from farm.settings import Settings, is_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _fail_if_exhausted(settings: Settings, resend: Resend) -> bool:
 def broker_task_ids(broker_url: str) -> set[str] | None:
     """Ids of the tasks waiting in the broker's queues (not those a worker has taken);
     None for a broker this cannot read. Raises when the broker is unreachable."""
-    if broker_url.startswith(("redis://", "rediss://")):
+    if is_redis_url(broker_url):
         return _redis_task_ids(broker_url)
     if broker_url.startswith("sqla+"):
         return _sqla_task_ids(broker_url.removeprefix("sqla+"))

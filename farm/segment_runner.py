@@ -131,7 +131,8 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
         keys = _render_and_encode(settings, job, segment, superseded, on_progress)
     if keys is None:
         return _stopped(db, job_id, seg_id, segment.index, superseded.is_set())
-    if not retry_through_outage(lambda: jobs.finish_segment(db, seg_id, keys, task_id)):
+    if not retry_through_outage(lambda: jobs.finish_segment(db, seg_id, keys, task_id),
+                                attempts=settings.db_outage_retries):
         log.info("job %s segment %d rendered after the job ended or by a superseded task; "
                  "chunks kept", job_id, segment.index)
         return {"segment_id": seg_id, "finished": False}
@@ -141,22 +142,33 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
 
 def _render_and_encode(settings: Settings, job, segment: Segment, superseded: threading.Event,
                        on_progress: ProgressFn | None) -> list[str] | None:
-    """The segment's chunk keys; None when the render was stopped (job ended, superseded)."""
-    db = settings.database_url
+    """The segment's chunk keys; None when the render was stopped (job ended, superseded).
+    An actor dying at any point of it is a WorkerLost."""
     group = _actor_group(settings, job)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{job.id}-s{segment.index}-", dir=settings.work_dir))
-    encoder = ChunkEncoder(job, segment, settings, Storage(settings.storage_url), work)
     try:
+        encoder = ChunkEncoder(job, segment, settings, Storage(settings.storage_url), work)
         stream = group.render(_request(job, segment))
+        return _consume(stream, encoder, settings.database_url, segment.id, superseded,
+                        on_progress)
+    except RenderCanceled:
+        return None
     except ACTOR_LOST as exc:
+        raise WorkerLost(f"actor died rendering job {job.id} segment {segment.index}: "
+                         f"{exc}") from exc
+    finally:
         shutil.rmtree(work, ignore_errors=True)
-        raise WorkerLost(f"actor for job {job.id} is gone: {exc}") from exc
+
+
+def _consume(stream, encoder: ChunkEncoder, db: str, seg_id: int, superseded: threading.Event,
+             on_progress: ProgressFn | None) -> list[str]:
+    """Progress events recorded, frames encoded; the stream canceled if anything stops it."""
     completed = False
     try:
         for event in stream:
             if event["kind"] == "progress":
-                state = _report_progress(db, segment.id, event)
+                state = _report_progress(db, seg_id, event)
                 if on_progress is not None:
                     on_progress(event["step"], event["steps"])
                 if superseded.is_set() or (state and state not in jobs.LIVE_JOB_STATES):
@@ -166,15 +178,9 @@ def _render_and_encode(settings: Settings, job, segment: Segment, superseded: th
         keys = encoder.finish()
         completed = True
         return keys
-    except RenderCanceled:
-        return None
-    except ACTOR_LOST as exc:
-        raise WorkerLost(f"actor died rendering job {job.id} segment {segment.index}: "
-                         f"{exc}") from exc
     finally:
         if not completed:  # an error here must not leave the actor rendering for nobody
             stream.cancel()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _stopped(db: str, job_id: str, seg_id: int, index: int, superseded: bool) -> dict:

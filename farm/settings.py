@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     segment_max_attempts: int = 10  # starts of one segment, lost ones included
     retry_countdown_s: float = 2.0  # a failed segment is re-sent after this long
     control_timeout_s: float = 1.0  # how long to wait for workers to say which queues they read
-    db_outage_retries: int = 20  # a task retries this often (every 3 s) while the database is down
+    # While the database is down: a task retries this often (3 s apart), and a finished
+    # segment tries this often (1.5 s apart) to record itself.
+    db_outage_retries: int = 20
 
     # Routing policy (scheduler/config/*.yaml unless set): tiers, model catalog, rules.
     tiers_file: Path | None = None
@@ -100,6 +102,10 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         for path in (self.home, self.models_dir, self.work_dir):
             path.mkdir(parents=True, exist_ok=True)
+
+
+def is_redis_url(url: str | None) -> bool:
+    return bool(url) and url.startswith(("redis://", "rediss://"))
 
 
 @lru_cache(maxsize=1)

@@ -12,8 +12,12 @@ from sqlalchemy.exc import IntegrityError
 from farm import admission, jobs
 from farm.db.models import IdempotencyRecord, Job, utcnow
 from farm.db.session import session_scope
-from farm.errors import IdempotencyConflict, QueueUnavailable, Unroutable
+from farm.errors import (
+    IdempotencyConflict, ModelUnavailable, PromptTooLong, QueueUnavailable, Unroutable,
+)
+from farm.models import resolve_model_dir
 from farm.policy import get_policy
+from farm.prompt_limits import too_long
 from farm.schemas import JobCreate
 from farm.settings import Settings
 from scheduler.routing import JobSpec, NoRoute, QueueLoad, Route, route
@@ -54,7 +58,8 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
     a retry of the same request returns the job first created; a different request under
     the same key raises IdempotencyConflict."""
     db = settings.database_url
-    body_sha = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+    body_sha = (hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+                if idempotency_key else "")  # only a keyed submission is compared later
     if idempotency_key and (earlier := _replay(db, request.project, idempotency_key, body_sha)):
         return earlier
     chosen = route_request(request, admission.queue_loads(db))
@@ -78,10 +83,6 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
 
 def check_prompt_length(settings: Settings, request: JobCreate, variant: str) -> None:
     """PromptTooLong naming the field when the routed model would cut the text."""
-    from farm.errors import ModelUnavailable, PromptTooLong
-    from farm.models import resolve_model_dir
-    from farm.prompt_limits import too_long
-
     try:
         folder = resolve_model_dir(settings, get_policy().catalog.model(variant))
     except ModelUnavailable:  # not on this machine: its worker will say so

@@ -125,14 +125,13 @@ def default_plan(catalog: Catalog, variant: ModelVariant, tier: Tier, degree: in
     """The plan that moves the fewest bytes among those that fit the tier's memory and the
     model's heads; with the table it was chosen from."""
     width, height = parse_size(variant.native)
-    rows = []
-    for plan in candidate_plans(degree):
+    plans, rows = candidate_plans(degree), []
+    for plan in plans:
         fits_heads = splits(variant, plan)
         memory = plan_memory_gb(catalog, variant, plan, placement)
         rows.append({"plan": plan.name, "gb_per_step": round(bytes_per_step(
             variant, plan, width, height, variant.max_frames) / 1e9, 3),
             "memory_gb": round(memory, 1),
             "fits": fits_heads and memory <= tier.memory_gb})
-    fitting = [(r["gb_per_step"], i) for i, r in enumerate(rows) if r["fits"]]
-    chosen = candidate_plans(degree)[min(fitting)[1]] if fitting else candidate_plans(degree)[0]
-    return chosen, rows
+    fitting = [(row["gb_per_step"], i) for i, row in enumerate(rows) if row["fits"]]
+    return plans[min(fitting)[1] if fitting else 0], rows

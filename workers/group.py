@@ -130,17 +130,16 @@ class ActorGroup:
                 group = cls(variant, tier, existing, pg)
                 if group.healthy():
                     return group
-                group.kill()  # a rank is gone: its peers cannot form a group again
+            # A rank is gone (or was never made): its peers cannot form a group again.
             _take_down(variant, tier.name, plan, world, placement, role, pg_name)
             # A restarted rank could not rejoin its group's collectives: a dead rank takes
             # the group down (max_restarts 0) and the next get_or_create builds a new one.
-            name = pg_name
             bundle = {tier.ray_resource: 1, "CPU": 1}
             if tier.gpus_per_actor:
                 bundle["GPU"] = 1
                 if tier.accelerator_type:  # the actors ask for it: the bundles must hold it
                     bundle[f"accelerator_type:{tier.accelerator_type}"] = 0.001
-            pg = placement_group([bundle] * world, strategy="STRICT_PACK", name=name,
+            pg = placement_group([bundle] * world, strategy="STRICT_PACK", name=pg_name,
                                  lifetime="detached" if detached else None)
             ray.get(pg.ready(), timeout=ready_timeout_s)
             init_file = os.path.join(tempfile.gettempdir(), f"farm-dist-{uuid.uuid4().hex}")

@@ -14,6 +14,7 @@ from collections import defaultdict, deque
 from fastapi import HTTPException, Request
 
 from farm import keys
+from farm.settings import is_redis_url
 
 WINDOW_S = 60.0
 
@@ -39,7 +40,7 @@ class RateLimiter:
     def __init__(self, per_minute: int, redis_url: str | None):
         self.per_minute = per_minute
         self._redis = None
-        if redis_url and redis_url.startswith(("redis://", "rediss://")):
+        if is_redis_url(redis_url):
             import redis
 
             self._redis = redis.Redis.from_url(redis_url)

@@ -22,7 +22,7 @@ router = APIRouter()
 
 @router.post("/v1/batches", status_code=202, response_model=BatchAccepted)
 def submit_batch(body: BatchCreate, request: Request, project: Project) -> BatchAccepted:
-    body.project = own_project(body.project, body.model_fields_set, project, "body")
+    own_project(body, project)
     request.app.state.rate_limiter.check(project)
     try:
         batch, new = batches.create_batch(request.app.state.settings, body)

@@ -18,7 +18,7 @@ from farm.errors import IdempotencyConflict, JobNotFound, PromptTooLong, Unrouta
 from farm.schemas import (
     JobAccepted, JobCreate, JobEventPublic, JobList, JobPublic, SegmentPublic,
 )
-from farm.storage import Storage, sha256_of
+from farm.storage import Storage
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -62,12 +62,12 @@ def _get_or_404(db_url: str, job_id: str, project: str) -> Job:
     return job
 
 
-def own_project(body_project: str, fields_set: set, project: str, what: str) -> str:
-    """The project a submission belongs to: the key's. Naming another is a 403."""
-    if "project" in fields_set and body_project != project:
-        raise HTTPException(403, f"{what}.project: got {body_project!r}; this API key "
+def own_project(body, project: str) -> None:
+    """A submission belongs to the key's project (set on ``body``). Naming another is a 403."""
+    if "project" in body.model_fields_set and body.project != project:
+        raise HTTPException(403, f"body.project: got {body.project!r}; this API key "
                                  f"belongs to project {project!r}")
-    return project
+    body.project = project
 
 
 def unroutable(exc: Unroutable) -> HTTPException:
@@ -78,7 +78,7 @@ def unroutable(exc: Unroutable) -> HTTPException:
 def submit_job(body: JobCreate, request: Request, project: Project,
                idempotency_key: Annotated[str | None, Header(max_length=128)] = None
                ) -> JobAccepted:
-    body.project = own_project(body.project, body.model_fields_set, project, "body")
+    own_project(body, project)
     request.app.state.rate_limiter.check(project)
     try:
         job = submit.submit(_settings(request), body, idempotency_key)
@@ -135,7 +135,7 @@ def download_video(job_id: str, request: Request, project: Project):
     headers = {"ETag": f'"{job.output_sha256}"', "X-Content-SHA256": job.output_sha256 or ""}
     local = storage.local_path(job.output_key)
     # Checked on every serve: a file changed or damaged since it was stored is never sent.
-    stored = sha256_of(local) if local is not None else storage.sha256(job.output_key)
+    stored = storage.sha256(job.output_key)
     if stored != job.output_sha256:
         log.error("job %s: stored video %s has sha256 %s, recorded %s", job_id,
                   job.output_key, stored, job.output_sha256)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterator
@@ -9,6 +11,8 @@ from typing import Iterator
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 
 def normalise_url(url: str) -> str:
@@ -57,19 +61,16 @@ def session_scope(url: str) -> Iterator[Session]:
 DATABASE_OUTAGE = (OperationalError, InterfaceError)  # unreachable, restarting, failing over
 
 
-def retry_through_outage(call, attempts: int = 20, wait_s: float = 1.5):
+def retry_through_outage(call, attempts: int, wait_s: float = 1.5):
     """``call()``, tried again while the database is unreachable (``attempts`` times,
     ``wait_s`` apart): a database restart must not throw away a finished render."""
-    import logging
-    import time
-
     for attempt in range(1, attempts + 1):
         try:
             return call()
         except DATABASE_OUTAGE as exc:
             if attempt == attempts:
                 raise
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "database unavailable (%s); try %d of %d in %.1fs", type(exc).__name__,
                 attempt + 1, attempts, wait_s)
             time.sleep(wait_s)

@@ -22,7 +22,7 @@ class ExpertOffload:
     other one to CPU memory."""
 
     def __init__(self, pipeline, device: torch.device):
-        self.pipeline, self.device, self.swaps = pipeline, device, 0
+        self.device = device
         self._switch = pipeline.expert_for
         self._on_device = pipeline.transformer
         _to_host(pipeline.transformer_2, device)
@@ -33,7 +33,6 @@ class ExpertOffload:
             _to_host(self._on_device, self.device)
             expert.to(self.device)
             self._on_device = expert
-            self.swaps += 1
         return expert, which
 
 
