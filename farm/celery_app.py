@@ -23,7 +23,7 @@ BROKER_OUTAGE = (KombuOperationalError, redis.exceptions.ConnectionError,
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("farm", broker=settings.broker_url, backend=settings.result_backend,
-                 include=["farm.tasks"])
+                 include=["farm.tasks.celery_tasks"])
     transport_options: dict = {}
     if is_redis_url(settings.broker_url):
         # kombu's SQLAlchemy transport hands these to create_engine, which refuses them.
@@ -36,7 +36,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         # Each worker also reads its own queue, so a failed segment can be sent to a worker
-        # that is not blocklisted for its job (farm.failures).
+        # that is not blocklisted for its job (farm.tasks.failure_policy).
         worker_direct=True,
         broker_transport_options=transport_options,
         result_backend_transport_options=transport_options,
@@ -54,7 +54,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         task_always_eager=settings.celery_eager,
         task_eager_propagates=True,
-        # Celery beat: batch windows, admission and batch reports (farm.batches.tick). A tick
+        # Celery beat: batch windows, admission and batch reports (farm.jobs.batches.tick). A tick
         # that waited longer than one period is dropped: the next one does the same work.
         beat_schedule={"farm-tick": {
             "task": TICK_TASK, "schedule": settings.tick_seconds,

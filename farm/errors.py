@@ -71,5 +71,5 @@ class PromptTooLong(FarmError):
 
 
 class SegmentFailed(FarmError):
-    """A segment failed for good (farm.failures): on enough different workers, or with no
+    """A segment failed for good (farm.tasks.failure_policy): on enough different workers, or with no
     worker left that is not blocklisted for its job. The message carries every failure."""

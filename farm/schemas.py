@@ -115,7 +115,7 @@ class JobPublic(BaseModel):
 
 
 class JobEventPublic(BaseModel):
-    """One line of a job's log (farm.events)."""
+    """One line of a job's log (farm.jobs.events)."""
 
     model_config = ConfigDict(from_attributes=True)
 

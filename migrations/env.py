@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from farm.db.models import Base
+from farm.db.tables import Base
 from farm.db.session import get_engine
 from farm.settings import get_settings
 

@@ -1,6 +1,6 @@
 """Which waiting jobs go to the GPUs now: priority order, tier capacity, project quotas.
 
-Pure (farm.admission feeds it from the database). Jobs are taken by priority (100 first),
+Pure (farm.jobs.admit feeds it from the database). Jobs are taken by priority (100 first),
 ties to the oldest (as Deadline does). A job takes its route's degree in GPUs of one node of
 its tier (a parallel group never spans nodes) until it leaves the GPUs. A job that finds no
 node with room stops that tier's line: nothing of lower priority is let past it. A job whose

@@ -256,7 +256,7 @@ def _http_service(name: str, health_path: str):
 @pytest.fixture(scope="session")
 def api_key(db_url) -> str:
     """A key of the project `default`; also in FARM_API_KEY for the CLI the tests run."""
-    from farm import keys
+    from farm.jobs import keys
 
     _, key = keys.create_key(db_url, "default", "tests")
     os.environ["FARM_API_KEY"] = key
@@ -266,7 +266,7 @@ def api_key(db_url) -> str:
 @pytest.fixture(scope="session")
 def project_client(api_url, db_url):
     """project_client(name): an HTTP client with a key of that project (made once each)."""
-    from farm import keys
+    from farm.jobs import keys
 
     made: dict[str, str] = {}
 

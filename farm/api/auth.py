@@ -13,7 +13,7 @@ from collections import defaultdict, deque
 
 from fastapi import HTTPException, Request
 
-from farm import keys
+from farm.jobs import keys
 from farm.settings import is_redis_url
 
 WINDOW_S = 60.0

@@ -8,9 +8,9 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from farm import admission, batches
+from farm.jobs import admit, batches
 from farm.api.routes import Project, own_project, unroutable
-from farm.db.models import utcnow
+from farm.db.tables import utcnow
 from farm.errors import BadBatch, BatchNotFound, Unroutable
 from farm.policy import get_policy
 from farm.schemas import PROJECT_PATTERN, BatchAccepted, BatchCreate, BatchPublic
@@ -103,7 +103,7 @@ def explain_route(query: Annotated[RouteQuery, Query()], request: Request,
     if query.model is not None and query.model not in policy.catalog.models:
         raise HTTPException(422, [{"field": "model", "value": query.model,
                                    "message": f"model: unknown model {query.model!r}"}])
-    loads = admission.queue_loads(request.app.state.settings.database_url)
+    loads = admit.queue_loads(request.app.state.settings.database_url)
     fields = query.model_dump()
     if "project" not in query.model_fields_set:  # by default, as the caller's own jobs
         fields["project"] = project

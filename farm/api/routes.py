@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import text
 
-from farm import admission, events, jobs, submit
-from farm.db.models import Job, JobState
+from farm.jobs import admit, events, service as jobs, submit
+from farm.db.tables import Job, JobState
 from farm.db.session import get_engine
 from farm.api.auth import current_project
 from farm.errors import IdempotencyConflict, JobNotFound, PromptTooLong, Unroutable
@@ -121,7 +121,7 @@ def cancel_job(job_id: str, request: Request, project: Project) -> JobPublic:
     if not jobs.cancel_job(db, job_id):
         job = jobs.get_job(db, job_id)
         raise HTTPException(409, f"job {job_id} has already ended: {job.state}")
-    admission.release_soon(_settings(request))  # the GPUs it held, if any, are free
+    admit.release_soon(_settings(request))  # the GPUs it held, if any, are free
     return to_public(jobs.get_job(db, job_id), request)
 
 

@@ -6,16 +6,15 @@ from pathlib import Path
 
 import typer
 
-from farm.cli import client, policy_cmds, render, services
+from farm.cli import client, models_cmds, policy_cmds, render, services
 from farm.settings import get_settings
 
 app = typer.Typer(help="Render farm for Wan2.2-class text-to-video models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database migrations (Alembic).")
-models_app = typer.Typer(help="Model checkpoints.")
 toy_app = typer.Typer(help="The farm's small model, trained here on a procedural world.")
 app.add_typer(db_app, name="db")
-app.add_typer(models_app, name="models")
+app.add_typer(models_cmds.models_app, name="models")
 app.add_typer(toy_app, name="toy")
 app.add_typer(services.ray_app, name="ray")
 app.add_typer(policy_cmds.rules_app, name="rules")
@@ -30,7 +29,7 @@ def keys_create(project: str = typer.Option(..., help="the project the key acts 
     """Create a key and print it: it is shown this once, and stored only as a hash."""
     import re
 
-    from farm import keys
+    from farm.jobs import keys
     from farm.schemas import PROJECT_PATTERN
 
     if not re.match(PROJECT_PATTERN, project):
@@ -44,7 +43,7 @@ def keys_create(project: str = typer.Option(..., help="the project the key acts 
 @keys_app.command("list")
 def keys_list(project: str = typer.Option(None)) -> None:
     """Keys by id, project, name, created and revoked (never the key itself)."""
-    from farm import keys
+    from farm.jobs import keys
 
     for k in keys.list_keys(get_settings().database_url, project):
         revoked = f" revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else ""
@@ -54,7 +53,7 @@ def keys_list(project: str = typer.Option(None)) -> None:
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by its id: every request with it gets a 401 from then on."""
-    from farm import keys
+    from farm.jobs import keys
 
     if not keys.revoke_key(get_settings().database_url, key_id):
         typer.echo(f"error: no live key with id {key_id!r}", err=True)
@@ -85,14 +84,6 @@ def db_downgrade(revision: str) -> None:
 
     downgrade(get_settings().database_url, revision)
     typer.echo(f"database at {revision}")
-
-
-@models_app.command("make-tiny")
-def make_tiny(path: Path, seed: int = 0) -> None:
-    """Write a tiny random-weight Wan2.2 T2V checkpoint (diffusers layout) to PATH."""
-    from workers.tiny_model import make_tiny_checkpoint
-
-    typer.echo(str(make_tiny_checkpoint(path, seed)))
 
 
 @toy_app.command("train")
@@ -129,7 +120,7 @@ def evaluate(model: str = typer.Option("wan-toy", help="catalog name"),
              combos: int = typer.Option(12, help="combinations per split (12 held out)"),
              steps: int = 20, guidance: float = 4.0) -> None:
     """Score a toy-world model: colour, shape, motion; seen vs held-out; English vs Chinese."""
-    from farm.models import resolve_model_dir
+    from farm.model_dirs import resolve_model_dir
     from farm.policy import get_policy
     from workers.toy.evaluate import EvalSettings, format_table, run_eval, summarise
     from workers.wan_pipeline import WanT2V

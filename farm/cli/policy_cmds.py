@@ -62,7 +62,7 @@ def rules_explain(job_file: Path = typer.Argument(..., metavar="JOB.json"),
     the memory arithmetic of its route."""
     from pydantic import ValidationError
 
-    from farm.submit import job_spec
+    from farm.jobs.submit import job_spec
     from scheduler.routing import QueueLoad, explain
 
     policy = _load(rules, tiers, models)

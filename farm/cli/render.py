@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from farm import jobs
+from farm.jobs import service as jobs
 from farm.db.migrate import upgrade
 from farm.schemas import JobCreate
 from farm.settings import get_settings
@@ -36,10 +36,10 @@ def _follow(db_url: str, job_id: str, done: threading.Event) -> None:
 def _new_job(settings, request):
     """Routed by the rules in force and saved as sent: this process renders it now, whatever
     else waits in the database."""
-    from farm.db.models import utcnow
+    from farm.db.tables import utcnow
     from farm.errors import Unroutable
     from farm.policy import get_policy
-    from farm.submit import route_request
+    from farm.jobs.submit import route_request
 
     try:
         route = route_request(request, {})
@@ -62,9 +62,9 @@ def render(prompt: str, output: Path = typer.Option(Path("out.mp4"), "--output",
     from farm.cli.services import prepare_ray_env
 
     prepare_ray_env()
-    from farm import tasks  # noqa: F401  (registers the tasks that run eagerly here)
+    from farm.tasks import celery_tasks  # noqa: F401  (registers the tasks that run eagerly here)
     from farm.celery_app import app as celery
-    from farm.dispatch import enqueue_job
+    from farm.jobs.dispatch import enqueue_job
     from workers import ray_cluster
 
     settings = get_settings()

@@ -152,7 +152,7 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     upgrade(settings.database_url)
     key_file = settings.home / "api_key"
     if not key_file.exists() and not settings.api_key.get_secret_value():
-        from farm import keys
+        from farm.jobs import keys
 
         _, key = keys.create_key(settings.database_url, "default", "farm up")
         key_file.touch(mode=0o600)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from farm import keys
+from farm.jobs import keys
 from tests.conftest import api_client
 from tests.e2e.test_render_flow import wait_for
 
@@ -116,7 +116,7 @@ def test_a_stored_video_that_changed_is_not_served(api_url, owned, settings):
     with api_client(api_url) as client:
         job = client.get(f"/v1/jobs/{owned['job']}").json()
         assert client.get(job["output_url"]).status_code == 200
-        from farm import jobs
+        from farm.jobs import service as jobs
 
         key = jobs.get_job(settings.database_url, owned["job"]).output_key
         path = Storage(settings.storage_url).local_path(key)

@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from farm import keys
+from farm.jobs import keys
 from farm.db.migrate import upgrade
 
 FIELDS = ["prompt", "negative_prompt", "model", "track", "project", "width", "height", "frames",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from farm import keys
+from farm.jobs import keys
 from tests.conftest import DB_PASSWORD, TMP, api_client
 
 pytestmark = pytest.mark.e2e

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from farm import admission, jobs
+from farm.jobs import admit, service as jobs
 from farm.celery_app import make_celery
 from farm.db.migrate import upgrade
-from farm.dispatch import enqueue_job
+from farm.jobs.dispatch import enqueue_job
 from farm.errors import QueueUnavailable
 from farm.schemas import JobCreate
-from farm.submit import route_request
+from farm.jobs.submit import route_request
 
 
 @pytest.fixture()
@@ -32,6 +32,6 @@ def test_a_failed_send_is_undone_and_the_job_stays_queued(sqlite_settings):
                                                           "result_backend": f"db+{nowhere}"}))
     dead.conf.task_publish_retry = False
     with pytest.raises(QueueUnavailable, match="the queue is unavailable"):
-        admission.release(sqlite_settings, enqueue=lambda j: enqueue_job(j, dead, db))
+        admit.release(sqlite_settings, enqueue=lambda j: enqueue_job(j, dead, db))
     after = jobs.get_job(db, job.id)
     assert after.state == "queued" and after.dispatched_at is None and after.celery_id is None

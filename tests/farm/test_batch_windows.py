@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from farm import batches, jobs
+from farm.jobs import batches, service as jobs
 from farm.db.migrate import upgrade
-from farm.db.models import Job
+from farm.db.tables import Job
 from farm.db.session import session_scope
 from farm.schemas import BatchCreate
 

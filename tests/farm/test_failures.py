@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from farm.events import SEGMENT_FAILED, SEGMENT_LOST
-from farm.failures import blocklisted, decide, pick_worker, segment_errors
+from farm.jobs.events import SEGMENT_FAILED, SEGMENT_LOST
+from farm.tasks.failure_policy import blocklisted, decide, pick_worker, segment_errors
 
 
 def failure(worker: str, index: int = 0, kind: str = SEGMENT_FAILED, message: str = "boom"):

@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-from farm import jobs
+from farm.jobs import service as jobs
 from farm.db.migrate import upgrade
 from farm.db.session import session_scope
 from farm.schemas import JobCreate
-from farm.submit import route_request
+from farm.jobs.submit import route_request
 from tests.conftest import RUN_ID, drop_database, make_database
 
 

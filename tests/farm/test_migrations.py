@@ -8,7 +8,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from farm.db.migrate import downgrade, upgrade
-from farm.db.models import Base
+from farm.db.tables import Base
 from farm.db.session import get_engine
 from tests.conftest import RUN_ID, drop_database, make_database
 

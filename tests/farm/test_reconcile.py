@@ -8,14 +8,15 @@ from datetime import timedelta
 import pytest
 import redis
 
-from farm import events, jobs, reconcile
+from farm.jobs import events, service as jobs
+from farm.tasks import reconcile
 from farm.celery_app import make_celery
 from farm.db.migrate import upgrade
-from farm.db.models import utcnow
+from farm.db.tables import utcnow
 from farm.db.session import session_scope
-from farm.dispatch import enqueue_job
+from farm.jobs.dispatch import enqueue_job
 from farm.schemas import JobCreate
-from farm.submit import route_request
+from farm.jobs.submit import route_request
 from tests.conftest import RUN_ID, drop_database, make_database
 
 BROKER = "redis://127.0.0.1:6379/14"

@@ -95,7 +95,7 @@ class FaultStack:
 
     # ---- the API ------------------------------------------------------------------------
     def client(self, project: str = "default") -> httpx.Client:
-        from farm import keys
+        from farm.jobs import keys
 
         if project not in self.keys:
             self.keys[project] = keys.create_key(self.pg.url, project, "faults")[1]

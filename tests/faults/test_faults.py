@@ -28,7 +28,7 @@ def assert_storage_agrees(stack: FaultStack, job: dict) -> None:
     from farm.storage import Storage, sha256_of
 
     storage = Storage(stack.env["FARM_STORAGE_URL"])
-    from farm import jobs
+    from farm.jobs import service as jobs
 
     record = jobs.get_job(stack.pg.url, job["id"])
     for seg in record.segments:
@@ -218,7 +218,7 @@ def test_a_failed_job_keeps_its_finished_segments(fault_stack, tier_b):
     from farm.storage import Storage
 
     storage = Storage(fault_stack.env["FARM_STORAGE_URL"])
-    keys = __import__("farm.jobs", fromlist=["get_job"]).get_job(
+    keys = __import__("farm.jobs.service", fromlist=["get_job"]).get_job(
         fault_stack.pg.url, job_id).segments[0].chunk_keys
     assert keys and all(storage.exists(k) for k in keys)
 
@@ -230,7 +230,7 @@ def test_the_farm_is_healthy_after_the_faults_and_logged_no_key(fault_stack):
     with httpx.Client(base_url=fault_stack.api_url) as http:
         assert http.get("/healthz").json() == {"database": "ok", "broker": "ok"}
     # Every trial's job is accounted for: none lost, none left running.
-    from farm import jobs
+    from farm.jobs import service as jobs
 
     assert len(TRIALS_RECORDED) >= 30
     for trial in TRIALS_RECORDED:

@@ -5,7 +5,7 @@
   boundary, once a render (what the official repo does with offload_model);
 - split: each expert on its own group; the high-noise group hands the render (latents and
   solver state) to the low-noise group through Ray's object store, so consecutive jobs
-  pipeline through the two groups and no GPU ever swaps weights (workers.group.SplitGroup).
+  pipeline through the two groups and no GPU ever swaps weights (workers.split_group.SplitGroup).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from farm.models import resolve_model_dir
+from farm.model_dirs import resolve_model_dir
 from farm.policy import get_policy
 from workers.toy import BUNDLED_DIR
 from workers.toy.evaluate import CHANCE, EvalSettings, run_eval, summarise, wilson

@@ -9,15 +9,15 @@ from functools import lru_cache
 
 from sqlalchemy.exc import IntegrityError
 
-from farm import admission, jobs
-from farm.db.models import IdempotencyRecord, Job, utcnow
+from farm.jobs import admit, service as jobs
+from farm.db.tables import IdempotencyRecord, Job, utcnow
 from farm.db.session import session_scope
 from farm.errors import (
     IdempotencyConflict, ModelUnavailable, PromptTooLong, QueueUnavailable, Unroutable,
 )
-from farm.models import resolve_model_dir
+from farm.model_dirs import resolve_model_dir
 from farm.policy import get_policy
-from farm.prompt_limits import too_long
+from farm.jobs.prompt_limits import too_long
 from farm.schemas import JobCreate
 from farm.settings import Settings
 from scheduler.routing import JobSpec, NoRoute, QueueLoad, Route, route
@@ -62,7 +62,7 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
                 if idempotency_key else "")  # only a keyed submission is compared later
     if idempotency_key and (earlier := _replay(db, request.project, idempotency_key, body_sha)):
         return earlier
-    chosen = route_request(request, admission.queue_loads(db))
+    chosen = route_request(request, admit.queue_loads(db))
     check_prompt_length(settings, request, chosen.variant)
     job = jobs.new_job(request, chosen, get_policy().rules.sha256,
                        waiting=must_wait(chosen.as_dict(), utcnow()))
@@ -109,7 +109,7 @@ def release_or_defer(settings: Settings) -> None:
     """After saving: the job is accepted whatever happens here; a failure to send it now
     (broker or database trouble) leaves it queued for the next release (a beat tick)."""
     try:
-        admission.release(settings)
+        admit.release(settings)
     except QueueUnavailable as exc:
         log.warning("saved; the queue is unavailable, the next tick sends it: %s", exc)
     except Exception:

@@ -1,7 +1,7 @@
 """A job's event log (table ``job_events``): what happened to it and on which worker.
 
 It is the job's log for people (`GET /v1/jobs/{id}/events`, `farm logs`), kept whatever
-the job's end, and the record the failure policy counts (farm.failures): a segment's
+the job's end, and the record the failure policy counts (farm.tasks.failure_policy): a segment's
 failures by worker, and the workers blocklisted for a job.
 """
 
@@ -12,7 +12,7 @@ from collections import Counter
 
 from sqlalchemy import func, select
 
-from farm.db.models import JobEvent
+from farm.db.tables import JobEvent
 from farm.db.session import session_scope
 
 log = logging.getLogger(__name__)

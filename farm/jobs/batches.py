@@ -16,14 +16,14 @@ from datetime import datetime
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from farm import admission, jobs
-from farm.db.models import FINAL_JOB_STATES, Batch, Job, JobState, utcnow
+from farm.jobs import admit, service as jobs
+from farm.db.tables import FINAL_JOB_STATES, Batch, Job, JobState, utcnow
 from farm.db.session import session_scope
 from farm.errors import BadBatch, BatchNotFound, PromptTooLong, Unroutable
 from farm.policy import get_policy
 from farm.schemas import BatchCreate, JobCreate
 from farm.settings import Settings
-from farm.submit import (
+from farm.jobs.submit import (
     check_prompt_length, must_wait, parse_window, release_or_defer, route_request,
 )
 from scheduler.batch_lines import BatchFileError, parse_batch
@@ -60,7 +60,7 @@ def create_batch(settings: Settings, body: BatchCreate) -> tuple[Batch, list[Job
     batch = Batch(id=uuid.uuid4().hex, name=body.name, project=body.project, window=body.window,
                   timezone=body.timezone, on_window_close=body.on_window_close, state="open",
                   report_keys={}, created_at=utcnow())
-    loads = admission.queue_loads(settings.database_url)
+    loads = admit.queue_loads(settings.database_url)
     rules_sha = get_policy().rules.sha256
     now, new = utcnow(), []
     for line, request in requests:
@@ -128,7 +128,7 @@ def apply_windows(db_url: str, now: datetime) -> tuple[int, int]:
 
 def finish_batches(settings: Settings) -> list[str]:
     """Mark done, with a stored report, every open batch whose jobs have all ended."""
-    from farm.reports import write_report
+    from farm.jobs.reports import write_report
 
     db = settings.database_url
     with session_scope(db) as session:
@@ -153,7 +153,7 @@ def finish_batches(settings: Settings) -> list[str]:
 
 def tick(settings: Settings, now: datetime | None = None) -> dict:
     woken, parked = apply_windows(settings.database_url, now or utcnow())
-    released = admission.release(settings)
+    released = admit.release(settings)
     finished = finish_batches(settings)
     return {"woken": woken, "parked": parked, "released": len(released), "finished": finished}
 

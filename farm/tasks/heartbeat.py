@@ -1,6 +1,6 @@
 """A background thread that calls ``beat`` every ``every_s`` seconds while a task runs.
 
-The reconciler (farm.reconcile) reads the heartbeats: a task whose heartbeat is older than
+The reconciler (farm.tasks.reconcile) reads the heartbeats: a task whose heartbeat is older than
 the lease is taken as lost. A failing beat (the database restarting) is logged and the
 thread goes on: a short outage must not look like a lost task once the database is back.
 """

@@ -1,6 +1,6 @@
 """What happens after a segment fails: retried elsewhere, or failed for good (issue #6).
 
-The rules, counted from the job's event log (farm.events):
+The rules, counted from the job's event log (farm.jobs.events):
 - a worker that has failed this job's segments ``blocklist_after`` times (3) is blocklisted
   for the job: it hands the job's segments on to another worker instead of running them;
 - a segment fails for good once it has failed on ``distinct_workers`` (3) different workers,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from farm.events import failures_by_worker
+from farm.jobs.events import failures_by_worker
 
 log = logging.getLogger(__name__)
 

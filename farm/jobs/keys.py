@@ -12,7 +12,7 @@ import secrets
 
 from sqlalchemy import select, update
 
-from farm.db.models import ApiKey, utcnow
+from farm.db.tables import ApiKey, utcnow
 from farm.db.session import session_scope
 
 PREFIX = "farm_"

@@ -5,13 +5,13 @@ Redis restarted and dropped its queues (and the chord's counter), the Celery wor
 a segment was killed (its message waits in Redis' unacked set until the visibility
 timeout, hours away), or a stitch task died. Every beat tick, under admission's lock, a job
 is stranded when it was sent more than ``lease_s`` ago and
-- none of its segments' tasks has heartbeaten (farm.segment_runner) within ``lease_s``,
+- none of its segments' tasks has heartbeaten (farm.tasks.segment_runner) within ``lease_s``,
 - it is not stitching with a stitch heartbeat within ``lease_s``,
 - and none of its current task ids is still waiting in the broker's queues.
 A stranded job is sent again with new task ids: tasks of the earlier send are fenced off
-(farm.jobs: only a segment's current task may start, report or finish it), so a late
+(farm.jobs.service: only a segment's current task may start, report or finish it), so a late
 redelivery does nothing. A segment whose worker vanished counts as a failure of that
-worker (farm.failures), and fails for good after as many different workers as any failure.
+worker (farm.tasks.failure_policy), and fails for good after as many different workers as any failure.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, text
 from sqlalchemy.orm import selectinload
 
-from farm import events, jobs
-from farm.admission import locked_session
-from farm.db.models import Job, JobState, SegmentState, utcnow
+from farm.jobs import events, service as jobs
+from farm.jobs.admit import locked_session
+from farm.db.tables import Job, JobState, SegmentState, utcnow
 from farm.db.session import DATABASE_OUTAGE, get_engine
-from farm.failures import exhausted, segment_errors
+from farm.tasks.failure_policy import exhausted, segment_errors
 from farm.settings import Settings, is_redis_url
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def reconcile(settings: Settings, enqueue=None, now: datetime | None = None) -> 
     """Send every stranded job again; returns their ids. A job whose lost segment has now
     failed on ``segment_failure_workers`` workers fails instead, with the errors."""
     if enqueue is None:
-        from farm.dispatch import enqueue_job as enqueue
+        from farm.jobs.dispatch import enqueue_job as enqueue
     db, now = settings.database_url, now or utcnow()
     try:
         in_broker = broker_task_ids(settings.broker_url)

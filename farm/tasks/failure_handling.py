@@ -4,7 +4,7 @@ a database outage, leave it to the reconciler, or fail it for good.
 `handle` is called with any exception of `render_segment` and always raises: Celery's
 Retry (the task runs again), Ignore (abandoned: no result, no errback, not counted by the
 chord; the reconciler re-sends the job once its heartbeat is stale) or the final error,
-after the segment and job are failed. The policy itself is in farm.failures.
+after the segment and job are failed. The policy itself is in farm.tasks.failure_policy.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import logging
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils import worker_direct
 
-from farm import admission, events, failures, jobs
+from farm.jobs import admit, events, service as jobs
+from farm.tasks import failure_policy
 from farm.celery_app import BROKER_OUTAGE, app
 from farm.db.session import DATABASE_OUTAGE
 from farm.errors import FarmError, SegmentFailed
@@ -90,15 +91,15 @@ def _retry_elsewhere(task, job_id: str, seg_id: int, worker: str, exc: Exception
     events.record(db, job_id, events.SEGMENT_FAILED, f"{type(exc).__name__}: {exc}", index, worker)
     evs = events.failures(db, job_id)
     queue = job.route["queue"]
-    serving = failures.serving_workers(app, queue, worker, settings.control_timeout_s)
-    decision = failures.decide(evs, index, worker, queue, serving, settings.blocklist_after,
+    serving = failure_policy.serving_workers(app, queue, worker, settings.control_timeout_s)
+    decision = failure_policy.decide(evs, index, worker, queue, serving, settings.blocklist_after,
                                settings.segment_failure_workers)
     if decision.newly_blocklisted:
         events.record(db, job_id, events.BLOCKLISTED,
                       f"{worker} failed this job {settings.blocklist_after} times", index, worker)
         log.warning("job %s: worker %s blocklisted", job_id, worker)
     if decision.final:
-        raise SegmentFailed(f"{decision.final}:\n{failures.segment_errors(evs, index)}")
+        raise SegmentFailed(f"{decision.final}:\n{failure_policy.segment_errors(evs, index)}")
     jobs.beat_segment(db, seg_id, task.request.id)  # alive while the retry is on its way
     log.warning("job %s segment %d failed on %s (%s); retry on %s", job_id, index, worker, exc,
                 decision.target or queue)
@@ -113,19 +114,19 @@ def hand_on_if_blocklisted(task, job_id: str, seg_id: int, worker: str) -> None:
     settings = get_settings()
     db = settings.database_url
     evs = events.failures(db, job_id)
-    if worker not in failures.blocklisted(evs, settings.blocklist_after):
+    if worker not in failure_policy.blocklisted(evs, settings.blocklist_after):
         return
     job = jobs.get_job(db, job_id)
     index, queue = segment_index(job, seg_id), job.route["queue"]
-    serving = failures.serving_workers(app, queue, worker, settings.control_timeout_s)
-    target, why = failures.pick_worker(evs, index, worker, queue, serving,
+    serving = failure_policy.serving_workers(app, queue, worker, settings.control_timeout_s)
+    target, why = failure_policy.pick_worker(evs, index, worker, queue, serving,
                                        settings.blocklist_after)
     handed_on = events.count(db, job_id, events.SEGMENT_HANDED_ON, index)
-    if why is None and handed_on >= failures.MAX_HAND_ONS:
+    if why is None and handed_on >= failure_policy.MAX_HAND_ONS:
         why = f"handed on {handed_on} times by workers blocklisted for it; no other took it"
     if why is not None:
         raise SegmentFailed(f"segment {index} cannot run: {why}:\n"
-                            f"{failures.segment_errors(evs, index)}")
+                            f"{failure_policy.segment_errors(evs, index)}")
     events.record(db, job_id, events.SEGMENT_HANDED_ON, f"{worker} is blocklisted for this "
                   f"job; sent to {target or queue}", index, worker)
     raise task.retry(countdown=0 if target else settings.retry_countdown_s,
@@ -149,4 +150,4 @@ def record_final(job_id: str, seg_id: int, exc: BaseException, task_id: str | No
     jobs.fail_segment(db, seg_id, message)
     if jobs.fail_job(db, job_id, message):
         events.record(db, job_id, events.JOB_FAILED, message)
-        admission.release_soon(settings)  # its GPUs are free for the next job
+        admit.release_soon(settings)  # its GPUs are free for the next job

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from farm import events, jobs
-from farm.db.models import Segment
+from farm.jobs import events, service as jobs
+from farm.db.tables import Segment
 from farm.db.session import DATABASE_OUTAGE, retry_through_outage
 from farm.errors import WorkerLost
-from farm.heartbeat import Heartbeat
-from farm.models import resolve_model_dir
+from farm.tasks.heartbeat import Heartbeat
+from farm.model_dirs import resolve_model_dir
 from farm.settings import Settings
 from farm.storage import Storage
 from farm.policy import get_policy
@@ -110,7 +110,7 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
                 on_progress: ProgressFn | None = None, worker: str | None = None,
                 task_id: str | None = None) -> dict:
     """``worker``: who runs it (the Celery worker's name), recorded on the segment.
-    ``task_id``: the Celery task running it, its fencing token (farm.jobs)."""
+    ``task_id``: the Celery task running it, its fencing token (farm.jobs.service)."""
     db = settings.database_url
     worker = worker or socket.gethostname()
     if not jobs.start_segment(db, seg_id, worker=worker, task_id=task_id,

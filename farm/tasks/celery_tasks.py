@@ -1,10 +1,10 @@
 """Celery tasks: a chord per job, `render_segment` on the tier's queue, `stitch_job` after.
 
 Failures are logged with the job and segment, recorded in the job's event log, and
-re-raised (farm.render_failures): a failed segment is retried on another worker until the
-failure policy (farm.failures) says it has failed for good; FarmErrors that are not
+re-raised (farm.tasks.failure_handling): a failed segment is retried on another worker until the
+failure policy (farm.tasks.failure_policy) says it has failed for good; FarmErrors that are not
 ``retryable`` fail it at once. While the database is unreachable a task waits and tries
-again, recording nothing; the reconciler (farm.reconcile) is the backstop.
+again, recording nothing; the reconciler (farm.tasks.reconcile) is the backstop.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import logging
 
 from celery.exceptions import Ignore, Retry
 
-from farm import admission, batches, jobs, reconcile, render_failures, segment_runner, stitcher
+from farm.jobs import admit, batches, service as jobs
+from farm.tasks import reconcile, failure_handling, segment_runner, stitcher
 from farm.celery_app import BROKER_OUTAGE, TICK_TASK, app
 from farm.db.session import DATABASE_OUTAGE
-from farm.dispatch import RENDER_TASK, SEGMENT_FAILED_TASK, STITCH_TASK
+from farm.jobs.dispatch import RENDER_TASK, SEGMENT_FAILED_TASK, STITCH_TASK
 from farm.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,13 @@ def render_segment(self, job_id: str, seg_id: int) -> dict:
     try:
         if not jobs.owns_segment(settings.database_url, seg_id, self.request.id):
             return {"segment_id": seg_id, "superseded": True}  # a late redelivery
-        render_failures.hand_on_if_blocklisted(self, job_id, seg_id, worker)
+        failure_handling.hand_on_if_blocklisted(self, job_id, seg_id, worker)
         return segment_runner.run_segment(settings, job_id, seg_id, progress, worker=worker,
                                           task_id=self.request.id)
     except (Retry, Ignore):
         raise
     except Exception as exc:
-        render_failures.handle(self, job_id, seg_id, worker, exc)
+        failure_handling.handle(self, job_id, seg_id, worker, exc)
         raise  # handle always raises
 
 
@@ -58,7 +59,7 @@ def segment_failed(request, exc, traceback) -> None:
     """Errback of every render task: also runs when the task was killed by its hard time
     limit, where the task body's own handler never ran."""
     job_id, seg_id = request.args
-    render_failures.record_final(job_id, seg_id, exc, request.id)
+    failure_handling.record_final(job_id, seg_id, exc, request.id)
 
 
 @app.task(bind=True, name=STITCH_TASK, max_retries=None)
@@ -68,15 +69,15 @@ def stitch_job(self, segment_results: list, job_id: str) -> dict:
         return stitcher.stitch(settings, job_id, chord_id=self.request.id)
     except DATABASE_OUTAGE as exc:
         if self.request.retries >= settings.db_outage_retries:
-            render_failures.abandon(f"job {job_id} stitch", exc)  # the reconciler re-sends it
+            failure_handling.abandon(f"job {job_id} stitch", exc)  # the reconciler re-sends it
         log.warning("job %s: database unavailable while stitching; retrying", job_id)
-        raise self.retry(exc=exc, countdown=render_failures.DB_RETRY_COUNTDOWN_S)
+        raise self.retry(exc=exc, countdown=failure_handling.DB_RETRY_COUNTDOWN_S)
     except Exception as exc:
         log.exception("job %s: stitching failed", job_id)
         jobs.fail_job(settings.database_url, job_id, f"stitch: {type(exc).__name__}: {exc}")
         raise
     finally:
-        admission.release_soon(settings)  # the job has left the GPUs
+        admit.release_soon(settings)  # the job has left the GPUs
 
 
 @app.task(name=TICK_TASK)

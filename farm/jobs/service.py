@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from farm.db.models import FINAL_JOB_STATES, Job, JobState, Segment, SegmentState, utcnow
+from farm.db.tables import FINAL_JOB_STATES, Job, JobState, Segment, SegmentState, utcnow
 from farm.db.session import session_scope
 from farm.errors import JobNotFound, SegmentExhausted
 from farm.policy import get_policy
@@ -255,7 +255,7 @@ def cancel_job(db_url: str, job_id: str) -> bool:
                         finished_at=utcnow())
 
 
-# ---- admission (farm.admission) -------------------------------------------------------------
+# ---- admission (farm.jobs.admit) -------------------------------------------------------------
 
 def claim_for_dispatch(session: Session, job_id: str) -> bool:
     """Mark a queued job as sent to its tier's queue, once (inside admission's lock)."""
@@ -272,7 +272,7 @@ def unclaim(db_url: str, job_ids: list[str]) -> None:
                         .values(dispatched_at=None, celery_id=None))
 
 
-# ---- batch windows (farm.batches' tick) -----------------------------------------------------
+# ---- batch windows (farm.jobs.batches' tick) -----------------------------------------------------
 
 def wake_jobs(db_url: str, job_ids: list[str]) -> int:
     """waiting -> queued: their window opened; admission sends them in priority order."""

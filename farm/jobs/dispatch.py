@@ -6,7 +6,7 @@ import uuid
 
 from celery import chord
 
-from farm import jobs
+from farm.jobs import service as jobs
 from farm.celery_app import app
 from farm.settings import get_settings
 from scheduler.routing import STITCH_QUEUE

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from farm.db.models import Batch, Job
+from farm.db.tables import Batch, Job
 from farm.db.session import session_scope
 from farm.settings import Settings
 from farm.storage import Storage

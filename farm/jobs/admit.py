@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import select, text, update
 
-from farm.db.models import Job, JobState, utcnow
+from farm.db.tables import Job, JobState, utcnow
 from farm.db.session import session_scope
 from farm.errors import QueueUnavailable
 from farm.policy import get_policy
@@ -50,7 +50,7 @@ def locked_session(db_url: str):
 
 def _choose(session) -> tuple[list[str], dict[str, str]]:
     """-> (jobs marked as sent, jobs that can never run as routed: id -> why)."""
-    from farm.submit import must_wait
+    from farm.jobs.submit import must_wait
 
     now = utcnow()
     rows = session.execute(
@@ -70,7 +70,7 @@ def _choose(session) -> tuple[list[str], dict[str, str]]:
     decision = select_for_release(waiting, holding, tiers, policy.rules.quotas)
     for job_id, why in decision.held.items():
         log.debug("job %s waits: %s", job_id, why)
-    from farm import jobs
+    from farm.jobs import service as jobs
 
     chosen = [job_id for job_id in decision.released if jobs.claim_for_dispatch(session, job_id)]
     return chosen, decision.impossible
@@ -79,10 +79,10 @@ def _choose(session) -> tuple[list[str], dict[str, str]]:
 def release(settings: Settings, enqueue: Callable | None = None) -> list[str]:
     """Send every job the policy admits now; returns their ids. Raises QueueUnavailable
     (after undoing the marks) when the broker refuses a send."""
-    from farm import jobs
+    from farm.jobs import service as jobs
 
     if enqueue is None:
-        from farm.dispatch import enqueue_job as enqueue
+        from farm.jobs.dispatch import enqueue_job as enqueue
     db = settings.database_url
     with locked_session(db) as session:
         chosen, impossible = _choose(session)

@@ -1,7 +1,7 @@
 """SQLAlchemy 2 models of jobs and segments. The same code runs on PostgreSQL and SQLite.
 
 States (DESIGN.md): job queued -> waiting -> running -> stitching -> succeeded | failed |
-canceled; segment pending -> running -> done | failed. Only `farm.jobs` changes them.
+canceled; segment pending -> running -> done | failed. Only `farm.jobs.service` changes them.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Job(Base):
         ForeignKey("batches.id", ondelete="SET NULL"), index=True, nullable=True)
     route: Mapped[dict] = mapped_column(JSON)  # scheduler.routing.Route as a dict
     rules_sha256: Mapped[str] = mapped_column(String(64), default="")  # the rules it was routed by
-    # Set when the admission step sends the job to its tier's queue (farm.admission); until
+    # Set when the admission step sends the job to its tier's queue (farm.jobs.admit); until
     # then a queued job waits in the database, in priority order.
     dispatched_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1
@@ -90,7 +90,7 @@ class Job(Base):
     # The chord's id; also the fencing token of the stitch task: a stitch task whose id is
     # not this one (sent before the reconciler re-sent the job) does nothing.
     celery_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    resends: Mapped[int] = mapped_column(Integer, default=0)  # times farm.reconcile re-sent it
+    resends: Mapped[int] = mapped_column(Integer, default=0)  # times farm.tasks.reconcile re-sent it
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -134,7 +134,7 @@ class Segment(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # The render task's id, and its fencing token: only the task with this id may start,
-    # report or finish the segment (farm.reconcile gives a re-sent segment a new one).
+    # report or finish the segment (farm.tasks.reconcile gives a re-sent segment a new one).
     celery_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Written every few seconds while a task renders it; stale means its worker vanished.
     heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -181,7 +181,7 @@ class JobEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     segment_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    kind: Mapped[str] = mapped_column(String(32))  # farm.events: RESENT, SEGMENT_FAILED, ...
+    kind: Mapped[str] = mapped_column(String(32))  # farm.jobs.events: RESENT, SEGMENT_FAILED, ...
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     message: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -6,10 +6,10 @@ import logging
 import tempfile
 from pathlib import Path
 
-from farm import jobs
-from farm.db.models import SegmentState
+from farm.jobs import service as jobs
+from farm.db.tables import SegmentState
 from farm.errors import OutputInvalid
-from farm.heartbeat import Heartbeat
+from farm.tasks.heartbeat import Heartbeat
 from farm.settings import Settings
 from farm.storage import Storage
 from workers.video import concat, probe, thumbnail
