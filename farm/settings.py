@@ -31,7 +31,12 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_url: str = ""  # what the CLI talks to; default: http://{api_host}:{api_port}
     api_key: SecretStr = SecretStr("")  # what the CLI sends; else the key file in FARM_HOME
-    rate_limit_per_minute: int = 120  # submissions per project (0: no limit)
+    # Jobs per project per minute, each job of a batch counted (0: no limit).
+    rate_limit_per_minute: int = 120
+    # Jobs of a project waiting or queued (not yet rendering) at once (0: no cap). 10,000 is
+    # a few hours of a 100-GPU farm's whole throughput (100,000 jobs a day): room for the
+    # largest nightly batch, while a runaway client stops long before it buries the others.
+    max_queued_per_project: int = 10_000
     max_body_bytes: int = 10_000_000  # larger request bodies get a 413
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555
