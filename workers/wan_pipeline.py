@@ -12,12 +12,14 @@ import importlib
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer
+
+from scheduler.latents import latent_shape, vae_strides
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,19 @@ class RenderRequest:
     guidance_high: float  # CFG scale while the high-noise expert runs
     guidance_low: float  # CFG scale while the low-noise expert runs
     seed: int
+    # A continued segment's first frame: uint8 (height, width, 3), the previous segment's
+    # last frame; held as the first latent frame (issue #11, item 7). None: text only.
+    first_frame: np.ndarray | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        frame = self.first_frame
+        want = (self.height, self.width, 3)
+        if frame is not None and (not isinstance(frame, np.ndarray) or frame.dtype != np.uint8
+                                  or frame.shape != want):
+            got = (f"{frame.dtype} array of shape {frame.shape}" if isinstance(frame, np.ndarray)
+                   else repr(type(frame).__name__))
+            raise ValueError(f"first_frame must be a uint8 array of shape {want} (height, width, "
+                             f"3), got {got}")
 
 
 def _load_component(folder: Path, name: str, library: str, class_name: str, dtype):
@@ -57,10 +72,17 @@ class DenoiseState:
     latents: torch.Tensor
     scheduler: object  # the multistep solver, with its history of model outputs
     step: int  # steps done
+    # A continued segment: the first frame's clean latent (1, z, 1, h, w) and the noise the
+    # render started from there, to re-noise it to each step's level. None: text only.
+    condition: torch.Tensor | None = None
+    condition_noise: torch.Tensor | None = None
 
     def to(self, device) -> "DenoiseState":
         """Latents and every tensor the solver keeps (history, timesteps), onto ``device``."""
         self.latents = self.latents.to(device)
+        if self.condition is not None:
+            self.condition = self.condition.to(device)
+            self.condition_noise = self.condition_noise.to(device)
         for name, value in vars(self.scheduler).items():
             if isinstance(value, torch.Tensor):
                 setattr(self.scheduler, name, value.to(device))
@@ -73,7 +95,8 @@ class DenoiseState:
 class WanT2V:
     """Wan2.2 T2V: a text encoder, one or two transformer experts, a VAE and a scheduler."""
 
-    def __init__(self, components: dict, boundary_ratio: float | None, device: torch.device):
+    def __init__(self, components: dict, boundary_ratio: float | None, device: torch.device,
+                 expand_timesteps: bool = False):
         self.tokenizer = components["tokenizer"]
         self.text_encoder = components["text_encoder"]
         self.vae = components["vae"]
@@ -81,9 +104,11 @@ class WanT2V:
         self.transformer = components["transformer"]  # high-noise expert (or the only one)
         self.transformer_2 = components.get("transformer_2")  # low-noise expert
         self.boundary_ratio = boundary_ratio
+        # Wan2.2 TI2V-5B: one timestep per video token (model_index.json, as WanPipeline).
+        self.expand_timesteps = bool(expand_timesteps)
         self.device = device
-        self.vae_stride_t = 2 ** sum(self.vae.config.temperal_downsample)
-        self.vae_stride_s = 2 ** len(self.vae.config.temperal_downsample)
+        # Pixels per latent cell, from the VAE's scale-factor fields (scheduler/latents.py).
+        self.vae_stride_t, self.vae_stride_s = vae_strides(self.vae.config)
         self.text_len = min(MAX_TEXT_LEN, int(getattr(self.tokenizer, "model_max_length", MAX_TEXT_LEN)))
 
     @classmethod
@@ -112,7 +137,8 @@ class WanT2V:
             components[name] = _load_component(folder, name, spec[0], spec[1], dtype)
             if isinstance(components[name], torch.nn.Module):
                 components[name].to(device).eval().requires_grad_(False)
-        return cls(components, index.get("boundary_ratio"), device)
+        return cls(components, index.get("boundary_ratio"), device,
+                   index.get("expand_timesteps", False))
 
     @property
     def experts(self) -> list[torch.nn.Module]:
@@ -133,9 +159,9 @@ class WanT2V:
     # ---- denoising ---------------------------------------------------------------------------
 
     def latent_shape(self, req: RenderRequest) -> tuple[int, ...]:
-        z_dim = self.vae.config.z_dim
-        return (1, z_dim, (req.frames - 1) // self.vae_stride_t + 1,
-                req.height // self.vae_stride_s, req.width // self.vae_stride_s)
+        """(1, z, latent frames, latent height, latent width), as WanPipeline's noise."""
+        return (1, *latent_shape(self.vae.config.z_dim, (self.vae_stride_t, self.vae_stride_s),
+                                 req.frames, req.height, req.width))
 
     def expert_for(self, t: float) -> tuple[torch.nn.Module, str]:
         """Wan2.2's switch: the high-noise expert while t >= boundary_ratio * T, then low-noise."""
@@ -157,12 +183,61 @@ class WanT2V:
         return noise_uncond + guidance * (noise - noise_uncond)
 
     def start(self, req: RenderRequest) -> "DenoiseState":
-        """The sampler before its first step: seeded noise and a fresh scheduler."""
+        """The sampler before its first step: seeded noise and a fresh scheduler.
+
+        The noise is drawn as diffusers' WanPipeline draws it (``randn_tensor`` with a CPU
+        generator seeded with ``req.seed``, float32), so one seed gives both the same video.
+        """
         generator = torch.Generator("cpu").manual_seed(req.seed)
         latents = torch.randn(self.latent_shape(req), generator=generator, dtype=torch.float32)
         scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh per render
         scheduler.set_timesteps(req.steps, device=self.device)
-        return DenoiseState(latents.to(self.device), scheduler, 0)
+        state = DenoiseState(latents.to(self.device), scheduler, 0)
+        if req.first_frame is not None:
+            state.condition = self.encode_frame(req.first_frame)
+            state.condition_noise = state.latents[:, :, :1].clone()
+            self._hold_first_frame(state)
+        return state
+
+    @torch.no_grad()
+    def encode_frame(self, frame: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) -> its normalised latent (1, z, 1, H/s, W/s), float32: one frame is
+        one latent frame of Wan's causal VAE (as Wan's image-to-video conditioning)."""
+        vae = self.vae
+        x = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device, vae.dtype)
+        x = x.permute(2, 0, 1)[None, :, None] / 127.5 - 1.0  # (1, 3, 1, H, W) in [-1, 1]
+        z = vae.encode(x).latent_dist.mode()
+        cfg = vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z)
+        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z)
+        return ((z - mean) / std).float()
+
+    def _hold_first_frame(self, state: "DenoiseState") -> None:
+        """Put the held first latent frame at the level of the next step (issue #11, item 7).
+
+        Flow matching: x_t = (1 - sigma) * x0 + sigma * noise, sigma the scheduler's for step
+        ``state.step`` (0 after the last step: the clean frame). A per-token-timestep model
+        (expand_timesteps, the 5B) takes the frame clean with timestep 0 instead, as Wan2.2's
+        TI2V does.
+        """
+        if state.condition is None:
+            return
+        sigma = 0.0 if self.expand_timesteps else float(state.scheduler.sigmas[state.step])
+        held = (1.0 - sigma) * state.condition + sigma * state.condition_noise
+        state.latents[:, :, :1] = held.to(state.latents)
+
+    def _timestep(self, expert, t: torch.Tensor, latents: torch.Tensor,
+                  held: bool) -> torch.Tensor:
+        """(batch,) for Wan2.1/A14B; (batch, tokens) with ``expand_timesteps``: t for every
+        video token, built as WanPipeline builds it (float32), 0 for a held first frame."""
+        if not self.expand_timesteps:
+            return t.expand(latents.shape[0])
+        _, ph, pw = expert.config.patch_size
+        f, h, w = latents.shape[2:]
+        mask = torch.ones((f, h // ph, w // pw), dtype=torch.float32, device=latents.device)
+        if held:
+            mask[0] = 0.0
+        return (mask * t).flatten().unsqueeze(0).expand(latents.shape[0], -1)
 
     @torch.no_grad()
     def denoise_steps(self, req: RenderRequest, state: "DenoiseState | None" = None,
@@ -170,7 +245,7 @@ class WanT2V:
                       ) -> Iterator[tuple[int, int, str, torch.Tensor]]:
         """Run the sampler step by step, yielding (step, steps, expert, latents) after each.
 
-        Latents are normalised, shape (1, z, (frames-1)/4+1, height/8, width/8). A caller
+        Latents are normalised, shape ``latent_shape(req)``. A caller
         that stops iterating stops the render within one step. ``state`` continues a render
         (its latents and scheduler, with the solver's history); ``stop_before="low"`` ends it
         at the expert boundary, ``state`` then holding what the low-noise expert continues
@@ -187,10 +262,12 @@ class WanT2V:
                 return
             guidance = req.guidance_high if which == "high" else req.guidance_low
             x = state.latents.to(expert.dtype)
-            noise = self.guide(expert, x, t.expand(x.shape[0]), cond, uncond, guidance)
+            timestep = self._timestep(expert, t, x, state.condition is not None)
+            noise = self.guide(expert, x, timestep, cond, uncond, guidance)
             state.latents = state.scheduler.step(noise.float(), t, state.latents,
                                                  return_dict=False)[0]
             state.step += 1
+            self._hold_first_frame(state)
             yield state.step, len(timesteps), which, state.latents
 
     def denoise(self, req: RenderRequest,
