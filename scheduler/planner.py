@@ -3,11 +3,14 @@
 Wan renders 4k+1 frames per run. A job of F = 4k+1 frames longer than the model's
 maximum M becomes: a first segment of M frames, then segments that render 4j+1 frames and
 keep the last 4j (their first frame is where a continuation would be conditioned), so the
-kept frames add up to exactly F.
+kept frames add up to exactly F. The dropped first frame is the previous segment's last
+one, held as the continuation's first latent frame (issue #11, item 7), so consecutive
+segments join without a cut.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -47,5 +50,14 @@ def plan_segments(frames: int, max_frames: int, seed: int) -> list[SegmentPlan]:
 
 
 def segment_seed(job_seed: int, index: int) -> int:
-    """Each segment its own noise, still within the 32-bit seed range."""
-    return (job_seed + index) % SEED_SPACE
+    """Each segment its own noise, still within the 31-bit seed range.
+
+    Segment 0 renders from the job's seed itself (a one-segment job is the clip that seed
+    gives in `WanT2V` and diffusers' WanPipeline alike); a later one from a hash of (job
+    seed, index). Never ``seed + index`` (issue #11): in a batch fanned out over seeds s,
+    s+1, ... job s's segment 1 would be job s+1's segment 0, the same noise.
+    """
+    if index == 0:
+        return job_seed % SEED_SPACE
+    digest = hashlib.blake2b(f"wan-segment:{job_seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % SEED_SPACE

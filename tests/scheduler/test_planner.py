@@ -1,6 +1,7 @@
 import pytest
 
-from scheduler.planner import is_4k_plus_1, plan_segments
+from scheduler.batch_lines import parse_batch
+from scheduler.planner import SEED_SPACE, is_4k_plus_1, plan_segments, segment_seed
 
 
 @pytest.mark.parametrize("frames,max_frames", [(1, 17), (17, 17), (33, 17), (81, 17),
@@ -24,3 +25,26 @@ def test_33_frames_on_17_frame_model_is_two_segments():
 def test_rejects_frames_not_4k_plus_1(frames):
     with pytest.raises(ValueError, match=f"got {frames}"):
         plan_segments(frames, 17, seed=0)
+
+
+def test_segment_zero_renders_from_the_job_seed():
+    assert plan_segments(17, 17, seed=1234)[0].seed == 1234
+    assert plan_segments(65, 17, seed=1234)[0].seed == 1234
+
+
+def test_a_seeds_batch_shares_no_noise_between_its_segments():
+    """Issue #11: with seed + k, job s's segment 1 was job s+1's segment 0."""
+    lines = parse_batch('{"prompt": "a red circle moving right", "seeds": 200, "seed": 40}',
+                        "jsonl")
+    seeds = [line.fields["seed"] for line in lines]
+    assert seeds == list(range(40, 240))
+    plans = {s: plan_segments(65, 17, seed=s) for s in seeds}
+    assert plans[40][1].seed != plans[41][0].seed
+    every = [p.seed for ps in plans.values() for p in ps]
+    assert len(every) == 4 * 200 and len(set(every)) == len(every)
+    assert all(0 <= seed < SEED_SPACE for seed in every)
+
+
+def test_segment_seeds_are_a_pure_function_of_job_seed_and_index():
+    assert [p.seed for p in plan_segments(65, 17, 9)] == [p.seed for p in plan_segments(65, 17, 9)]
+    assert segment_seed(9, 2) != segment_seed(10, 1) != segment_seed(9, 1)
