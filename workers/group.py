@@ -1,9 +1,12 @@
-"""The executor: finds or creates the long-lived actors of a (variant, tier) and calls them.
+"""The executor: finds or creates the long-lived actors of one group of a pool and calls them.
 
-Actors are named ``render:{variant}:{tier}:r{rank}`` (a parallel group:
-``render:{variant}:{tier}:{plan}:r{rank}``) in the ``farm`` namespace and created at most once
-per cluster (``get_if_exists``); every task afterwards reuses them. A group of N ranks sits in
-one STRICT_PACK placement group (one node) and meets at a rendezvous file on that node.
+A route (variant, tier, plan, placement) has a pool of groups, as many as the tier's GPUs
+hold (workers/pool.py); group ``g`` of it is named ``render:{variant}:{tier}:g{g}:r{rank}``
+(a parallel plan or a placement other than resident adds ``:{plan}`` / ``:{placement}``
+before ``g``) in the ``farm`` namespace, and created at most once per cluster
+(``get_if_exists``). A group of N ranks sits in one STRICT_PACK placement group (one node) and
+meets at a rendezvous file on that node. One driver at a time: the caller that holds the
+group's lease (farm/tasks/group_leases.py) is the only one that calls it (issue #11).
 """
 
 from __future__ import annotations
@@ -36,28 +39,32 @@ class GroupBroken(RuntimeError):
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, GroupBroken)
 
 
-def actor_name(variant: str, tier: str, rank: int, plan: str = "single",
-               placement: str = "resident", role: str | None = None) -> str:
+def group_name(variant: str, tier: str, plan: str = "single", placement: str = "resident",
+               role: str | None = None, replica: int = 0) -> str:
+    """The group's name, as its events and leases show it: ``render:wan-toy:cpu:g1``."""
     parts = ([plan] * (plan != "single") + [placement] * (placement != "resident")
              + [role] * bool(role))
-    return ":".join(["render", variant, tier, *parts, f"r{rank}"])
+    return ":".join(["render", variant, tier, *parts, f"g{replica}"])
 
 
-def _existing(variant: str, tier: str, plan: str, world: int, placement, role) -> list | None:
+def actor_name(variant: str, tier: str, rank: int, plan: str = "single",
+               placement: str = "resident", role: str | None = None, replica: int = 0) -> str:
+    return f"{group_name(variant, tier, plan, placement, role, replica)}:r{rank}"
+
+
+def _existing(names: list[str]) -> list | None:
     """Every rank of a group already in the cluster, or None."""
     try:
-        return [ray.get_actor(actor_name(variant, tier, rank, plan, placement, role),
-                              namespace=NAMESPACE) for rank in range(world)]
+        return [ray.get_actor(name, namespace=NAMESPACE) for name in names]
     except ValueError:
         return None
 
 
-def _take_down(variant, tier, plan, world, placement, role, pg_name) -> None:
+def _take_down(names: list[str], pg_name: str) -> None:
     """What is left of a broken group: its live ranks and its placement group."""
-    for rank in range(world):
+    for name in names:
         try:
-            ray.kill(ray.get_actor(actor_name(variant, tier, rank, plan, placement, role),
-                                   namespace=NAMESPACE), no_restart=True)
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
         except ValueError:
             pass
     try:
@@ -72,44 +79,47 @@ _HELD: dict[tuple, "ActorGroup"] = {}
 
 
 class ActorGroup:
-    def __init__(self, variant: str, tier: Tier, actors: list, pg=None):
+    def __init__(self, variant: str, tier: Tier, actors: list, pg=None, name: str = ""):
         self.variant, self.tier, self.actors, self.pg = variant, tier, actors, pg
+        self.name = name or group_name(variant, tier.name)
 
     @classmethod
     def get_or_create(cls, variant: str, tier: Tier, model_dir: str, *, detached: bool,
-                      plan: str = "single", placement: str = "resident",
+                      plan: str = "single", placement: str = "resident", replica: int = 0,
                       ready_timeout_s: float = 600, collective_timeout_s: float = 120):
-        """Reuse the named actors or create them; then wait until all have loaded and warmed
-        up (a group's ranks load together: they meet in collectives). A split placement
-        gives a `SplitGroup`: one group per expert."""
+        """Reuse the named actors of group ``replica`` of the route's pool or create them;
+        then wait until all have loaded and warmed up (a group's ranks load together: they
+        meet in collectives). A split placement gives a `SplitGroup`: one group per expert."""
         if placement == "split":
             from workers.split_group import SplitGroup  # it builds on this module
 
             return SplitGroup(*(cls._get_or_create(variant, tier, model_dir, detached, plan,
-                                                   placement, role, ready_timeout_s,
+                                                   placement, role, replica, ready_timeout_s,
                                                    collective_timeout_s)
                                 for role in ("high", "low")))
         return cls._get_or_create(variant, tier, model_dir, detached, plan, placement, None,
-                                  ready_timeout_s, collective_timeout_s)
+                                  replica, ready_timeout_s, collective_timeout_s)
 
     @classmethod
-    def _get_or_create(cls, variant, tier, model_dir, detached, plan, placement, role,
+    def _get_or_create(cls, variant, tier, model_dir, detached, plan, placement, role, replica,
                        ready_timeout_s, collective_timeout_s) -> "ActorGroup":
-        key = (variant, tier.name, plan, placement, role)
+        key = (variant, tier.name, plan, placement, role, replica)
         held = _HELD.get(key)
         if held is not None and held.healthy():
             return held
         group = cls._find_or_make(variant, tier, model_dir, detached, plan, placement, role,
-                                  ready_timeout_s, collective_timeout_s)
+                                  replica, ready_timeout_s, collective_timeout_s)
         group.key = key
         if not detached:
             _HELD[key] = group
         return group
 
     @classmethod
-    def _find_or_make(cls, variant, tier, model_dir, detached, plan, placement, role,
+    def _find_or_make(cls, variant, tier, model_dir, detached, plan, placement, role, replica,
                       ready_timeout_s, collective_timeout_s) -> "ActorGroup":
         world = parse_plan(plan).world
+        name = group_name(variant, tier.name, plan, placement, role, replica)
+        names = [f"{name}:r{rank}" for rank in range(world)]
         options = dict(namespace=NAMESPACE, get_if_exists=True, num_cpus=1,
                        max_restarts=0 if world > 1 else 1, max_task_retries=0)
         if detached:  # outlives the Celery process that created it
@@ -122,18 +132,18 @@ class ActorGroup:
         if world == 1:
             options["resources"] = {tier.ray_resource: 1}
         else:
-            pg_name = f"{actor_name(variant, tier.name, 0, plan, placement, role)}:pg"
-            existing = _existing(variant, tier.name, plan, world, placement, role)
+            pg_name = f"{name}:pg"
+            existing = _existing(names)
             if existing is not None:
                 try:
                     pg = ray.util.get_placement_group(pg_name)
                 except ValueError:
                     pg = None
-                group = cls(variant, tier, existing, pg)
+                group = cls(variant, tier, existing, pg, name)
                 if group.healthy():
                     return group
             # A rank is gone (or was never made): its peers cannot form a group again.
-            _take_down(variant, tier.name, plan, world, placement, role, pg_name)
+            _take_down(names, pg_name)
             # A restarted rank could not rejoin its group's collectives: a dead rank takes
             # the group down (max_restarts 0) and the next get_or_create builds a new one.
             bundle = {tier.ray_resource: 1, "CPU": 1}
@@ -151,11 +161,11 @@ class ActorGroup:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=rank)
             actors.append(RemoteRenderWorker.options(
-                name=actor_name(variant, tier.name, rank, plan, placement, role), **options,
+                name=names[rank], **options,
             ).remote(variant, model_dir, rank, plan, init_file, collective_timeout_s,
                      placement=placement, role=role))
         ray.get([a.ready.remote() for a in actors], timeout=ready_timeout_s)
-        return cls(variant, tier, actors, pg)
+        return cls(variant, tier, actors, pg, name)
 
     def latents(self, request: dict, request_id: str | None = None, state=None):
         """Every rank runs the sampler; rank 0's latents (or handover state) come back."""
@@ -224,6 +234,6 @@ class RenderStream:
                 # A rank died, or a collective failed or timed out: the ranks' process group
                 # cannot be trusted again. Take it down; the next call builds a new one.
                 group.kill()
-                raise GroupBroken(f"a rank of {actor_name(group.variant, group.tier.name, 0)}"
-                                  f"'s group failed; the group was taken down: {exc}") from exc
+                raise GroupBroken(f"a rank of group {group.name} failed; the group was taken "
+                                  f"down: {exc}") from exc
             raise

@@ -16,14 +16,14 @@ import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 
-from farm.db.tables import Job, JobState, utcnow
+from farm.db.tables import Job, JobState, Segment, SegmentState, utcnow
 from farm.db.session import session_scope
 from farm.errors import QueueUnavailable
 from farm.policy import get_policy
 from farm.settings import Settings
-from scheduler.admission import Holding, TierSize, Waiting, select_for_release
+from scheduler.admission import Holding, TierSize, Waiting, groups_for, select_for_release
 from scheduler.routing import QueueLoad
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,30 @@ def locked_session(db_url: str):
             yield session
 
 
+def runnable_segments(session, job_ids: list[str]) -> dict[str, int]:
+    """Per job: segments that can render at once now. A continuous job's segments continue
+    one another (one at a time); an independent job's not yet done all can."""
+    if not job_ids:
+        return {}
+    rows = session.execute(
+        select(Job.id, Job.continuous, func.count(Segment.id))
+        .join(Segment, Segment.job_id == Job.id)
+        .where(Job.id.in_(job_ids), Segment.state != SegmentState.done.value)
+        .group_by(Job.id, Job.continuous)).all()
+    return {job_id: (min(1, n) if continuous else n) for job_id, continuous, n in rows}
+
+
+def job_groups(route: dict, project: str, runnable: int, policy=None) -> int:
+    """The groups a job holds while on the GPUs (scheduler.admission.groups_for)."""
+    policy = policy or get_policy()
+    tier = policy.catalog.tiers.get(route["tier"])
+    if tier is None:
+        return 1
+    pool = TierSize(tier.count, tier.gpus_per_node).groups(route["degree"])
+    return groups_for(runnable, pool, route["degree"],
+                      policy.rules.quotas.limit(project, route["tier"]))
+
+
 def _choose(session) -> tuple[list[str], dict[str, str]]:
     """-> (jobs marked as sent, jobs that can never run as routed: id -> why)."""
     from farm.jobs.submit import must_wait
@@ -57,15 +81,20 @@ def _choose(session) -> tuple[list[str], dict[str, str]]:
         select(Job.id, Job.project, Job.route, Job.priority, Job.created_at, Job.dispatched_at)
         .where(Job.state.in_(ON_GPUS))
     ).all()
+    policy = get_policy()
+    runnable = runnable_segments(session, [r.id for r in rows])
+
+    def groups(r) -> int:
+        return job_groups(r.route, r.project, runnable.get(r.id, 1), policy)
+
     # A queued job whose window has closed since the last tick is not sent (the tick parks it).
     waiting = [Waiting(r.id, r.project, r.route["tier"], r.route["degree"], r.priority,
-                       r.created_at)
+                       r.created_at, groups(r))
                for r in rows if r.dispatched_at is None and not must_wait(r.route, now)]
-    holding = [Holding(r.project, r.route["tier"], r.route["degree"])
+    holding = [Holding(r.project, r.route["tier"], r.route["degree"], groups(r))
                for r in rows if r.dispatched_at is not None]
     if not waiting:
         return [], {}
-    policy = get_policy()
     tiers = {name: TierSize(t.count, t.gpus_per_node) for name, t in policy.catalog.tiers.items()}
     decision = select_for_release(waiting, holding, tiers, policy.rules.quotas)
     for job_id, why in decision.held.items():

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 RESENT = "resent"  # the reconciler sent the job again (its task was lost)
 SEGMENT_STARTED = "segment_started"
 SEGMENT_DONE = "segment_done"
+SEGMENT_RENDERED = "segment_rendered"  # which group rendered it, from when to when
 SEGMENT_FAILED = "segment_failed"  # an attempt raised
 SEGMENT_LOST = "segment_lost"  # its worker stopped heartbeating mid-segment
 SEGMENT_HANDED_ON = "segment_handed_on"  # a blocklisted worker passed it to another

@@ -1,7 +1,10 @@
-"""One segment of a job: render on the tier's actor, encode its frames in chunks, store them.
+"""One segment of a job: lease a group of its route's pool, render on it, encode the frames
+in chunks, store them.
 
-The actor streams progress events and then decoded frames; frames are encoded here, on the
-Celery worker's CPU, so the GPU is free for the next segment while ffmpeg runs.
+The group streams progress events and then decoded frames; frames are encoded here, on the
+Celery worker's CPU, and the lease is given back as soon as the last frame has left the
+group, so the GPU starts the next segment while ffmpeg finishes this one. Only the lease's
+holder calls the group (farm/tasks/group_leases.py, issue #11).
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from ray.exceptions import RayError
 
 from farm.jobs import events, service as jobs
 from farm.db.tables import Segment
@@ -27,6 +32,7 @@ from farm.storage import Storage
 from farm.policy import get_policy
 from workers import ray_cluster
 from workers.actor import RenderCanceled
+from farm.tasks import group_leases
 from workers.group import ACTOR_LOST, ActorGroup
 from workers.video import encode_chunk
 
@@ -70,7 +76,7 @@ class ChunkEncoder:
         self.keys.append(key)
 
 
-def _actor_group(settings: Settings, job) -> ActorGroup:
+def _actor_group(settings: Settings, job, replica: int) -> ActorGroup:
     variant = get_policy().catalog.model(job.model)
     model_dir = resolve_model_dir(settings, variant)
     ray_cluster.connect(settings.ray_address, tier_slots=settings.ray_tier_slots,
@@ -82,7 +88,8 @@ def _actor_group(settings: Settings, job) -> ActorGroup:
         return ActorGroup.get_or_create(variant.name, tier, str(model_dir),
                                         detached=settings.ray_address != "local",
                                         plan=job.route.get("parallel", "single"),
-                                        placement=job.route.get("placement", "resident"))
+                                        placement=job.route.get("placement", "resident"),
+                                        replica=replica)
     except ACTOR_LOST as exc:
         raise WorkerLost(f"actor for {variant.name} on {job.route['tier']} is gone: {exc}") from exc
 
@@ -118,17 +125,22 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
         return {"segment_id": seg_id, "skipped": True}
     job = jobs.get_job(db, job_id)
     segment = next(s for s in job.segments if s.id == seg_id)
-    events.record(db, job_id, events.SEGMENT_STARTED, f"attempt {segment.attempts}",
-                  segment.index, worker)
     superseded = threading.Event()  # the reconciler gave the segment to another task
+    held = group_leases.Held()  # the group's lease, renewed with the heartbeat
 
     def beat() -> None:
         if not jobs.beat_segment(db, seg_id, task_id):
             superseded.set()
+        held.renew()
 
     # From here to the end the segment is alive: loading a model may take minutes.
     with Heartbeat(beat, settings.heartbeat_s, f"job {job_id} segment {segment.index}"):
-        keys = _render_and_encode(settings, job, segment, superseded, on_progress)
+        with group_leases.lease_for_segment(settings, job, segment, held, superseded.is_set):
+            if held.lease is None:  # superseded while waiting for a group
+                return _stopped(db, job_id, seg_id, segment.index, True)
+            events.record(db, job_id, events.SEGMENT_STARTED,
+                          f"attempt {segment.attempts} on {held.name}", segment.index, worker)
+            keys = _render_and_encode(settings, job, segment, superseded, on_progress, held)
     if keys is None:
         return _stopped(db, job_id, seg_id, segment.index, superseded.is_set())
     if not retry_through_outage(lambda: jobs.finish_segment(db, seg_id, keys, task_id),
@@ -141,40 +153,81 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
 
 
 def _render_and_encode(settings: Settings, job, segment: Segment, superseded: threading.Event,
-                       on_progress: ProgressFn | None) -> list[str] | None:
+                       on_progress: ProgressFn | None, held: "group_leases.Held"
+                       ) -> list[str] | None:
     """The segment's chunk keys; None when the render was stopped (job ended, superseded).
-    An actor dying at any point of it is a WorkerLost."""
-    group = _actor_group(settings, job)
+    An error of the group (an actor dying, a rank failing) names the group in ``where``: the
+    failure policy then avoids that group, not this Celery worker (issue #11)."""
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{job.id}-s{segment.index}-", dir=settings.work_dir))
     try:
         encoder = ChunkEncoder(job, segment, settings, Storage(settings.storage_url), work)
-        stream = group.render(_request(job, segment))
-        return _consume(stream, encoder, settings.database_url, segment.id, superseded,
-                        on_progress)
+        try:
+            group = _actor_group(settings, job, held.lease.replica)
+            stream = group.render(_request(job, segment))
+            window = RenderWindow()
+            keys = _consume(stream, encoder, settings.database_url, segment.id,
+                            lambda: superseded.is_set() or held.lost, on_progress,
+                            window.track, lambda: (window.end(), held.release()))
+        except ACTOR_LOST as exc:
+            raise group_leases.blame(WorkerLost(
+                f"actor died rendering job {job.id} segment {segment.index} on {held.name}: "
+                f"{exc}"), held) from exc
+        except RayError as exc:
+            raise group_leases.blame(exc, held)
+        if held.lost and not superseded.is_set():
+            raise group_leases.blame(WorkerLost(f"lost the lease on {held.name}"), held)
+        events.record(settings.database_url, job.id, events.SEGMENT_RENDERED,
+                      window.describe(held.name), segment.index)
+        return keys
     except RenderCanceled:
+        if held.lost and not superseded.is_set():
+            raise group_leases.blame(WorkerLost(f"lost the lease on {held.name}"), held)
         return None
-    except ACTOR_LOST as exc:
-        raise WorkerLost(f"actor died rendering job {job.id} segment {segment.index}: "
-                         f"{exc}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _consume(stream, encoder: ChunkEncoder, db: str, seg_id: int, superseded: threading.Event,
-             on_progress: ProgressFn | None) -> list[str]:
-    """Progress events recorded, frames encoded; the stream canceled if anything stops it."""
+class RenderWindow:
+    """When the group rendered the segment: from the render's start on the actor (its own
+    clock, the progress events' ``began``) to the last frame leaving it. The farm's
+    throughput benchmark reads these from the job's log to measure each group's duty."""
+
+    def __init__(self):
+        self.began: float | None = None
+        self.ended: float | None = None
+
+    def track(self, event: dict) -> None:
+        if self.began is None:
+            self.began = event.get("began", event["at"])
+
+    def end(self) -> None:
+        self.ended = time.time()
+
+    def describe(self, group: str) -> str:
+        began = self.began if self.began is not None else self.ended
+        return (f"rendered on {group} from {began:.3f} to {self.ended:.3f} "
+                f"({self.ended - began:.2f} s)")
+
+
+def _consume(stream, encoder: ChunkEncoder, db: str, seg_id: int, stop: Callable[[], bool],
+             on_progress: ProgressFn | None, on_event: Callable[[dict], None],
+             on_stream_end: Callable[[], None]) -> list[str]:
+    """Progress events recorded, frames encoded; the stream canceled if anything stops it.
+    ``on_stream_end`` runs once the group has sent its last frame (the lease goes back)."""
     completed = False
     try:
         for event in stream:
             if event["kind"] == "progress":
+                on_event(event)
                 state = _report_progress(db, seg_id, event)
                 if on_progress is not None:
                     on_progress(event["step"], event["steps"])
-                if superseded.is_set() or (state and state not in jobs.LIVE_JOB_STATES):
-                    stream.cancel()  # canceled, failed by a sibling, or superseded
+                if stop() or (state and state not in jobs.LIVE_JOB_STATES):
+                    stream.cancel()  # canceled, failed by a sibling, superseded, lease lost
             else:
                 encoder.add(event["frames"])
+        on_stream_end()
         keys = encoder.finish()
         completed = True
         return keys

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from scheduler.admission import Holding, TierSize, Waiting, queue_order, select_for_release
+from scheduler.admission import (
+    Holding, TierSize, Waiting, groups_for, queue_order, select_for_release,
+)
 from scheduler.rules import Quotas
 
 T0 = datetime(2026, 11, 21, 22, 0, tzinfo=timezone.utc)
 A100 = TierSize(nodes=2, gpus_per_node=8)
 
 
-def job(job_id, priority=50, age_s=0, project="p", tier="a100", degree=2):
-    return Waiting(job_id, project, tier, degree, priority, T0 - timedelta(seconds=age_s))
+def job(job_id, priority=50, age_s=0, project="p", tier="a100", degree=2, groups=1):
+    return Waiting(job_id, project, tier, degree, priority, T0 - timedelta(seconds=age_s),
+                   groups)
 
 
 def test_priority_first_then_the_oldest():
@@ -27,7 +30,8 @@ def test_capacity_in_gpus_and_head_of_line_blocking():
     # Two nodes of 8, one with 4 held: a (8) takes the free node; b (8) finds no node;
     # c (2) would fit but must not overtake b.
     assert out.released == ("a",)
-    assert out.held["b"] == "no node of tier a100 has 8 GPUs free (free per node: [4, 0])"
+    assert out.held["b"] == ("tier a100 has no room for 1 group(s) of 8 GPUs "
+                             "(free per node: [4, 0])")
     assert out.held["c"] == "behind job b on tier a100"
 
 
@@ -74,3 +78,33 @@ def test_quota_counts_what_the_project_already_holds():
     assert out.released == () and "holds 4 of its 4" in out.held["x"]
     out = select_for_release([job("x", 100)], [Holding("p", "a100", 2)], {"a100": A100}, quotas)
     assert out.released == ("x",)
+
+
+def test_a_tier_holds_as_many_groups_as_its_nodes_pack():
+    assert A100.groups(2) == 8 and A100.groups(3) == 4 and A100.groups(8) == 2
+    assert TierSize(nodes=1, gpus_per_node=2).groups(1) == 2
+
+
+def test_groups_for_a_job_follow_its_runnable_segments_the_pool_and_the_quota():
+    assert groups_for(runnable=5, pool=4, degree=2, quota=None) == 4
+    assert groups_for(runnable=1, pool=4, degree=2, quota=None) == 1
+    assert groups_for(runnable=5, pool=4, degree=2, quota=6) == 3
+    assert groups_for(runnable=0, pool=4, degree=2, quota=None) == 1
+
+
+def test_a_job_of_independent_segments_takes_a_group_per_segment_on_any_node():
+    # 8 A100s at degree 2: four groups a node. A job of 6 segments takes 6 groups (4 + 2),
+    # so the next job of 3 finds only 2 left and waits; one of 2 fits in what remains.
+    out = select_for_release([job("wide", 90, groups=6), job("three", 80, groups=3),
+                              job("two", 70, groups=2)], [], {"a100": A100}, Quotas())
+    assert out.released == ("wide",)
+    assert "no room for 3 group(s) of 2 GPUs (free per node: [0, 4])" in out.held["three"]
+    assert out.held["two"] == "behind job three on tier a100"
+
+
+def test_held_groups_count_against_the_tier():
+    # Two jobs hold 7 groups of 2 (14 GPUs); one group is left.
+    holding = [Holding("p", "a100", 2, groups=4), Holding("p", "a100", 2, groups=3)]
+    out = select_for_release([job("a", groups=1, age_s=2), job("b", groups=1, age_s=1)],
+                             holding, {"a100": A100}, Quotas())
+    assert out.released == ("a",) and "free per node: [0, 0]" in out.held["b"]
