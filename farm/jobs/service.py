@@ -174,14 +174,29 @@ def owns_segment(db_url: str, seg_id: int, task_id: str | None) -> bool:
         return session.scalar(select(Segment.celery_id).where(Segment.id == seg_id)) == task_id
 
 
-def report_segment_progress(db_url: str, seg_id: int, fraction: float) -> str:
-    """Record a segment's progress and the job's; returns the job's state (to see a cancel)."""
+def report_segment_progress(db_url: str, seg_id: int, fraction: float,
+                            task_id: str | None) -> str | None:
+    """Record a segment's progress and the job's, by the segment's current task only
+    (``task_id``; None: unfenced, for callers outside Celery); returns the job's state (to
+    see a cancel), None when there is no such segment."""
     with session_scope(db_url) as session:
-        seg = session.get(Segment, seg_id)
-        _cas_segment(session, seg_id, [SegmentState.running.value], progress=fraction)
-        mean = session.scalar(select(func.avg(Segment.progress)).where(Segment.job_id == seg.job_id))
-        _cas_job(session, seg.job_id, [JobState.running.value], progress=RENDER_SHARE * float(mean))
-        return session.scalar(select(Job.state).where(Job.id == seg.job_id))
+        return record_progress(session, seg_id, fraction, task_id)
+
+
+def record_progress(session: Session, seg_id: int, fraction: float,
+                    task_id: str | None) -> str | None:
+    """report_segment_progress in the caller's transaction. Compare-and-set (issue #11): the
+    segment while running under ``task_id``; the job, only then, while running, to the mean
+    its segments have in this statement (a finish landing meanwhile is not undone)."""
+    job_id = session.scalar(select(Segment.job_id).where(Segment.id == seg_id))
+    if job_id is None:
+        return None
+    if _cas_segment(session, seg_id, [SegmentState.running.value], *_fenced(task_id),
+                    progress=fraction):
+        mean = select(func.avg(Segment.progress)).where(Segment.job_id == job_id)
+        _cas_job(session, job_id, [JobState.running.value],
+                 progress=RENDER_SHARE * mean.scalar_subquery())
+    return session.scalar(select(Job.state).where(Job.id == job_id))
 
 
 def finish_segment(db_url: str, seg_id: int, chunk_keys: list[str],
@@ -195,11 +210,26 @@ def finish_segment(db_url: str, seg_id: int, chunk_keys: list[str],
                             progress=1.0, finished_at=utcnow())
 
 
-def fail_segment(db_url: str, seg_id: int, error: str) -> bool:
+def fail_segment(db_url: str, seg_id: int, error: str, task_id: str | None = None) -> bool:
+    """pending|running -> failed, by the segment's current task (``task_id``; None: any)."""
     with session_scope(db_url) as session:
         return _cas_segment(session, seg_id, [SegmentState.pending.value, SegmentState.running.value],
-                            state=SegmentState.failed.value, error=error[:4000],
-                            finished_at=utcnow())
+                            *_fenced(task_id), state=SegmentState.failed.value,
+                            error=error[:4000], finished_at=utcnow())
+
+
+def fail_for_task(session: Session, job_id: str, seg_id: int, error: str,
+                  task_id: str | None) -> bool:
+    """A segment failed for good (farm.tasks.failure_handling.record_final), in one
+    transaction: the segment fails only while pending or running under ``task_id`` and its
+    job is live, and then the job. A task the reconciler replaced, a segment that
+    finished, a job canceled or stitched meanwhile: nothing changes, False."""
+    if not _cas_segment(session, seg_id, [SegmentState.pending.value, SegmentState.running.value],
+                        _job_is_live(), *_fenced(task_id), state=SegmentState.failed.value,
+                        error=error[:4000], finished_at=utcnow()):
+        return False
+    return _cas_job(session, job_id, LIVE_JOB_STATES, state=JobState.failed.value,
+                    error=error[:4000], finished_at=utcnow())
 
 
 def _stitch_fence(chord_id: str | None) -> tuple:
@@ -237,6 +267,23 @@ def succeed_job(db_url: str, job_id: str, output_key: str, sha256: str, size: in
                         output_sha256=sha256, output_bytes=size, finished_at=utcnow())
 
 
+def fail_stitch(db_url: str, job_id: str, error: str, chord_id: str | None) -> bool:
+    with session_scope(db_url) as session:
+        ok = stitch_failed(session, job_id, error, chord_id)
+    if ok:
+        log.error("job %s failed: %s", job_id, error)
+    return ok
+
+
+def stitch_failed(session: Session, job_id: str, error: str, chord_id: str | None) -> bool:
+    """running|stitching -> failed, by the job's current stitch task only (``chord_id``;
+    None: any): a replaced stitch that fails leaves the job to its successor, and a job
+    that succeeded or was canceled meanwhile stays so (compare-and-set, issue #11)."""
+    return _cas_job(session, job_id, [JobState.running.value, JobState.stitching.value],
+                    *_stitch_fence(chord_id), state=JobState.failed.value,
+                    error=error[:4000], finished_at=utcnow())
+
+
 def fail_job(db_url: str, job_id: str, error: str) -> bool:
     with session_scope(db_url) as session:
         ok = _cas_job(session, job_id, LIVE_JOB_STATES, state=JobState.failed.value,
@@ -253,6 +300,39 @@ def cancel_job(db_url: str, job_id: str) -> bool:
             raise JobNotFound(job_id)
         return _cas_job(session, job_id, LIVE_JOB_STATES, state=JobState.canceled.value,
                         finished_at=utcnow())
+
+
+# ---- the reconciler's re-send (farm.tasks.reconcile) -------------------------------------------
+
+def mark_resent(session: Session, job: Job, now) -> list[Segment] | None:
+    """A stranded job, as the reconciler read it in ``session``, made ready to send again,
+    by compare-and-set on what was read (issue #11): the job only if its state, stitch task
+    and heartbeat (``updated_at``) are unchanged, and each segment not done only if its
+    state, task and heartbeat are. All or nothing (a savepoint): a finish, a start, a
+    heartbeat, a stitch success or a cancel that landed after the read wins, and the job is
+    left alone (None); the next tick looks again. Otherwise running segments go back to
+    pending, task ids are cleared (every task of the earlier send is fenced off at once,
+    before the new send records its own) and the job counts one more re-send. Returns the
+    segments that were running (their workers vanished)."""
+    savepoint = session.begin_nested()
+    running = [s for s in job.segments if s.state == SegmentState.running.value]
+    ok = _cas_job(session, job.id, [job.state], Job.celery_id.is_not_distinct_from(job.celery_id),
+                  Job.updated_at == job.updated_at, celery_id=None, dispatched_at=now,
+                  resends=Job.resends + 1,
+                  **({"state": JobState.running.value}
+                     if job.state == JobState.stitching.value else {}))
+    for seg in job.segments:
+        if not ok or seg.state == SegmentState.done.value:
+            continue
+        ok = _cas_segment(session, seg.id, [seg.state],
+                          Segment.celery_id.is_not_distinct_from(seg.celery_id),
+                          Segment.heartbeat_at.is_not_distinct_from(seg.heartbeat_at),
+                          state=SegmentState.pending.value, celery_id=None)
+    if not ok:
+        savepoint.rollback()
+        return None
+    savepoint.commit()
+    return running
 
 
 # ---- admission (farm.jobs.admit) -------------------------------------------------------------

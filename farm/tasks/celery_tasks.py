@@ -74,7 +74,9 @@ def stitch_job(self, segment_results: list, job_id: str) -> dict:
         raise self.retry(exc=exc, countdown=failure_handling.DB_RETRY_COUNTDOWN_S)
     except Exception as exc:
         log.exception("job %s: stitching failed", job_id)
-        jobs.fail_job(settings.database_url, job_id, f"stitch: {type(exc).__name__}: {exc}")
+        # Only the job's current stitch fails it (issue #11): a replaced one leaves the job
+        # to its successor, and a job that succeeded or was canceled meanwhile stays so.
+        stitcher.fail(settings, job_id, exc, self.request.id)
         raise
     finally:
         admit.release_soon(settings)  # the job has left the GPUs

@@ -17,7 +17,7 @@ from celery.utils import worker_direct
 from farm.jobs import admit, events, service as jobs
 from farm.tasks import failure_policy
 from farm.celery_app import BROKER_OUTAGE, app
-from farm.db.session import DATABASE_OUTAGE
+from farm.db.session import DATABASE_OUTAGE, session_scope
 from farm.errors import FarmError, SegmentFailed
 from farm.settings import get_settings
 
@@ -135,19 +135,24 @@ def hand_on_if_blocklisted(task, job_id: str, seg_id: int, worker: str) -> None:
 
 def record_final(job_id: str, seg_id: int, exc: BaseException, task_id: str | None) -> None:
     """The segment and its job fail, with the error naming the segment; but only by the
-    segment's current task: one the reconciler replaced must not fail a healthy re-run."""
+    segment's current task, while the segment is pending or running and the job live, in
+    one compare-and-set transaction (farm.jobs.service.fail_for_task, issue #11): a task the
+    reconciler replaced must not fail a healthy re-run, nor a late errback a job that
+    finished, stitched or was canceled meanwhile."""
     settings = get_settings()
     db = settings.database_url
-    if not jobs.owns_segment(db, seg_id, task_id):
-        log.warning("job %s segment %s: a replaced task failed (%s); its re-run goes on",
-                    job_id, seg_id, exc)
-        return
     if isinstance(exc, SegmentFailed):
         message = str(exc)  # "segment N failed on ...", with every failure
     else:
         index = segment_index(jobs.get_job(db, job_id), seg_id)
         message = f"segment {index}: {type(exc).__name__}: {exc}"
-    jobs.fail_segment(db, seg_id, message)
-    if jobs.fail_job(db, job_id, message):
-        events.record(db, job_id, events.JOB_FAILED, message)
-        admit.release_soon(settings)  # its GPUs are free for the next job
+    with session_scope(db) as session:
+        failed = jobs.fail_for_task(session, job_id, seg_id, message, task_id)
+        if failed:
+            events.add(session, job_id, events.JOB_FAILED, message)
+    if not failed:  # the errback after the task's own handler lands here too
+        log.info("job %s segment %s: %s (%s) changes nothing: the task was replaced, or "
+                 "the segment or job ended first", job_id, seg_id, type(exc).__name__, exc)
+        return
+    log.error("job %s failed: %s", job_id, message)
+    admit.release_soon(settings)  # its GPUs are free for the next job

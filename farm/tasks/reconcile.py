@@ -91,19 +91,21 @@ def stranded_jobs(session, now: datetime, lease_s: float, in_broker: set[str] | 
             if not _alive(job, since) and not (in_broker and _task_ids(job) & in_broker)]
 
 
-def _mark_for_resend(session, job: Job, now: datetime) -> Resend:
+def _mark_for_resend(session, job: Job, now: datetime) -> Resend | None:
+    """The job made ready to send again by compare-and-set on what ``stranded_jobs`` read
+    (farm.jobs.service.mark_resent); None when a finish, stitch success, cancel or
+    heartbeat landed meanwhile (issue #11: it must not be overwritten)."""
+    running = jobs.mark_resent(session, job, now)
+    if running is None:
+        log.info("job %s changed since it was read; not re-sent", job.id)
+        return None
     lost = []
-    for seg in job.segments:
-        if seg.state == SegmentState.running.value:
-            lost.append((seg.index, seg.worker))
-            events.add(session, job.id, events.SEGMENT_LOST,
-                       f"worker {seg.worker} stopped heartbeating (last at {seg.heartbeat_at:%H:%M:%S})"
-                       if seg.heartbeat_at else f"worker {seg.worker} never heartbeat",
-                       seg.index, seg.worker)
-            seg.state = SegmentState.pending.value
-    if job.state == JobState.stitching.value:
-        job.state = JobState.running.value
-    job.dispatched_at, job.resends, job.updated_at = now, job.resends + 1, now
+    for seg in running:
+        lost.append((seg.index, seg.worker))
+        events.add(session, job.id, events.SEGMENT_LOST,
+                   f"worker {seg.worker} stopped heartbeating (last at {seg.heartbeat_at:%H:%M:%S})"
+                   if seg.heartbeat_at else f"worker {seg.worker} never heartbeat",
+                   seg.index, seg.worker)
     events.add(session, job.id, events.RESENT,
                f"no live task for {len(lost)} running segment(s)" if lost else "its task was lost")
     return Resend(job.id, lost)
@@ -124,8 +126,8 @@ def reconcile(settings: Settings, enqueue=None, now: datetime | None = None) -> 
         with locked_session(db) as session:
             if _OUTAGE.catching_up(session, now, timedelta(seconds=settings.lease_s)):
                 return []
-            marked = [_mark_for_resend(session, job, now)
-                      for job in stranded_jobs(session, now, settings.lease_s, in_broker)]
+            marked = [resend for job in stranded_jobs(session, now, settings.lease_s, in_broker)
+                      if (resend := _mark_for_resend(session, job, now)) is not None]
     except DATABASE_OUTAGE as exc:
         _OUTAGE.saw_outage()
         log.warning("reconciler skipped: database unavailable (%s)", type(exc).__name__)

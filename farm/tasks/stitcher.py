@@ -6,7 +6,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from farm.jobs import service as jobs
+from farm.jobs import events, service as jobs
 from farm.db.tables import SegmentState
 from farm.errors import OutputInvalid
 from farm.tasks.heartbeat import Heartbeat
@@ -31,6 +31,18 @@ def stitch(settings: Settings, job_id: str, chord_id: str | None = None) -> dict
     with Heartbeat(lambda: jobs.beat_job(db, job_id, chord_id), settings.heartbeat_s,
                    f"stitch {job_id}"):
         return _stitch(settings, job_id, chord_id)
+
+
+def fail(settings: Settings, job_id: str, exc: BaseException, chord_id: str | None) -> bool:
+    """The stitch failure path: the job fails by compare-and-set on its current stitch task
+    (farm.jobs.service.fail_stitch); False, and nothing changed, for any other."""
+    error = f"stitch: {type(exc).__name__}: {exc}"
+    if jobs.fail_stitch(settings.database_url, job_id, error, chord_id):
+        events.record(settings.database_url, job_id, events.JOB_FAILED, error)
+        return True
+    log.info("job %s: a stitch that is no longer the job's (%s) failed; job left as it is",
+             job_id, chord_id)
+    return False
 
 
 def _stitch(settings: Settings, job_id: str, chord_id: str | None) -> dict:

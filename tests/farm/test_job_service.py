@@ -60,7 +60,7 @@ def test_lifecycle_to_succeeded(any_db):
     first, second = (s.id for s in job.segments)
     assert jobs.start_segment(any_db, first, "w1")
     assert jobs.get_job(any_db, job.id).state == "running"
-    assert jobs.report_segment_progress(any_db, first, 0.5) == "running"
+    assert jobs.report_segment_progress(any_db, first, 0.5, None) == "running"
     assert jobs.get_job(any_db, job.id).progress == pytest.approx(0.95 * 0.25)
     assert jobs.finish_segment(any_db, first, ["a.mp4"])
     assert not jobs.begin_stitch(any_db, "nonexistent")

@@ -17,9 +17,20 @@ from farm.db.session import session_scope
 from farm.jobs.dispatch import enqueue_job
 from farm.schemas import JobCreate
 from farm.jobs.submit import route_request
-from tests.conftest import RUN_ID, drop_database, make_database
+from tests.conftest import REDIS_DB, RUN_ID, drop_database, make_database
 
-BROKER = "redis://127.0.0.1:6379/14"
+# The session's own Redis database (FARM_TEST_REDIS_DB), its keys under a prefix of this
+# module's: the session's workers never see these queues, and "Redis lost its queues" here
+# deletes only this module's keys.
+BROKER = f"redis://127.0.0.1:6379/{REDIS_DB}"
+PREFIX = f"reconcile-{RUN_ID}:"
+
+
+def lose_queues() -> None:
+    """As a Redis restart without persistence does to this module's queues."""
+    client = redis.Redis.from_url(BROKER)
+    for key in client.scan_iter(match=f"{PREFIX}*", count=500):
+        client.delete(key)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +45,12 @@ def rsettings(settings):
 
 @pytest.fixture()
 def broker(rsettings):
-    client = redis.Redis.from_url(BROKER)
-    client.flushdb()
+    lose_queues()
     app = make_celery(rsettings)
+    for options in (app.conf.broker_transport_options, app.conf.result_backend_transport_options):
+        options["global_keyprefix"] = PREFIX
     yield lambda job: enqueue_job(job, app, rsettings.database_url)
-    client.flushdb()
+    lose_queues()
 
 
 def sent_job(settings, enqueue=None, frames: int = 33):
@@ -69,7 +81,7 @@ def test_a_claimed_job_never_sent_is_sent_after_the_lease(rsettings, broker):
 def test_a_job_whose_task_waits_in_the_broker_is_not_sent_twice(rsettings, broker):
     job = sent_job(rsettings, broker)
     assert reconcile.reconcile(rsettings, broker, later(rsettings)) == []
-    redis.Redis.from_url(BROKER).flushdb()  # Redis restarted without persistence
+    lose_queues()  # Redis restarted without persistence
     assert reconcile.reconcile(rsettings, broker, later(rsettings)) == [job.id]
 
 
@@ -79,7 +91,7 @@ def test_a_segment_whose_worker_stopped_heartbeating_is_rerun_and_the_old_task_f
     job = sent_job(rsettings, broker)
     seg, old_task = job.segments[0], job.segments[0].celery_id
     assert jobs.start_segment(db, seg.id, "w1", task_id=old_task)
-    redis.Redis.from_url(BROKER).flushdb()  # its message went with the worker
+    lose_queues()  # its message went with the worker
     assert reconcile.reconcile(rsettings, broker, later(rsettings, -5)) == []  # fresh beat
     assert reconcile.reconcile(rsettings, broker, later(rsettings)) == [job.id]
     after = jobs.get_job(db, job.id)
@@ -100,7 +112,7 @@ def test_a_segment_lost_on_three_workers_fails_the_job_with_each_loss(rsettings,
     for n, worker in enumerate(["w1", "w2", "w3"]):
         seg = jobs.get_job(db, job.id).segments[0]
         assert jobs.start_segment(db, seg.id, worker, task_id=seg.celery_id), n
-        redis.Redis.from_url(BROKER).flushdb()
+        lose_queues()
         reconcile.reconcile(rsettings, broker, later(rsettings, 60 * n + 1))
     after = jobs.get_job(db, job.id)
     assert after.state == "failed"
@@ -116,7 +128,7 @@ def test_a_stitch_task_that_died_is_replaced_and_the_old_one_fenced(rsettings, b
     assert jobs.start_segment(db, seg.id, "w1", task_id=seg.celery_id)
     assert jobs.finish_segment(db, seg.id, ["a.mp4"], task_id=seg.celery_id)
     assert jobs.begin_stitch(db, job.id, job.celery_id)
-    redis.Redis.from_url(BROKER).flushdb()
+    lose_queues()
     assert reconcile.reconcile(rsettings, broker, later(rsettings)) == [job.id]
     after = jobs.get_job(db, job.id)
     assert after.state == "running" and after.segments[0].state == "done"
