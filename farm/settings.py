@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     ray_temp_dir: Path = Path("/tmp/ray-farm")
     ray_object_store_bytes: int = 512 * 1024 * 1024
     ray_tier_slots: int = 2  # actors of the cpu tier a local head can hold
+    # CPU cores each rank of a group takes from Ray, and so its torch threads (Ray sets
+    # OMP_NUM_THREADS to it): on a CPU-only node, cores / groups (issue #11).
+    actor_cpus: int = Field(1, ge=1)
 
     # Celery: long GPU tasks (ANCHORS.md "Celery, Flower and Ray conventions").
     celery_eager: bool = False  # run tasks in the calling process (the one-process `farm render`)

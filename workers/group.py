@@ -86,29 +86,31 @@ class ActorGroup:
     @classmethod
     def get_or_create(cls, variant: str, tier: Tier, model_dir: str, *, detached: bool,
                       plan: str = "single", placement: str = "resident", replica: int = 0,
-                      ready_timeout_s: float = 600, collective_timeout_s: float = 120):
+                      cpus: int = 1, ready_timeout_s: float = 600,
+                      collective_timeout_s: float = 120):
         """Reuse the named actors of group ``replica`` of the route's pool or create them;
         then wait until all have loaded and warmed up (a group's ranks load together: they
-        meet in collectives). A split placement gives a `SplitGroup`: one group per expert."""
+        meet in collectives). A split placement gives a `SplitGroup`: one group per expert.
+        ``cpus``: cores per rank, and so its torch threads (Ray sets OMP_NUM_THREADS)."""
         if placement == "split":
             from workers.split_group import SplitGroup  # it builds on this module
 
             return SplitGroup(*(cls._get_or_create(variant, tier, model_dir, detached, plan,
-                                                   placement, role, replica, ready_timeout_s,
-                                                   collective_timeout_s)
+                                                   placement, role, replica, cpus,
+                                                   ready_timeout_s, collective_timeout_s)
                                 for role in ("high", "low")))
         return cls._get_or_create(variant, tier, model_dir, detached, plan, placement, None,
-                                  replica, ready_timeout_s, collective_timeout_s)
+                                  replica, cpus, ready_timeout_s, collective_timeout_s)
 
     @classmethod
     def _get_or_create(cls, variant, tier, model_dir, detached, plan, placement, role, replica,
-                       ready_timeout_s, collective_timeout_s) -> "ActorGroup":
+                       cpus, ready_timeout_s, collective_timeout_s) -> "ActorGroup":
         key = (variant, tier.name, plan, placement, role, replica)
         held = _HELD.get(key)
         if held is not None and held.healthy():
             return held
         group = cls._find_or_make(variant, tier, model_dir, detached, plan, placement, role,
-                                  replica, ready_timeout_s, collective_timeout_s)
+                                  replica, cpus, ready_timeout_s, collective_timeout_s)
         group.key = key
         if not detached:
             _HELD[key] = group
@@ -116,11 +118,11 @@ class ActorGroup:
 
     @classmethod
     def _find_or_make(cls, variant, tier, model_dir, detached, plan, placement, role, replica,
-                      ready_timeout_s, collective_timeout_s) -> "ActorGroup":
+                      cpus, ready_timeout_s, collective_timeout_s) -> "ActorGroup":
         world = parse_plan(plan).world
         name = group_name(variant, tier.name, plan, placement, role, replica)
         names = [f"{name}:r{rank}" for rank in range(world)]
-        options = dict(namespace=NAMESPACE, get_if_exists=True, num_cpus=1,
+        options = dict(namespace=NAMESPACE, get_if_exists=True, num_cpus=cpus,
                        max_restarts=0 if world > 1 else 1, max_task_retries=0)
         if detached:  # outlives the Celery process that created it
             options["lifetime"] = "detached"
@@ -146,7 +148,7 @@ class ActorGroup:
             _take_down(names, pg_name)
             # A restarted rank could not rejoin its group's collectives: a dead rank takes
             # the group down (max_restarts 0) and the next get_or_create builds a new one.
-            bundle = {tier.ray_resource: 1, "CPU": 1}
+            bundle = {tier.ray_resource: 1, "CPU": cpus}
             if tier.gpus_per_actor:
                 bundle["GPU"] = 1
                 if tier.accelerator_type:  # the actors ask for it: the bundles must hold it

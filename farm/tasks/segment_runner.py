@@ -89,7 +89,7 @@ def _actor_group(settings: Settings, job, replica: int) -> ActorGroup:
                                         detached=settings.ray_address != "local",
                                         plan=job.route.get("parallel", "single"),
                                         placement=job.route.get("placement", "resident"),
-                                        replica=replica)
+                                        replica=replica, cpus=settings.actor_cpus)
     except ACTOR_LOST as exc:
         raise WorkerLost(f"actor for {variant.name} on {job.route['tier']} is gone: {exc}") from exc
 
