@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +103,12 @@ def _request(job, segment: Segment) -> dict:
                 guidance_low=job.guidance_low, seed=segment.seed)
 
 
-def _report_progress(db: str, seg_id: int, event: dict) -> str | None:
-    """The job's state after recording progress; None while the database is down (progress
-    is advisory: the render goes on, and the next step reports again)."""
+def _report_progress(db: str, seg_id: int, task_id: str | None, event: dict) -> str | None:
+    """The job's state after recording progress (by the segment's current task only); None
+    while the database is down (progress is advisory: the render goes on, and the next step
+    reports again)."""
     try:
-        return jobs.report_segment_progress(db, seg_id, event["step"] / event["steps"])
+        return jobs.report_segment_progress(db, seg_id, event["step"] / event["steps"], task_id)
     except DATABASE_OUTAGE as exc:
         log.warning("segment %d: progress not recorded, database unavailable: %s", seg_id,
                     type(exc).__name__)
@@ -140,7 +142,8 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
                 return _stopped(db, job_id, seg_id, segment.index, True)
             events.record(db, job_id, events.SEGMENT_STARTED,
                           f"attempt {segment.attempts} on {held.name}", segment.index, worker)
-            keys = _render_and_encode(settings, job, segment, superseded, on_progress, held)
+            keys = _render_and_encode(settings, job, segment, task_id, superseded, on_progress,
+                                      held)
     if keys is None:
         return _stopped(db, job_id, seg_id, segment.index, superseded.is_set())
     if not retry_through_outage(lambda: jobs.finish_segment(db, seg_id, keys, task_id),
@@ -152,9 +155,9 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
     return {"segment_id": seg_id, "chunks": keys}
 
 
-def _render_and_encode(settings: Settings, job, segment: Segment, superseded: threading.Event,
-                       on_progress: ProgressFn | None, held: "group_leases.Held"
-                       ) -> list[str] | None:
+def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str | None,
+                       superseded: threading.Event, on_progress: ProgressFn | None,
+                       held: "group_leases.Held") -> list[str] | None:
     """The segment's chunk keys; None when the render was stopped (job ended, superseded).
     An error of the group (an actor dying, a rank failing) names the group in ``where``: the
     failure policy then avoids that group, not this Celery worker (issue #11)."""
@@ -166,9 +169,9 @@ def _render_and_encode(settings: Settings, job, segment: Segment, superseded: th
             group = _actor_group(settings, job, held.lease.replica)
             stream = group.render(_request(job, segment))
             window = RenderWindow()
-            keys = _consume(stream, encoder, settings.database_url, segment.id,
-                            lambda: superseded.is_set() or held.lost, on_progress,
-                            window.track, lambda: (window.end(), held.release()))
+            report = partial(_report_progress, settings.database_url, segment.id, task_id)
+            keys = _consume(stream, encoder, report, lambda: superseded.is_set() or held.lost,
+                            on_progress, window.track, lambda: (window.end(), held.release()))
         except ACTOR_LOST as exc:
             raise group_leases.blame(WorkerLost(
                 f"actor died rendering job {job.id} segment {segment.index} on {held.name}: "
@@ -210,9 +213,9 @@ class RenderWindow:
                 f"({self.ended - began:.2f} s)")
 
 
-def _consume(stream, encoder: ChunkEncoder, db: str, seg_id: int, stop: Callable[[], bool],
-             on_progress: ProgressFn | None, on_event: Callable[[dict], None],
-             on_stream_end: Callable[[], None]) -> list[str]:
+def _consume(stream, encoder: ChunkEncoder, report: Callable[[dict], str | None],
+             stop: Callable[[], bool], on_progress: ProgressFn | None,
+             on_event: Callable[[dict], None], on_stream_end: Callable[[], None]) -> list[str]:
     """Progress events recorded, frames encoded; the stream canceled if anything stops it.
     ``on_stream_end`` runs once the group has sent its last frame (the lease goes back)."""
     completed = False
@@ -220,7 +223,7 @@ def _consume(stream, encoder: ChunkEncoder, db: str, seg_id: int, stop: Callable
         for event in stream:
             if event["kind"] == "progress":
                 on_event(event)
-                state = _report_progress(db, seg_id, event)
+                state = report(event)
                 if on_progress is not None:
                     on_progress(event["step"], event["steps"])
                 if stop() or (state and state not in jobs.LIVE_JOB_STATES):
