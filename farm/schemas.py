@@ -33,6 +33,9 @@ class JobCreate(BaseModel):
     guidance: Annotated[float | None, Field(ge=0.0, le=20.0)] = None  # None: the model's own
     seed: Annotated[int | None, Field(ge=0, le=MAX_SEED)] = None  # None: drawn at submission
     priority: Annotated[int, Field(ge=0, le=100)] = 50
+    # A long video's segments continue each other (no cuts; rendered one after another);
+    # False: independent clips, rendered at once.
+    continuous: bool = True
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -98,6 +101,7 @@ class JobPublic(BaseModel):
     priority: int
     project: str
     track: str
+    continuous: bool = True  # segments continue each other (JobCreate.continuous)
     batch_id: str | None
     route: dict
     rules_sha256: str

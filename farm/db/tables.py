@@ -10,8 +10,8 @@ import enum
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator,
-    UniqueConstraint,
+    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
+    TypeDecorator, UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -75,6 +75,9 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=50)  # 0..100, 100 first
     project: Mapped[str] = mapped_column(String(64), index=True, default="default")
     track: Mapped[str] = mapped_column(String(16), default="draft")  # draft | final
+    # Segment k+1 continues segment k from its last frame, one after another (issue #11,
+    # item 7); False: independent clips rendered at once.
+    continuous: Mapped[bool] = mapped_column(Boolean, default=True)
     batch_id: Mapped[str | None] = mapped_column(
         ForeignKey("batches.id", ondelete="SET NULL"), index=True, nullable=True)
     route: Mapped[dict] = mapped_column(JSON)  # scheduler.routing.Route as a dict
