@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import ray
@@ -20,10 +21,16 @@ from scheduler.parallel_cost import parse_plan
 from workers.parallel.plan import (
     agree_on_request, agree_to_stop, apply_after_load, init_groups, pipeline_options,
 )
-from workers.parallel.placement import NotOnThisGroup, apply_placement
+from workers.parallel.placement import NotOnThisGroup, apply_placement, expert_loader
 from workers.wan_pipeline import DenoiseState, RenderRequest, WanT2V
 
 log = logging.getLogger(__name__)
+
+# Handed-over states a split placement's high-noise rank keeps alive until the low-noise
+# group has taken them (`release_handover`); a driver that died never releases its own, so
+# the oldest go past this many or this age (each is a few latents: ~100 MB at A14B 720P).
+HANDOVERS_KEPT = 32
+HANDOVER_TTL_S = 3600.0
 
 
 class RenderCanceled(Exception):
@@ -49,6 +56,9 @@ class RenderWorker:
         self._lock = threading.Lock()
         self._active: set[str] = set()  # request ids being rendered
         self._canceled: set[str] = set()
+        # request id -> (time.monotonic() of the put, ObjectRef of the handed-over state)
+        self._handovers: OrderedDict[str, tuple[float, ray.ObjectRef]] = OrderedDict()
+        self._handover_lock = threading.Lock()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -69,7 +79,11 @@ class RenderWorker:
                     self.groups = init_groups(self.plan, self.rank, self.init_file, backend,
                                               self.collective_timeout_s)
                     options = pipeline_options(self.plan, self.groups)
-                self.pipeline = WanT2V.from_folder(self.model_dir, self.device, dtype, **options)
+                # The placement decides where each expert is read to (the plan, how).
+                load_expert = expert_loader(self.placement, self.role,
+                                            options.get("load_expert"))
+                self.pipeline = WanT2V.from_folder(self.model_dir, self.device, dtype,
+                                                   load_expert=load_expert)
                 if self.groups is not None:
                     apply_after_load(self.pipeline, self.plan, self.groups)
                 apply_placement(self.pipeline, self.placement, self.role, self.device)
@@ -123,6 +137,29 @@ class RenderWorker:
                 torch.cuda.empty_cache()
 
     # ---- work ----------------------------------------------------------------------------------
+
+    def _keep_handover(self, request_id: str, ref: ray.ObjectRef) -> None:
+        """Hold the handed-over state's ref: an object put by this actor and passed on inside
+        a streaming generator's item can lose its reference count before the low-noise group
+        reads it (ReferenceCountingAssertionError, issue #11; ray-project/ray#58080)."""
+        now = time.monotonic()
+        with self._handover_lock:
+            self._handovers[request_id] = (now, ref)
+            while self._handovers and (
+                    len(self._handovers) > HANDOVERS_KEPT
+                    or now - next(iter(self._handovers.values()))[0] > HANDOVER_TTL_S):
+                self._handovers.popitem(last=False)
+
+    @ray.method(concurrency_group="control")
+    def release_handover(self, request_id: str) -> None:
+        """The low-noise group has taken ``request_id``'s state (or never will)."""
+        with self._handover_lock:
+            self._handovers.pop(request_id, None)
+
+    @ray.method(concurrency_group="control")
+    def handovers_held(self) -> list[str]:
+        with self._handover_lock:
+            return list(self._handovers)
 
     @ray.method(concurrency_group="control")
     def cancel(self, request_id: str) -> None:
@@ -181,12 +218,15 @@ class RenderWorker:
 
     def render(self, request: dict, request_id: str, latent_frames_per_chunk: int = 4,
                state: DenoiseState | None = None) -> Iterator[dict]:
-        """Stream of events: {"kind": "progress", step, steps, expert, at} per denoising
-        step, then {"kind": "frames", "frames": uint8 (T, H, W, 3)} per decoded chunk. In a
+        """Stream of events: {"kind": "progress", step, steps, expert, at, began} per denoising
+        step (``at``: time.time() after the step; ``began``: when this render started here,
+        before its first step), then {"kind": "frames", "frames": uint8 (T, H, W, 3)} per decoded chunk. In a
         group, rank 0 runs this and decodes; the other ranks run `follow`. The high-noise
         group of a split placement ends with {"kind": "handover", "state"} instead of frames;
-        the low-noise group's render starts from that ``state``."""
+        the low-noise group's render starts from that ``state``, and the driver then calls
+        `release_handover` on the high-noise rank 0."""
         self.load()
+        began = time.time()
         req = RenderRequest(**request)
         if self.role == "low" and state is None:
             raise ValueError("the low-noise group of a split placement needs the handed-over "
@@ -197,10 +237,11 @@ class RenderWorker:
             latents = state.latents
             for step, steps, expert, latents in self._denoise(req, request_id, state):
                 yield {"kind": "progress", "step": step, "steps": steps, "expert": expert,
-                       "at": time.time()}
+                       "at": time.time(), "began": began}
             if self.role == "high":  # by reference: the driver never unpickles GPU state
-                yield {"kind": "handover", "state": ray.put(state.to("cpu")),
-                       "at": time.time()}
+                ref = ray.put(state.to("cpu"))
+                self._keep_handover(request_id, ref)
+                yield {"kind": "handover", "state": ref, "at": time.time(), "began": began}
                 return
             for frames in self.pipeline.decode_chunks(latents, latent_frames_per_chunk):
                 self._check_canceled(request_id, "while decoding")

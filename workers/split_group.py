@@ -50,9 +50,18 @@ class SplitStream:
 
     def __iter__(self) -> Iterator[dict]:
         state = None
-        for event in self.group.high.render(self.request, self.chunk, self.request_id):
-            if event["kind"] == "handover":
-                state = event["state"]
-            else:
-                yield event
-        yield from self.group.low.render(self.request, self.chunk, self.request_id, state)
+        try:
+            for event in self.group.high.render(self.request, self.chunk, self.request_id):
+                if event["kind"] == "handover":
+                    state = event["state"]
+                else:
+                    yield event
+            yield from self.group.low.render(self.request, self.chunk, self.request_id, state)
+        finally:
+            if state is not None:  # the low-noise group took it (or never will)
+                self.release()
+
+    def release(self) -> None:
+        """The high-noise rank 0 keeps each handed-over state alive until this call
+        (workers/actor.py `release_handover`); a dead actor has nothing left to release."""
+        self.group.high.actors[0].release_handover.remote(self.request_id)

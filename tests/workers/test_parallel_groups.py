@@ -57,6 +57,17 @@ def test_parallel_group_matches_one_rank(reference, tiny_model, plan):
     assert_gone(actor_name("wan-tiny", "cpu", 0, plan))
 
 
+def wait_for(check, timeout: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def assert_gone(name: str, timeout: float = 15.0) -> None:
     """The actor's name is released (Ray's kill is asynchronous: a loaded machine may take
     a moment)."""
@@ -83,7 +94,12 @@ def test_expert_placements_render_the_same_latents(reference, tiny_model, placem
         if placement == "split":
             assert [i["role"] for i in info] == ["high", "low"]
         latents = group.latents(REQUEST)
-        assert torch.equal(latents, reference)
+        if placement == "split":
+            assert torch.equal(latents, reference)
+        else:  # offload's device buffers are fresh memory, the reference's are views into
+            # the safetensors file: CPU kernels sum in another order (workers/parallel/
+            # placement.py; exact against fresh memory: tests/workers/test_placement_memory.py)
+            assert ((latents - reference).norm() / reference.norm()).item() < 1e-5
     finally:
         group.kill()
 
@@ -98,12 +114,18 @@ def test_split_placement_pipelines_two_jobs(tiny_model, ray_head):
                                      placement="split")
     slow = REQUEST | {"steps": 30, "width": 224, "height": 128}  # about half the steps each
     phases: dict[str, dict[str, list[float]]] = {}
+    began: dict[str, set[tuple[str, float]]] = {}
+    frames: dict[str, int] = {}
 
     def run(name: str) -> None:
         spans = phases.setdefault(name, {"high": [], "low": []})
         for event in group.render(slow):
             if event["kind"] == "progress":
                 spans[event["expert"]].append(event["at"])
+                assert event["began"] <= event["at"]
+                began.setdefault(name, set()).add((event["expert"], event["began"]))
+            elif event["kind"] == "frames":
+                frames[name] = frames.get(name, 0) + len(event["frames"])
 
     try:
         first = threading.Thread(target=run, args=("first",))
@@ -114,10 +136,20 @@ def test_split_placement_pipelines_two_jobs(tiny_model, ray_head):
         second.start()
         first.join(120)
         second.join(120)
+        # Both handed-over states were taken and released (a call the driver does not wait
+        # for): the high-noise rank holds none.
+        held = wait_for(lambda: ray.get(group.high.actors[0].handovers_held.remote()) == [])
+        assert held, "the high-noise rank still holds handed-over states"
     finally:
         group.kill()
+    assert frames == {"first": slow["frames"], "second": slow["frames"]}
     one, two = phases["first"], phases["second"]
     assert one["low"] and two["high"] and two["low"]
+    # One start time per render on each group, before its first step.
+    for name, spans in phases.items():
+        starts = dict(began[name])
+        assert len(began[name]) == 2 and starts["high"] <= min(spans["high"])
+        assert starts["high"] < starts["low"] <= min(spans["low"])
     # The second job's high-noise steps happened between the first job's low-noise steps.
     assert min(two["high"]) < max(one["low"]) and max(two["high"]) > min(one["low"])
 
