@@ -1,30 +1,73 @@
-"""Where a catalog model's folder is on this machine."""
+"""Where a catalog model's folder is on this machine, and how to make it when it is missing.
+
+"A way to make one" (issue #11), until issue #12's `farm models derive`: the farm makes the
+tiny variants itself (`farm models make-tiny`); the toy model ships with the project; the
+official Wan2.2 checkpoints are downloaded by a person (the farm never downloads) and put
+under FARM_MODELS_DIR. Anything else (e.g. an int8 A14B) nothing makes: a rule routing to
+it while its folder is missing is flagged by `farm rules check`.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from farm.errors import ModelUnavailable
 from farm.settings import Settings
 from scheduler.catalog import ModelVariant
 
+# Variants the farm writes itself, with random weights in the real layout.
+TINY = ("wan-tiny",)
+# Folders a person downloads: the official diffusers checkpoints (Wan-AI on Hugging Face).
+DOWNLOADS = {
+    "Wan2.2-T2V-A14B-Diffusers": "https://huggingface.co/Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    "Wan2.2-TI2V-5B-Diffusers": "https://huggingface.co/Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+}
+
+
+@dataclass(frozen=True)
+class Availability:
+    variant: str
+    path: Path  # where the folder is, or where it belongs
+    present: bool
+    how: str | None  # how to make it when missing; None: nothing makes it
+
+
+def _bundled_dir(variant: ModelVariant) -> Path | None:
+    if not variant.bundled:
+        return None
+    from workers.toy import BUNDLED_DIR
+
+    shipped = BUNDLED_DIR / variant.folder
+    return shipped if (shipped / "model_index.json").is_file() else None
+
+
+def how_to_make(variant: ModelVariant, local: Path) -> str | None:
+    """What a person runs or does to get ``variant``'s folder at ``local``; None if nothing."""
+    if variant.name in TINY:
+        return f"run `farm models make-tiny {local}`"
+    if variant.bundled:
+        return f"it ships with the project; or train it with `farm toy train {local}`"
+    if variant.folder in DOWNLOADS:
+        return f"download {DOWNLOADS[variant.folder]} and put the folder at {local}"
+    return None
+
+
+def availability(settings: Settings, variant: ModelVariant) -> Availability:
+    local = settings.models_dir / variant.folder
+    if (local / "model_index.json").is_file():
+        return Availability(variant.name, local, True, None)
+    shipped = _bundled_dir(variant)
+    if shipped is not None:
+        return Availability(variant.name, shipped, True, None)
+    return Availability(variant.name, local, False, how_to_make(variant, local))
+
 
 def resolve_model_dir(settings: Settings, variant: ModelVariant) -> Path:
     """FARM_MODELS_DIR/<folder> when it holds a checkpoint, else the copy shipped with the
     project (the toy model), else a ModelUnavailable that says what to do."""
-    local = settings.models_dir / variant.folder
-    if (local / "model_index.json").is_file():
-        return local
-    if variant.bundled:
-        from workers.toy import BUNDLED_DIR
-
-        shipped = BUNDLED_DIR / variant.folder
-        if (shipped / "model_index.json").is_file():
-            return shipped
-    if variant.name == "wan-tiny":
-        hint = f"; run `farm models make-tiny {local}`"
-    elif variant.bundled:
-        hint = f"; train it with `farm toy train {local}`"
-    else:
-        hint = "; copy its diffusers folder there"
-    raise ModelUnavailable(f"model {variant.name!r} has no checkpoint at {local}{hint}")
+    found = availability(settings, variant)
+    if found.present:
+        return found.path
+    hint = found.how or ("nothing in the farm makes it: put its diffusers folder there")
+    raise ModelUnavailable(f"model {variant.name!r} has no checkpoint at {found.path}; {hint}")

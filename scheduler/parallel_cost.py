@@ -1,5 +1,5 @@
-"""Bytes each parallel plan moves per denoising step, from the arithmetic, and the default
-plan that follows from it (issue #5).
+"""Parallel plans and the bytes each moves per denoising step, from the arithmetic (issue #5);
+scheduler/memory.py holds their memory per GPU and chooses among them.
 
 Per rank, per step, bf16 activations (2 bytes), S video tokens, width D, L blocks, and a
 ring all-reduce moving 2(N-1)/N of its buffer:
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler.catalog import Catalog, ModelVariant, Tier, parse_size
-from scheduler.memory import MemoryEstimate, estimate, resident_experts
+from scheduler.catalog import ModelVariant
+from scheduler.latents import latent_elements
 
 ACTIVATION_BYTES = 2  # bf16
 
@@ -91,47 +91,17 @@ def bytes_per_step(variant: ModelVariant, plan: Plan, width: int, height: int,
         per_pass += out_tokens * (plan.sp - 1) / plan.sp
     total = passes * per_pass
     if plan.cfg == 2:
-        (st, sh, sw) = variant.latent.stride
-        latent = (variant.latent.channels * ((frames - 1) // st + 1) * (height // sh)
-                  * (width // sw) * ACTIVATION_BYTES)
-        total += latent  # the all-gather of the two halves' predictions
+        latent = latent_elements(variant.latent.channels, latent_strides(variant), frames,
+                                 height, width)
+        total += latent * ACTIVATION_BYTES  # the all-gather of the two halves' predictions
     return total
+
+
+def latent_strides(variant: ModelVariant) -> tuple[int, int]:
+    """(temporal, spatial) pixels per latent cell, as scheduler/latents.py takes them."""
+    return variant.latent.stride[0], variant.latent.stride[1]
 
 
 def _patch_cells(variant: ModelVariant) -> int:
     pt, ph, pw = variant.latent.patch
     return pt * ph * pw
-
-
-def plan_memory(catalog: Catalog, variant: ModelVariant, plan: Plan,
-                placement: str) -> MemoryEstimate:
-    """Per GPU: weights split by tp only; activations by tp and sp (cfg halves each run one
-    pass of the full activations)."""
-    base = estimate(catalog, variant, 1, placement, variant.native)
-    experts = resident_experts(variant, placement)
-    return MemoryEstimate(
-        variant=variant.name, degree=plan.degree, placement=placement, size=variant.native,
-        weights_gb=variant.params_b * variant.bytes_per_param * experts / plan.tp,
-        extra_gb=base.extra_gb, activations_gb=base.activations_gb / (plan.tp * plan.sp),
-        overhead_gb=base.overhead_gb)
-
-
-def plan_memory_gb(catalog: Catalog, variant: ModelVariant, plan: Plan, placement: str) -> float:
-    return plan_memory(catalog, variant, plan, placement).total_gb
-
-
-def default_plan(catalog: Catalog, variant: ModelVariant, tier: Tier, degree: int,
-                 placement: str) -> tuple[Plan, list[dict]]:
-    """The plan that moves the fewest bytes among those that fit the tier's memory and the
-    model's heads; with the table it was chosen from."""
-    width, height = parse_size(variant.native)
-    plans, rows = candidate_plans(degree), []
-    for plan in plans:
-        fits_heads = splits(variant, plan)
-        memory = plan_memory_gb(catalog, variant, plan, placement)
-        rows.append({"plan": plan.name, "gb_per_step": round(bytes_per_step(
-            variant, plan, width, height, variant.max_frames) / 1e9, 3),
-            "memory_gb": round(memory, 1),
-            "fits": fits_heads and memory <= tier.memory_gb})
-    fitting = [(row["gb_per_step"], i) for i, row in enumerate(rows) if row["fits"]]
-    return plans[min(fitting)[1] if fitting else 0], rows

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from scheduler.catalog import Catalog, ModelVariant
-from scheduler.parallel_cost import default_plan, parse_plan, plan_memory, plan_memory_gb
+from scheduler.memory import NoFittingPlan, choose_plan, plan_table
 from scheduler.rules import Choice, Match, Rule, RuleSet, describe
 
 STITCH_QUEUE = "stitch"  # CPU-only work: concatenation, probing, thumbnails
@@ -22,6 +22,12 @@ TP_EFFICIENCY = 0.85  # speed-up of degree N is N * 0.85 (N > 1): collectives co
 
 class NoRoute(LookupError):
     """No rule matches the job; the message lists why each rule did not."""
+
+
+class RouteDoesNotFit(NoRoute):
+    """The matching rule's route has no parallel plan that fits its tier (rules checked
+    against another catalog than the one routing uses): names variant, tier and GB over.
+    A NoRoute, so submission answers it with a 422 like any other unroutable job."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,22 +129,27 @@ def _rounded(seconds: float | None) -> float | None:
 
 
 def _plan(catalog: Catalog, variant: str, tier: str, degree: int, placement: str,
-          parallel: str) -> tuple[str, float]:
-    """(plan name, memory GB per GPU), memoised: the same few routes are asked for often."""
+          parallel: str) -> tuple[str, float, str]:
+    """(plan name, memory GB per GPU, its arithmetic), memoised: the same few routes are
+    asked for often. NoFittingPlan when no plan fits the tier."""
     key = ("plan", variant, tier, degree, placement, parallel)
     if key not in catalog._memo:
-        m = catalog.models[variant]
-        plan = (default_plan(catalog, m, catalog.tiers[tier], degree, placement)[0]
-                if parallel == "auto" else parse_plan(parallel))
-        catalog._memo[key] = (plan.name, round(plan_memory_gb(catalog, m, plan, placement), 2))
+        plan, need = choose_plan(catalog, catalog.models[variant], catalog.tiers[tier], degree,
+                                 placement, parallel)
+        catalog._memo[key] = (plan.name, round(need.total_gb, 2), need.arithmetic())
     return catalog._memo[key]
 
 
 def build(choice: Choice, rule: Rule, job: JobSpec, catalog: Catalog,
           fallback: int | None) -> Route:
     variant = catalog.models[choice.variant or job.model]
-    plan, memory_gb = _plan(catalog, variant.name, choice.tier, choice.degree,
-                            choice.placement, choice.parallel)
+    try:
+        plan, memory_gb, _ = _plan(catalog, variant.name, choice.tier, choice.degree,
+                                   choice.placement, choice.parallel)
+    except NoFittingPlan as exc:
+        which = "route" if fallback is None else f"fallback {fallback}"
+        raise RouteDoesNotFit(f"rule {rule.name!r} {which}: {variant.name} on tier "
+                              f"{choice.tier}: {exc}") from None
     return Route(
         variant=variant.name, tier=choice.tier, degree=choice.degree,
         placement=choice.placement, parallel=plan,
@@ -167,7 +178,8 @@ def spill_reason(when, route: Route, job: JobSpec, catalog: Catalog,
 
 def route(job: JobSpec, rules: RuleSet, catalog: Catalog,
           loads: dict[str, QueueLoad] | None = None) -> Route:
-    """The route of ``job``. Raises NoRoute when no rule matches."""
+    """The route of ``job``. Raises NoRoute when no rule matches, RouteDoesNotFit (a NoRoute)
+    when the matching route has no plan that fits its tier."""
     loads = loads or {}
     for rule in rules.rules:
         if mismatch(rule.match, job) is None:
@@ -206,23 +218,38 @@ def explain(job: JobSpec, rules: RuleSet, catalog: Catalog,
         if why is not None:
             verdict["why_not"] = why
             continue
-        chosen = build(rule.route, rule, job, catalog, None)
-        verdict["spills"] = []
-        for i, fallback in enumerate(rule.fallbacks):
-            reason = spill_reason(fallback.when, chosen, job, catalog, loads)
-            if reason is None:
-                verdict["spills"].append({"fallback": i, "taken": False})
-                continue
-            verdict["spills"].append({"fallback": i, "taken": True, "because": reason})
-            chosen = build(fallback.route, rule, job, catalog, i)
+        try:
+            chosen = _explained_route(rule, job, catalog, loads, verdict)
+        except RouteDoesNotFit as exc:
+            out.error = str(exc)
+            return out
         out.route = chosen.as_dict()
-        variant, tier = catalog.models[chosen.variant], catalog.tiers[chosen.tier]
-        plan = parse_plan(chosen.parallel)
-        out.memory = (plan_memory(catalog, variant, plan, chosen.placement)
-                      .arithmetic(chosen.parallel)
-                      + f"; tier {chosen.tier} has {tier.memory_gb:g} GB")
-        out.parallel_plans = default_plan(catalog, variant, tier, chosen.degree,
-                                          chosen.placement)[1]
+        tier = catalog.tiers[chosen.tier]
+        arithmetic = _plan(catalog, chosen.variant, chosen.tier, chosen.degree,
+                           chosen.placement, rule_parallel(rule, chosen))[2]
+        out.memory = f"{arithmetic}; tier {chosen.tier} has {tier.memory_gb:g} GB"
+        out.parallel_plans = plan_table(catalog, catalog.models[chosen.variant], tier,
+                                        chosen.degree, chosen.placement)
         return out
     out.error = _no_route_message(job, rules)
     return out
+
+
+def _explained_route(rule: Rule, job: JobSpec, catalog: Catalog,
+                     loads: dict[str, QueueLoad], verdict: dict) -> Route:
+    chosen = build(rule.route, rule, job, catalog, None)
+    verdict["spills"] = []
+    for i, fallback in enumerate(rule.fallbacks):
+        reason = spill_reason(fallback.when, chosen, job, catalog, loads)
+        if reason is None:
+            verdict["spills"].append({"fallback": i, "taken": False})
+            continue
+        verdict["spills"].append({"fallback": i, "taken": True, "because": reason})
+        chosen = build(fallback.route, rule, job, catalog, i)
+    return chosen
+
+
+def rule_parallel(rule: Rule, chosen: Route) -> str:
+    """The `parallel` the rule asked for on the choice ``chosen`` came from."""
+    choice = rule.route if chosen.fallback is None else rule.fallbacks[chosen.fallback].route
+    return choice.parallel

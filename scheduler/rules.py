@@ -3,9 +3,10 @@
 A rule matches on a job's quality track, output size, duration, priority, batch, project and
 explicit model, and chooses a variant, tier, parallel degree, expert placement, queue and
 batch window, with ordered fallbacks. Loading fails, with every problem listed by rule name,
-on: an unknown tier or variant; a variant that does not fit its tier's memory at the chosen
-degree (by how many GB); a degree the model cannot be split into; a bad window; a rule that an
-earlier rule (or a set of them) already matches in full, so it could never be reached.
+on: an unknown tier or variant; a route with no parallel plan that fits its tier's memory
+(scheduler/memory.py, the model routing uses too; by how many GB); a degree the model cannot
+be split into; a bad window; a rule that an earlier rule (or a set of them) already matches in
+full, so it could never be reached.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scheduler.catalog import Catalog, PolicyError, _load_yaml, parse_size, validation_message
 from scheduler.memory import fit_problem
-from scheduler.parallel_cost import parse_plan, plan_memory_gb, splits
 from scheduler.windows import Window, WindowError
 
 TRACKS = ("draft", "final")
@@ -197,36 +197,15 @@ def _choice_problems(where: str, choice: Choice, rule: Rule, catalog: Catalog,
                             f"{', '.join(sorted(catalog.models))}")
             continue
         why = fit_problem(catalog, catalog.models[name], catalog.tiers[choice.tier],
-                          choice.degree, choice.placement)
+                          choice.degree, choice.placement, choice.parallel)
         if why:
             problems.append(f"{where}: {why}")
-        elif choice.parallel != "auto":
-            problems += [f"{where}.parallel: {p}" for p in plan_problems(
-                catalog, catalog.models[name], catalog.tiers[choice.tier], choice)]
     if choice.window is not None:
         try:
             Window.parse(choice.window, choice.timezone)
         except WindowError as exc:
             problems.append(f"{where}.window: {exc}")
     return problems
-
-
-def plan_problems(catalog: Catalog, variant, tier, choice: Choice) -> list[str]:
-    try:
-        plan = parse_plan(choice.parallel)
-    except ValueError as exc:
-        return [str(exc)]
-    if plan.degree != choice.degree:
-        return [f"{choice.parallel!r} uses {plan.degree} ranks; the route's degree is "
-                f"{choice.degree}"]
-    if not splits(variant, plan):
-        return [f"{choice.parallel!r} cannot split {variant.name} ({variant.heads} heads, "
-                f"FFN {variant.ffn_dim}) {plan.tp * plan.sp} ways"]
-    need = plan_memory_gb(catalog, variant, plan, choice.placement)
-    if need > tier.memory_gb:
-        return [f"{choice.parallel!r} needs {need:.1f} GB per GPU; tier {tier.name} has "
-                f"{tier.memory_gb:g} GB: {need - tier.memory_gb:.1f} GB over"]
-    return []
 
 
 # ---- reachability ----------------------------------------------------------------------

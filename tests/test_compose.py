@@ -1,7 +1,9 @@
-"""docker-compose.yml is valid compose, and every `farm` command it runs exists in the CLI."""
+"""docker-compose.yml is valid compose, every `farm` command it runs exists in the CLI, and
+each render node can hold the actor groups its tier's routes need."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -67,3 +69,60 @@ def test_every_farm_command_in_compose_exists():
         help_text = result.output
         for option in (a.split("=")[0] for a in args if a.startswith("--")):
             assert option in help_text, f"{name}: farm {' '.join(path)} has no {option}"
+
+
+def node_resources(compose: dict) -> dict[str, dict[str, float]]:
+    """Service -> the Ray resources its `farm ray start --resources JSON` offers."""
+    nodes = {}
+    for name, service in compose["services"].items():
+        command = service.get("command") or []
+        parts = ([shlex.split(p) for p in command[2].split("&&")] if command[:2] == ["sh", "-c"]
+                 else [command])
+        for words in parts:
+            if words[:3] == ["farm", "ray", "start"] and "--resources" in words:
+                nodes[name] = json.loads(words[words.index("--resources") + 1])
+    return nodes
+
+
+def group_problems(compose: dict, catalog, rules) -> list[str]:
+    """Each route's tier has a node, and every node of that tier holds the route's group
+    (a STRICT_PACK placement group of `degree` slots; split: one group per expert)."""
+    nodes = node_resources(compose)
+    problems = []
+    for rule in rules.rules:
+        for choice in [rule.route] + [f.route for f in rule.fallbacks]:
+            resource = catalog.tiers[choice.tier].ray_resource
+            slots = {n: r[resource] for n, r in nodes.items() if r.get(resource)}
+            groups = 2 if choice.placement == "split" else 1
+            if not slots:
+                problems.append(f"{rule.name}: no node offers {resource}")
+            for node, have in slots.items():
+                if have < choice.degree:
+                    problems.append(f"{rule.name}: {node} offers {have} {resource}; the "
+                                    f"route's group needs {choice.degree} on one node")
+            if slots and sum(slots.values()) < groups * choice.degree:
+                problems.append(f"{rule.name}: {groups} groups of {choice.degree} need more "
+                                f"{resource} than the nodes offer")
+    return problems
+
+
+def test_each_render_node_holds_the_groups_its_routes_need():
+    from scheduler.catalog import parse_catalog
+    from scheduler.rules import parse_rules
+
+    config = ROOT / "scheduler" / "config"
+    catalog = parse_catalog((config / "tiers.yaml").read_text(),
+                            (config / "models.yaml").read_text())
+    rules = parse_rules((config / "rules.yaml").read_text(), catalog)
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert group_problems(compose, catalog, rules) == []
+    # One slot per GPU of the node, as tiers.yaml declares the tier's nodes.
+    for node, resources in node_resources(compose).items():
+        for tier in catalog.tiers.values():
+            if tier.ray_resource in resources:
+                assert resources[tier.ray_resource] == tier.gpus_per_node, node
+    # What the file had before issue #11: one a100 slot a node, finals at degree 2.
+    before = yaml.safe_load(COMPOSE.read_text().replace('\\"tier:a100\\": 8',
+                                                        '\\"tier:a100\\": 1'))
+    assert "finals: worker-render-a100 offers 1 tier:a100; the route's group needs 2 on one " \
+        "node" in group_problems(before, catalog, rules)

@@ -43,13 +43,64 @@ def _json_arg(text: str, where: str) -> dict:
 
 @rules_app.command("check")
 def rules_check(file: Path, tiers: Path = _TIERS, models: Path = _MODELS) -> None:
-    """Validate FILE against the tiers and models; list every problem, by rule."""
+    """Validate FILE against the tiers and models; list every problem, by rule. Then each
+    route's plan and memory per GPU, and whether each variant it reaches is on this machine
+    (or how to make it). A variant with no folder that nothing makes is a problem too."""
+    from farm.settings import get_settings
+
     policy = _load(file, tiers, models)
     typer.echo(f"{file}: {len(policy.rules.rules)} rules OK (sha256 {policy.rules.sha256[:12]})")
     for rule in policy.rules.rules:
-        typer.echo(f"  {rule.name}: {rule.route.variant or '(named model)'} on "
-                   f"{rule.route.tier} x{rule.route.degree}"
-                   + (f", {len(rule.fallbacks)} fallback(s)" if rule.fallbacks else ""))
+        typer.echo(f"  {rule.name}: {_choice_line(policy.catalog, rule, rule.route)}")
+        for i, fallback in enumerate(rule.fallbacks):
+            typer.echo(f"    fallback {i}: {_choice_line(policy.catalog, rule, fallback.route)}")
+    problems = _model_problems(get_settings(), policy)
+    if problems:
+        for problem in problems:
+            typer.echo(f"error: {file}: {problem}", err=True)
+        raise typer.Exit(1)
+
+
+def _choice_line(catalog, rule, choice) -> str:
+    from scheduler.memory import choose_plan
+
+    names = [choice.variant] if choice.variant else list(rule.match.model)
+    tier = catalog.tiers[choice.tier]
+    parts = []
+    for name in names:
+        plan, need = choose_plan(catalog, catalog.models[name], tier, choice.degree,
+                                 choice.placement, choice.parallel)
+        parts.append(f"{name} on {choice.tier} x{choice.degree}, {plan.name} "
+                     f"({choice.placement}): {need.total_gb:.1f} of {tier.memory_gb:g} GB "
+                     "per GPU")
+    return "; ".join(parts)
+
+
+def _model_problems(settings, policy) -> list[str]:
+    """Print each routed variant's folder; return the rules that reach one nothing makes."""
+    from farm.model_dirs import availability
+
+    reached: dict[str, list[str]] = {}
+    for rule in policy.rules.rules:
+        choices = [("route", rule.route)] + [(f"fallbacks[{i}]", f.route)
+                                             for i, f in enumerate(rule.fallbacks)]
+        for where, choice in choices:
+            for name in [choice.variant] if choice.variant else rule.match.model:
+                reached.setdefault(name, []).append(f"rule {rule.name!r}: {where}")
+    typer.echo("models the rules reach:")
+    problems = []
+    for name, wheres in reached.items():
+        found = availability(settings, policy.catalog.models[name])
+        if found.present:
+            typer.echo(f"  {name}: present at {found.path}")
+        elif found.how:
+            typer.echo(f"  {name}: missing at {found.path}: {found.how}")
+        else:
+            typer.echo(f"  {name}: missing at {found.path}, and nothing makes it")
+            problems += [f"{w}: variant {name!r} has no folder at {found.path} and nothing "
+                         "makes one: put its diffusers folder there, or route elsewhere"
+                         for w in wheres]
+    return problems
 
 
 @rules_app.command("explain")

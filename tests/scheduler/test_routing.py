@@ -32,12 +32,16 @@ def test_a_named_model_runs_that_model():
     assert route(JobSpec(track="final", model="wan2.2-ti2v-5b"), RULES, CAT).tier == "a10"
 
 
-def test_long_queue_spills_finals_to_int8_on_a10s():
-    at_limit = route(JobSpec(track="final"), RULES, CAT, {"render.a100": QueueLoad(8)})
-    assert at_limit.tier == "a100" and at_limit.fallback is None
-    over = route(JobSpec(track="final"), RULES, CAT, {"render.a100": QueueLoad(9)})
-    assert (over.variant, over.tier, over.degree, over.placement, over.fallback) == \
-        ("wan2.2-t2v-a14b-int8", "a10", 4, "offload", 0)
+def test_finals_that_would_be_late_spill_to_the_light_model_on_an_a10():
+    in_time = route(JobSpec(track="final", deadline_s=3600), RULES, CAT)
+    assert in_time.tier == "a100" and in_time.fallback is None
+    # 40 steps x 68.4 s / (2 x 0.85) = 1609 s on the a100s: past a 600 s deadline.
+    late = route(JobSpec(track="final", deadline_s=600), RULES, CAT)
+    assert (late.variant, late.tier, late.degree, late.rule, late.fallback) == \
+        ("wan2.2-ti2v-5b", "a10", 1, "finals", 0)
+    # A long queue alone does not: finals wait for the full model.
+    assert route(JobSpec(track="final"), RULES, CAT, {"render.a100": QueueLoad(50)}).tier == \
+        "a100"
 
 
 RULES_WITH_DEADLINE = """rules:
@@ -46,7 +50,7 @@ RULES_WITH_DEADLINE = """rules:
     route: {variant: wan2.2-t2v-a14b, tier: a100, degree: 8}
     fallbacks:
       - when: {deadline_unmet: true}
-        route: {variant: wan2.2-t2v-a14b-int8, tier: a10, degree: 4, placement: offload}
+        route: {variant: wan2.2-ti2v-5b, tier: a10, degree: 4}
       - when: {queue_longer_than: 0}
         route: {variant: wan-toy, tier: cpu}
 """
@@ -76,7 +80,7 @@ def test_a_later_fallback_applies_when_an_earlier_one_does_not():
     route: {variant: wan2.2-t2v-a14b, tier: a100, degree: 8}
     fallbacks:
       - when: {queue_longer_than: 8}
-        route: {variant: wan2.2-t2v-a14b-int8, tier: a10, degree: 4, placement: offload}
+        route: {variant: wan2.2-ti2v-5b, tier: a10, degree: 4}
       - when: {deadline_unmet: true}
         route: {variant: wan-toy, tier: cpu}
 """, CAT)
@@ -109,16 +113,32 @@ def test_mismatch_says_which_field(job, words):
 
 
 def test_explain_lists_every_rule_and_the_memory_arithmetic():
-    out = explain(JobSpec(track="final"), RULES, CAT, {"render.a100": QueueLoad(20)})
+    out = explain(JobSpec(track="final", deadline_s=600), RULES, CAT)
     verdicts = {v["rule"]: v for v in out.verdicts}
     assert verdicts["toy-models-on-cpu"]["why_not"].startswith("model is None")
     assert verdicts["overnight-final-batches"]["why_not"] == "batch is false, rule wants true"
     assert verdicts["finals"]["spills"] == [{"fallback": 0, "taken": True, "because":
-                                             "queue render.a100 has 20 jobs waiting (> 8)"}]
+                                             "deadline 600s cannot be met on a100: about 0s "
+                                             "of queue + 1609s render"}]
     assert "drafts" not in verdicts  # first match wins: later rules are not consulted
     assert out.route["tier"] == "a10"
-    assert out.memory.startswith("wan2.2-t2v-a14b-int8 at degree 4 (offload, tp4, 1280x720): "
-                                 "weights 3.5 + encoders 11.6")
-    # Only tp4 fits four 24 GB cards: the others keep whole weights on every rank.
-    assert [p["plan"] for p in out.parallel_plans if p["fits"]] == ["tp4"]
+    assert out.memory == ("wan2.2-ti2v-5b single (resident, 1280x704 x 121 frames): weights "
+                          "10.0 + encoders 1.4 + activations 10.0 + overhead 1.5 = 22.9 GB per "
+                          "GPU; tier a10 has 24 GB")
+    assert [p["plan"] for p in out.parallel_plans if p["fits"]] == ["single"]
     assert out.rules_sha256 == RULES.sha256
+
+
+def test_explain_shows_the_plans_the_chosen_one_came_from():
+    rules = parse_rules("""rules:
+  - name: finals
+    route: {variant: wan2.2-t2v-a14b, tier: a100, degree: 4}
+""", CAT)
+    out = explain(JobSpec(track="final"), rules, CAT)
+    plans = {p["plan"]: p for p in out.parallel_plans}
+    # Only tp shards the weights: 14 GB a rank for tp4, whole 56 GB for sp4.
+    assert (plans["tp4"]["memory_gb"], plans["sp4"]["memory_gb"]) == (31.78, 73.77)
+    # All four fit 80 GB; sp2+cfg2 moves the fewest bytes a step.
+    assert out.route["parallel"] == "sp2+cfg2" and out.route["memory_gb"] == \
+        plans["sp2+cfg2"]["memory_gb"] == 78.45
+    assert out.memory.startswith("wan2.2-t2v-a14b sp2+cfg2 (resident, 1280x720 x 81 frames)")

@@ -65,7 +65,8 @@ def test_fallback_memory_is_checked():
       - when: {queue_longer_than: 3}
         route: {variant: wan2.2-t2v-a14b, tier: a10, degree: 4}
 """
-    assert "rule 'finals': fallbacks[0]: wan2.2-t2v-a14b at degree 4 (resident" in problems(text)
+    assert ("rule 'finals': fallbacks[0]: no 4-rank plan fits; the smallest, tp4, needs "
+            "wan2.2-t2v-a14b tp4 (resident" in problems(text))
 
 
 def test_every_problem_is_listed_at_once():
