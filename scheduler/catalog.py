@@ -14,6 +14,8 @@ from pydantic import (
     BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator,
 )
 
+from scheduler.latents import latent_shape, vae_strides
+
 
 class PolicyError(ValueError):
     """A tiers, models or rules file that cannot be used; the message says where and why."""
@@ -63,6 +65,26 @@ class Latent(_Strict):
     stride: tuple[int, int, int]  # VAE: frames, height, width per latent cell
     patch: tuple[int, int, int]  # transformer patch over latent cells
 
+    @model_validator(mode="after")
+    def _square(self) -> "Latent":
+        if self.stride[1] != self.stride[2]:
+            raise ValueError(f"stride {list(self.stride)}: Wan's VAE has one spatial stride; "
+                             f"height and width must be equal")
+        return self
+
+    @classmethod
+    def from_checkpoint(cls, vae_config: dict, transformer_config: dict) -> "Latent":
+        """What a checkpoint's own configs say (vae/ and transformer/ config.json), strides
+        read as the pipeline and diffusers read them (scheduler/latents.py)."""
+        temporal, spatial = vae_strides(vae_config)
+        return cls(channels=vae_config["z_dim"], stride=(temporal, spatial, spatial),
+                   patch=tuple(transformer_config["patch_size"]))
+
+    def shape(self, width: int, height: int, frames: int) -> tuple[int, int, int, int]:
+        """(channels, latent frames, latent height, latent width) of one segment."""
+        return latent_shape(self.channels, (self.stride[0], self.stride[1]), frames, height,
+                            width)
+
 
 class ModelVariant(_Strict):
     name: str = ""
@@ -107,8 +129,9 @@ class ModelVariant(_Strict):
 
     def tokens(self, width: int, height: int, frames: int) -> int:
         """Video tokens of one forward pass at that size (one segment of ``frames``)."""
-        (st, sh, sw), (pt, ph, pw) = self.latent.stride, self.latent.patch
-        return (((frames - 1) // st + 1) // pt) * (height // sh // ph) * (width // sw // pw)
+        _, t, h, w = self.latent.shape(width, height, frames)
+        pt, ph, pw = self.latent.patch
+        return (t // pt) * (h // ph) * (w // pw)
 
     # The names the render path has used since issue 2.
     @property

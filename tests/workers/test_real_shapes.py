@@ -111,3 +111,28 @@ def test_shipped_toy_declares_its_real_stride():
         video = pipe.vae.decode(torch.zeros(1, 8, 5, 8, 8)).sample
     assert tuple(video.shape[2:]) == (17, 32, 32)
     assert (pipe.vae_stride_t, pipe.vae_stride_s) == vae_strides(pipe.vae.config) == (4, 4)
+
+
+@pytest.mark.parametrize("variant,which", [
+    ("wan-tiny", "a14b"), ("wan2.2-t2v-a14b", "a14b"), ("wan2.2-ti2v-5b", "ti2v_5b"),
+    ("wan-toy", "wan-toy")])
+def test_catalog_latents_are_what_the_checkpoints_say(request, variant, which):
+    """The catalog's latent fields (scheduler/config/models.yaml), which routing and the cost
+    model size memory and time from, against the VAE and transformer configs of a folder
+    of that layout."""
+    from pathlib import Path
+
+    from scheduler.catalog import Latent, parse_catalog
+
+    config = Path(__file__).resolve().parents[2] / "scheduler" / "config"
+    catalog = parse_catalog((config / "tiers.yaml").read_text(),
+                            (config / "models.yaml").read_text())
+    folder = BUNDLED_DIR / "wan-toy" if which == "wan-toy" else request.getfixturevalue(which)
+    latent = Latent.from_checkpoint(_config(folder, "vae"), _config(folder, "transformer"))
+    entry = catalog.model(variant)
+    assert entry.latent == latent
+    native = entry.native_width, entry.native_height, entry.max_frames
+    pipe_shape = WanT2V.from_folder(folder).latent_shape(RenderRequest(
+        "x", "", frames=native[2], height=native[1], width=native[0], steps=1,
+        guidance_high=1.0, guidance_low=1.0, seed=0))
+    assert pipe_shape[1:] == entry.latent.shape(*native)
