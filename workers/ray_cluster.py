@@ -50,7 +50,10 @@ def connect(address: str, *, tier_slots: int = 2, temp_dir: str = "/tmp/ray-farm
         return
     quiet_ray_env(node_ip)
     if address == "local":
-        ray.init(namespace=NAMESPACE, _node_ip_address=LOOPBACK, include_dashboard=False,
+        # address="local": a cluster of its own, always. Without it Ray joins the cluster that
+        # `ray_current_cluster` in the temp dir names, a file a stopped head leaves behind
+        # (even one stopped cleanly), and then refuses `resources` (issue #11).
+        ray.init(address="local", namespace=NAMESPACE, _node_ip_address=LOOPBACK, include_dashboard=False,
                  object_store_memory=object_store_bytes, _temp_dir=temp_dir,
                  resources={"tier:cpu": tier_slots}, log_to_driver=False,
                  configure_logging=False)

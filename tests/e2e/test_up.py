@@ -70,3 +70,12 @@ def test_up_serves_a_job_with_embedded_defaults(tmp_path, tiny_model):
     leftovers = [p for p in psutil.process_iter(["cmdline"])
                  if f"/tmp/rfu-{ray_port}" in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
+    # Issue #11.9: the stopped head left `ray_current_cluster` behind in FARM_RAY_TEMP_DIR;
+    # `farm render` on the same machine (its own in-process Ray) must not try to join it.
+    assert (Path(f"/tmp/rfu-{ray_port}") / "ray_current_cluster").exists()
+    render = subprocess.run([str(Path(sys.executable).parent / "farm"), "render", "a white circle",
+                             "--model", "wan-toy", "--frames", "9", "--steps", "2",
+                             "-o", str(tmp_path / "render.mp4")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert render.returncode == 0, render.stderr[-3000:]
+    assert probe(tmp_path / "render.mp4").frames == 9
