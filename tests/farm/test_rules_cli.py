@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from farm.cli.main import app
@@ -13,7 +14,17 @@ from farm.settings import get_settings
 runner = CliRunner()
 
 
-def test_check_passes_the_shipped_rules_and_lists_them():
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    """An empty FARM_MODELS_DIR for one test (settings are read again, then restored)."""
+    monkeypatch.setenv("FARM_MODELS_DIR", str(tmp_path / "models"))
+    get_settings.cache_clear()
+    yield get_settings().models_dir
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_check_passes_the_shipped_rules_and_lists_them(models_dir):
     result = runner.invoke(app, ["rules", "check", str(CONFIG_DIR / "rules.yaml")])
     assert result.exit_code == 0, result.output
     assert "6 rules OK" in result.output
@@ -22,7 +33,6 @@ def test_check_passes_the_shipped_rules_and_lists_them():
             "    fallback 0: wan2.2-ti2v-5b on a10 x1, single (resident): 22.9 of 24 GB per GPU"
             in result.output)
     # Every variant the rules reach is here or can be made; the output says how.
-    models_dir = get_settings().models_dir
     assert (f"  wan-tiny: missing at {models_dir / 'wan-tiny'}: run `farm models make-tiny "
             f"{models_dir / 'wan-tiny'}`") in result.output
     assert "  wan-toy: present at " in result.output
@@ -31,7 +41,7 @@ def test_check_passes_the_shipped_rules_and_lists_them():
     assert "int8" not in result.output
 
 
-def test_check_flags_a_variant_nothing_makes(tmp_path):
+def test_check_flags_a_variant_nothing_makes(tmp_path, models_dir):
     """A route (or fallback) to a variant with no folder and no way to make one fails."""
     models = tmp_path / "models.yaml"
     custom = (CONFIG_DIR / "models.yaml").read_text() + """  wan-custom:  # a local fine-tune
@@ -67,7 +77,7 @@ def test_check_flags_a_variant_nothing_makes(tmp_path):
 """)
     result = runner.invoke(app, ["rules", "check", str(rules), "--models", str(models)])
     assert result.exit_code == 1, result.output
-    where = get_settings().models_dir / "Wan-Custom"
+    where = models_dir / "Wan-Custom"
     assert f"  wan-custom: missing at {where}, and nothing makes it" in result.output
     assert (f"error: {rules}: rule 'customs': fallbacks[0]: variant 'wan-custom' has no "
             f"folder at {where} and nothing makes one: put its diffusers folder there"
@@ -75,11 +85,7 @@ def test_check_flags_a_variant_nothing_makes(tmp_path):
     # Once the folder is there, the same rules pass.
     where.mkdir(parents=True)
     (where / "model_index.json").write_text("{}")
-    try:
-        again = runner.invoke(app, ["rules", "check", str(rules), "--models", str(models)])
-    finally:
-        (where / "model_index.json").unlink()
-        where.rmdir()
+    again = runner.invoke(app, ["rules", "check", str(rules), "--models", str(models)])
     assert again.exit_code == 0, again.output
     assert f"  wan-custom: present at {where}" in again.output
 
