@@ -17,13 +17,11 @@ pinned host memory) and for `split` (each group holds its own expert).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from scheduler.catalog import Catalog, ModelVariant, Tier, parse_size
-from scheduler.latents import latent_elements
-from scheduler.parallel_cost import (
-    Plan, bytes_per_step, candidate_plans, latent_strides, parse_plan, splits,
-)
+from scheduler.parallel_cost import Plan, bytes_per_step, candidate_plans, parse_plan, splits
 
 PLACEMENTS = ("resident", "offload", "split")
 
@@ -66,9 +64,8 @@ def resident_experts(variant: ModelVariant, placement: str) -> int:
 
 
 def _volume(variant: ModelVariant, frames: int, size: str) -> int:
-    width, height = parse_size(size)
-    return latent_elements(variant.latent.channels, latent_strides(variant), frames, height,
-                           width)
+    """Latent elements of one segment (scheduler/latents.py, through the catalog)."""
+    return math.prod(variant.latent.shape(*parse_size(size), frames))
 
 
 def activations_gb(variant: ModelVariant, frames: int | None = None,

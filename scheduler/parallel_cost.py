@@ -12,10 +12,10 @@ A step runs the expert twice with classifier-free guidance (once per CFG half wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from scheduler.catalog import ModelVariant
-from scheduler.latents import latent_elements
 
 ACTIVATION_BYTES = 2  # bf16
 
@@ -91,15 +91,9 @@ def bytes_per_step(variant: ModelVariant, plan: Plan, width: int, height: int,
         per_pass += out_tokens * (plan.sp - 1) / plan.sp
     total = passes * per_pass
     if plan.cfg == 2:
-        latent = latent_elements(variant.latent.channels, latent_strides(variant), frames,
-                                 height, width)
+        latent = math.prod(variant.latent.shape(width, height, frames))
         total += latent * ACTIVATION_BYTES  # the all-gather of the two halves' predictions
     return total
-
-
-def latent_strides(variant: ModelVariant) -> tuple[int, int]:
-    """(temporal, spatial) pixels per latent cell, as scheduler/latents.py takes them."""
-    return variant.latent.stride[0], variant.latent.stride[1]
 
 
 def _patch_cells(variant: ModelVariant) -> int:
