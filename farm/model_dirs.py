@@ -16,8 +16,8 @@ from farm.errors import ModelUnavailable
 from farm.settings import Settings
 from scheduler.catalog import ModelVariant
 
-# Variants the farm writes itself, with random weights in the real layout.
-TINY = ("wan-tiny",)
+# Variants the farm writes itself (random weights), and the real layout each copies.
+TINY_LIKE = {"wan-tiny": "t2v-a14b"}
 # Folders a person downloads: the official diffusers checkpoints (Wan-AI on Hugging Face).
 DOWNLOADS = {
     "Wan2.2-T2V-A14B-Diffusers": "https://huggingface.co/Wan-AI/Wan2.2-T2V-A14B-Diffusers",
@@ -44,8 +44,8 @@ def _bundled_dir(variant: ModelVariant) -> Path | None:
 
 def how_to_make(variant: ModelVariant, local: Path) -> str | None:
     """What a person runs or does to get ``variant``'s folder at ``local``; None if nothing."""
-    if variant.name in TINY:
-        return f"run `farm models make-tiny {local}`"
+    if variant.name in TINY_LIKE:
+        return f"run `farm models make-tiny {local} --like {TINY_LIKE[variant.name]}`"
     if variant.bundled:
         return f"it ships with the project; or train it with `farm toy train {local}`"
     if variant.folder in DOWNLOADS:

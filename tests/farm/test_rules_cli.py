@@ -34,7 +34,7 @@ def test_check_passes_the_shipped_rules_and_lists_them(models_dir):
             in result.output)
     # Every variant the rules reach is here or can be made; the output says how.
     assert (f"  wan-tiny: missing at {models_dir / 'wan-tiny'}: run `farm models make-tiny "
-            f"{models_dir / 'wan-tiny'}`") in result.output
+            f"{models_dir / 'wan-tiny'} --like t2v-a14b`") in result.output
     assert "  wan-toy: present at " in result.output
     assert ("wan2.2-t2v-a14b: missing at " f"{models_dir / 'Wan2.2-T2V-A14B-Diffusers'}: "
             "download https://huggingface.co/Wan-AI/Wan2.2-T2V-A14B-Diffusers") in result.output
