@@ -226,7 +226,7 @@ def explain(job: JobSpec, rules: RuleSet, catalog: Catalog,
         out.route = chosen.as_dict()
         tier = catalog.tiers[chosen.tier]
         arithmetic = _plan(catalog, chosen.variant, chosen.tier, chosen.degree,
-                           chosen.placement, rule_parallel(rule, chosen))[2]
+                           chosen.placement, _rule_parallel(rule, chosen))[2]
         out.memory = f"{arithmetic}; tier {chosen.tier} has {tier.memory_gb:g} GB"
         out.parallel_plans = plan_table(catalog, catalog.models[chosen.variant], tier,
                                         chosen.degree, chosen.placement)
@@ -249,7 +249,7 @@ def _explained_route(rule: Rule, job: JobSpec, catalog: Catalog,
     return chosen
 
 
-def rule_parallel(rule: Rule, chosen: Route) -> str:
+def _rule_parallel(rule: Rule, chosen: Route) -> str:
     """The `parallel` the rule asked for on the choice ``chosen`` came from."""
     choice = rule.route if chosen.fallback is None else rule.fallbacks[chosen.fallback].route
     return choice.parallel

@@ -12,7 +12,7 @@ from farm.policy import load_policy
 from scheduler.catalog import parse_catalog
 from scheduler.memory import choose_plan, fit_problem, plan_memory
 from scheduler.parallel_cost import parse_plan
-from scheduler.routing import JobSpec, NoRoute, QueueLoad, RouteDoesNotFit, route
+from scheduler.routing import JobSpec, NoRoute, QueueLoad, RouteDoesNotFit, explain, route
 from tests.scheduler.policy_fixtures import CONFIG, shipped_catalog, shipped_rules
 
 
@@ -80,6 +80,8 @@ def test_a_route_with_no_fitting_plan_is_an_error_at_routing():
                               "plan fits; the smallest, tp2, needs")
     assert message.endswith("tier a100 (A100-80GB) has 40 GB: 10.5 GB over")
     assert isinstance(err.value, NoRoute)  # submission's path to a 422
+    out = explain(JobSpec(track="final"), rules, small)
+    assert out.route is None and out.error == message
     # A job the fitting routes take is unaffected.
     assert route(JobSpec(track="draft"), rules, small).tier == "a10"
 
