@@ -136,3 +136,18 @@ def test_catalog_latents_are_what_the_checkpoints_say(request, variant, which):
         "x", "", frames=native[2], height=native[1], width=native[0], steps=1,
         guidance_high=1.0, guidance_low=1.0, seed=0))
     assert pipe_shape[1:] == entry.latent.shape(*native)
+
+
+@pytest.mark.parametrize("which", ["a14b", "ti2v_5b"])
+def test_a_continued_render_holds_its_first_frame_in_both_layouts(request, which):
+    """Re-noised to each step's level (A14B) or clean at timestep 0 (5B's per-token
+    timesteps): after the last step the first latent frame is the encoded frame itself,
+    and the rest still differs from a text-only render of the same seed."""
+    pipe = WanT2V.from_folder(request.getfixturevalue(which))
+    frame = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    fields = dict(prompt=CAPTION, negative_prompt="", frames=9, height=64, width=96, steps=3,
+                  guidance_high=4.0, guidance_low=3.0, seed=5)
+    held = pipe.denoise(RenderRequest(**fields, first_frame=frame))
+    free = pipe.denoise(RenderRequest(**fields))
+    torch.testing.assert_close(held[:, :, :1], pipe.encode_frame(frame), rtol=0, atol=1e-6)
+    assert not torch.allclose(held[:, :, 1:], free[:, :, 1:])
