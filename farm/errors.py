@@ -73,3 +73,12 @@ class PromptTooLong(FarmError):
 class SegmentFailed(FarmError):
     """A segment failed for good (farm.tasks.failure_policy): on enough different workers, or with no
     worker left that is not blocklisted for its job. The message carries every failure."""
+
+
+class OverLimit(FarmError):
+    """A submission over its project's rate limit or queued cap (farm/api/limits.py): HTTP
+    429, the message naming both with their numbers, ``retry_after`` in seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -9,9 +9,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm.jobs import admit, batches
-from farm.api.routes import Project, own_project, unroutable
+from farm.api import limits
+from farm.api.routes import Project, over_limit, own_project, unroutable
 from farm.db.tables import utcnow
-from farm.errors import BadBatch, BatchNotFound, Unroutable
+from farm.errors import BadBatch, BatchNotFound, OverLimit, Unroutable
 from farm.policy import get_policy
 from farm.schemas import PROJECT_PATTERN, BatchAccepted, BatchCreate, BatchPublic
 from farm.storage import Storage
@@ -23,9 +24,12 @@ router = APIRouter()
 @router.post("/v1/batches", status_code=202, response_model=BatchAccepted)
 def submit_batch(body: BatchCreate, request: Request, project: Project) -> BatchAccepted:
     own_project(body, project)
-    request.app.state.rate_limiter.check(project)
-    try:
-        batch, new = batches.create_batch(request.app.state.settings, body)
+    admit = limits.for_app(request.app).admit
+    try:  # every job of the batch counts, once its lines are known good
+        batch, new = batches.create_batch(request.app.state.settings, body,
+                                          lambda count: admit(project, count))
+    except OverLimit as exc:
+        raise over_limit(exc) from None
     except BadBatch as exc:
         where = f"content.line{exc.line}" if exc.line else "content"
         field = f"{where}.{exc.field}" if exc.field and exc.line else where

@@ -13,8 +13,9 @@ from sqlalchemy import text
 from farm.jobs import admit, events, service as jobs, submit
 from farm.db.tables import Job, JobState
 from farm.db.session import get_engine
+from farm.api import limits
 from farm.api.auth import current_project
-from farm.errors import IdempotencyConflict, JobNotFound, PromptTooLong, Unroutable
+from farm.errors import IdempotencyConflict, JobNotFound, OverLimit, PromptTooLong, Unroutable
 from farm.schemas import (
     JobAccepted, JobCreate, JobEventPublic, JobList, JobPublic, SegmentPublic,
 )
@@ -70,6 +71,10 @@ def own_project(body, project: str) -> None:
     body.project = project
 
 
+def over_limit(exc: OverLimit) -> HTTPException:
+    return HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+
 def unroutable(exc: Unroutable) -> HTTPException:
     return HTTPException(422, [{"field": "route", "message": f"route: {exc}"}])
 
@@ -79,9 +84,11 @@ def submit_job(body: JobCreate, request: Request, project: Project,
                idempotency_key: Annotated[str | None, Header(max_length=128)] = None
                ) -> JobAccepted:
     own_project(body, project)
-    request.app.state.rate_limiter.check(project)
     try:
+        limits.for_app(request.app).admit(project, 1)
         job = submit.submit(_settings(request), body, idempotency_key)
+    except OverLimit as exc:
+        raise over_limit(exc) from None
     except Unroutable as exc:
         raise unroutable(exc) from None
     except IdempotencyConflict as exc:

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 
 from pydantic import ValidationError
@@ -50,8 +51,11 @@ def _line_request(line, body: BatchCreate) -> JobCreate:
                        line.line, field, err.get("input")) from None
 
 
-def create_batch(settings: Settings, body: BatchCreate) -> tuple[Batch, list[Job]]:
-    """Parse, validate and route every line, then save the batch and its jobs together."""
+def create_batch(settings: Settings, body: BatchCreate,
+                 count_jobs: Callable[[int], None] | None = None) -> tuple[Batch, list[Job]]:
+    """Parse, validate and route every line, then save the batch and its jobs together.
+    ``count_jobs(n)``: called with the number of jobs before saving; it raises (OverLimit,
+    farm/api/limits.py) to refuse them all."""
     try:
         lines = parse_batch(body.content, body.format, body.defaults)
     except BatchFileError as exc:
@@ -79,6 +83,8 @@ def create_batch(settings: Settings, body: BatchCreate) -> tuple[Batch, list[Job
         load = loads.get(chosen.queue, QueueLoad())
         loads[chosen.queue] = QueueLoad(load.waiting_jobs + 1,
                                         load.backlog_gpu_s + (chosen.gpu_seconds or 0.0))
+    if count_jobs is not None:
+        count_jobs(len(new))
     jobs.add_jobs(settings.database_url, new, batch)
     log.info("batch %s: %d jobs, window %s", batch.id, len(new), body.window or "none")
     release_or_defer(settings)

@@ -87,6 +87,22 @@ def list_jobs(db_url: str, state: str | None, limit: int, offset: int,
         return list(rows), session.scalar(count)
 
 
+NOT_STARTED = (JobState.waiting.value, JobState.queued.value)
+
+
+def queued_count_query(project: str):
+    """Jobs of ``project`` waiting or queued (not yet rendering). Read through the index on
+    ``jobs.state``: only jobs not yet started are visited, never the finished history
+    (100,000 jobs a day); tests/e2e/test_rate_limits.py checks the plan."""
+    return select(func.count()).select_from(Job).where(Job.state.in_(NOT_STARTED),
+                                                       Job.project == project)
+
+
+def count_queued(db_url: str, project: str) -> int:
+    with session_scope(db_url) as session:
+        return session.scalar(queued_count_query(project))
+
+
 def set_celery_ids(db_url: str, job_id: str, chord_id: str, segment_ids: dict[int, str]) -> None:
     """Record the chord's id on the job and each render task's id on its segment."""
     with session_scope(db_url) as session:
