@@ -10,7 +10,8 @@ is stranded when it was sent more than ``lease_s`` ago and
 - and none of its current task ids is still waiting in the broker's queues.
 A stranded job is sent again with new task ids: tasks of the earlier send are fenced off
 (farm.jobs.service: only a segment's current task may start, report or finish it), so a late
-redelivery does nothing. A segment whose worker vanished counts as a failure of that
+redelivery does nothing. Marking it is a compare-and-set on what was read (issue #11): a
+finish, a heartbeat, a stitch success or a cancel that lands in between wins. A segment whose worker vanished counts as a failure of that
 worker (farm.tasks.failure_policy), and fails for good after as many different workers as any failure.
 """
 
