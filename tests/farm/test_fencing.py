@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from farm.db.migrate import upgrade
 from farm.db.session import get_engine, session_scope
@@ -22,8 +23,6 @@ from farm.jobs.submit import route_request
 from farm.schemas import JobCreate
 from farm.tasks import reconcile
 from tests.conftest import RUN_ID, drop_database, make_database
-
-from sqlalchemy.orm import Session
 
 LEASE_S = 30.0
 
@@ -67,11 +66,16 @@ def cancel(db, job_id, seg_id):
     assert jobs.cancel_job(db, job_id)
 
 
+def stitch_succeeds(db, job_id, seg_id):
+    """The stitch (c1) already begun succeeds."""
+    assert jobs.succeed_job(db, job_id, "jobs/x/video-c1.mp4", "ab" * 32, 10, "c1")
+
+
 def stitch_success(db, job_id, seg_id):
     """The job's segment finishes (if it has not), its stitch begins and succeeds."""
     jobs.finish_segment(db, seg_id, ["chunk.mp4"], task_id="t1")
     jobs.begin_stitch(db, job_id, "c1")
-    assert jobs.succeed_job(db, job_id, "jobs/x/video-c1.mp4", "ab" * 32, 10, "c1")
+    stitch_succeeds(db, job_id, seg_id)
 
 
 def stands(db, job_id, seg_id, competitor) -> None:
@@ -128,7 +132,7 @@ def test_the_reconciler_overwrites_nothing(db, competitor):
     interleave(db, job_id, seg_id, read, write, competitor)
 
 
-@pytest.mark.parametrize("competitor", [cancel, stitch_success], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("competitor", [cancel, stitch_succeeds], ids=lambda f: f.__name__)
 def test_the_reconciler_leaves_a_stitch_that_ended_while_it_looked(db, competitor):
     """A stitching job whose stitch heartbeat is stale, read as stranded; it then succeeds
     (or is canceled) before the reconciler writes."""
@@ -144,10 +148,7 @@ def test_the_reconciler_leaves_a_stitch_that_ended_while_it_looked(db, competito
     def write(a):
         assert reconcile._mark_for_resend(a, found["job"], now) is None
 
-    interleave(db, job_id, seg_id, read, write,
-               (lambda d, j, s: jobs.succeed_job(d, j, "jobs/x/video-c1.mp4", "ab" * 32, 10,
-                                                 "c1")) if competitor is stitch_success
-               else competitor)
+    interleave(db, job_id, seg_id, read, write, competitor)
 
 
 def test_the_reconciler_still_resends_a_job_nothing_touched(db):
@@ -201,14 +202,9 @@ def test_a_replaced_tasks_progress_is_not_recorded(db):
     assert after.segments[0].progress == 0.5 and after.progress == pytest.approx(0.95 * 0.5)
 
 
-def redelivered_stitch_success(db, job_id, seg_id):
-    """Another copy of the same stitch task (a redelivery) succeeded."""
-    assert jobs.succeed_job(db, job_id, "jobs/x/video-c1.mp4", "ab" * 32, 10, "c1")
-
-
-@pytest.mark.parametrize("competitor", [cancel, redelivered_stitch_success],
-                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("competitor", [cancel, stitch_succeeds], ids=lambda f: f.__name__)
 def test_a_stitch_failure_overwrites_nothing(db, competitor):
+    """The failing stitch is c1; the competing success is another copy of c1 (a redelivery)."""
     job_id, seg_id = stitching_job(db)
 
     def read(a):
@@ -217,7 +213,7 @@ def test_a_stitch_failure_overwrites_nothing(db, competitor):
 
     interleave(db, job_id, seg_id, read,
                lambda a: jobs.stitch_failed(a, job_id, "stitch: OutputInvalid", "c1"),
-               cancel if competitor is cancel else stitch_success)
+               competitor)
 
 
 def test_a_replaced_stitch_that_fails_leaves_the_job_to_its_successor(db, settings):
