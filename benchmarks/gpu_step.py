@@ -12,18 +12,29 @@ and unconditional) at 720P x 81 frames (75,600 tokens) and 480P x 81:
     (flash, cuDNN, memory-efficient) where the device has it.
 Prints step time, achieved TFLOP/s and MFU against the bf16 matmul peak measured here, and
 the measured peak memory beside the router's estimate; the last line is stock over our best.
+
+First, memory per placement (issue #11.3): a two-expert checkpoint at A14B's expert width
+(``--placement-layers`` blocks; tiny on CPU) is loaded the actor's way for each placement
+(workers/parallel/placement.py) and renders 4 steps; the peak device memory of the load and
+of the render is printed beside the model tensors the placement keeps on the device and
+scheduler/memory.py's estimate for this checkpoint (without the CUDA context, which the
+allocator does not count). On CPU the peaks are nan: only the tensors are counted.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import json
+import shutil
+import tempfile
 import time
-
 from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
+from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,11 +156,118 @@ def estimate_gb(model, size: str) -> float:
     return weights + activation
 
 
+def checkpoint(folder: Path, config: dict, layers: int, device) -> Path:
+    """The tiny checkpoint's encoders, VAE and scheduler with two random bf16 experts of
+    ``config`` (text width: the tiny text encoder's)."""
+    from workers.tiny_model import make_tiny_checkpoint
+
+    make_tiny_checkpoint(folder)
+    text_dim = json.loads((folder / "text_encoder" / "config.json").read_text())["d_model"]
+    for name in ("transformer", "transformer_2"):
+        expert = build(dict(config, text_dim=text_dim), layers, device, torch.bfloat16)
+        shutil.rmtree(folder / name)
+        expert.to("cpu").save_pretrained(folder / name)
+        del expert
+    return folder
+
+
+def device_gb(modules, device) -> float:
+    """Bytes of ``modules``' tensors on ``device``, each tensor once (offload's experts
+    share their device buffers)."""
+    seen = {id(t): t.numel() * t.element_size() for m in modules
+            for t in [*m.parameters(), *m.buffers()] if t.device.type == device.type}
+    return sum(seen.values()) / 1e9
+
+
+def load_and_render(folder: Path, device, placement: str, role: str | None) -> dict:
+    """One actor's load and a 4-step render (its phase of it, when split)."""
+    from workers.parallel.placement import apply_placement, expert_loader
+    from workers.wan_pipeline import RenderRequest, WanT2V
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32  # as workers/actor.py loads
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    peak = (lambda: (torch.cuda.max_memory_allocated() - base) / 1e9) if cuda else (
+        lambda: float("nan"))
+    pipeline = WanT2V.from_folder(folder, device, dtype,
+                                  load_expert=expert_loader(placement, role))
+    apply_placement(pipeline, placement, role, device)
+    load_gb = peak()
+    modules = [*pipeline.experts, pipeline.text_encoder, pipeline.vae]
+    tensors_gb = device_gb(modules, device)
+    req = RenderRequest(prompt="a red circle moving left", negative_prompt="", frames=5,
+                        height=64, width=64, steps=4, guidance_high=4.0, guidance_low=3.0,
+                        seed=0)
+    state = pipeline.start(req)
+    timesteps = state.scheduler.timesteps
+    if role == "low":  # the phase after the handover: skip the high-noise steps
+        while (state.step < len(timesteps)
+               and pipeline.expert_for(float(timesteps[state.step]))[1] == "high"):
+            state.step += 1
+    for _ in pipeline.denoise_steps(req, state, "low" if role == "high" else None):
+        pass
+    return {"load_gb": load_gb, "render_gb": peak(), "tensors_gb": tensors_gb,
+            "encoders_gb": device_gb([pipeline.text_encoder, pipeline.vae], device),
+            "bytes_per_param": torch.finfo(dtype).bits // 8}
+
+
+def router_estimate(placement: str, expert_params: int, bytes_per_param: int,
+                    encoders_gb: float) -> float:
+    """scheduler/memory.py's estimate for the benchmark's checkpoint on one GPU: A14B's entry
+    with this checkpoint's parameters per expert and encoders, activations zero at the
+    bench's 64x64 (a few MB), without the CUDA context (runtime overhead)."""
+    from farm.policy import load_policy
+    from scheduler.memory import plan_memory
+    from scheduler.parallel_cost import parse_plan
+
+    catalog = load_policy().catalog
+    variant = catalog.model("wan2.2-t2v-a14b").model_copy(update=dict(
+        params_b=expert_params / 1e9, bytes_per_param=bytes_per_param,
+        extra_gb=encoders_gb, native="64x64", activation_gb={"64x64": 0.0}))
+    need = plan_memory(catalog, variant, parse_plan("single"), placement, frames=5)
+    return need.total_gb - need.overhead_gb
+
+
+def placement_memory(config: dict, layers: int, device) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = checkpoint(Path(tmp) / "two-experts", config, layers, device)
+        params = 0  # per expert, from its checkpoint
+        for path in (folder / "transformer").glob("*.safetensors"):
+            with safe_open(str(path), framework="pt") as fh:
+                params += sum(torch.Size(fh.get_slice(k).get_shape()).numel()
+                              for k in fh.keys())
+        rows = []
+        for placement, roles in (("resident", [None]), ("offload", [None]),
+                                 ("split", ["high", "low"])):
+            runs = [load_and_render(folder, device, placement, role) for role in roles]
+            row = {k: max(r[k] for r in runs) for k in runs[0]}  # split: each group's GPU
+            row.update(placement=placement, est_gb=router_estimate(
+                placement, params, row["bytes_per_param"], row["encoders_gb"]))
+            rows.append(row)
+    return rows
+
+
+def print_placements(rows: list[dict]) -> None:
+    """Per GPU (split: the larger of its two groups): peaks from the allocator, the model's
+    tensors on the device after loading, the router's weights + encoders + activations."""
+    print(f"{'placement':<20}{'load peak GB':>14}{'render peak GB':>16}{'tensors GB':>12}"
+          f"{'est GB':>10}")
+    for r in rows:
+        print(f"placement {r['placement']:<10}{r['load_gb']:>14.3f}{r['render_gb']:>16.3f}"
+              f"{r['tensors_gb']:>12.4f}{r['est_gb']:>10.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a small shape (CPU, CI)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--placement-layers", type=int, default=4,
+                        help="blocks per expert of the placement-memory checkpoint (GPU)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny or device.type == "cpu"
@@ -160,6 +278,7 @@ def main() -> None:
     print(f"device {device}; shape {'tiny' if tiny else 'A14B expert'}; bf16 vs fp32 "
           f"relative error (2 layers): {error:.2e}")
     assert error < 2e-2, "bf16 output differs from the fp32 reference"
+    print_placements(placement_memory(config, 2 if tiny else args.placement_layers, device))
     peak = matmul_peak_tflops(device, torch.bfloat16, 512 if tiny else 8192)
     print(f"measured bf16 matmul peak: {peak:.1f} TFLOP/s")
 

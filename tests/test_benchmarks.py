@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@lru_cache(maxsize=None)  # one run serves every test that reads its output
 def run(script: str, *args: str) -> str:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -20,3 +22,18 @@ def test_gpu_step_runs_at_a_tiny_shape():
     out = run("gpu_step.py", "--tiny", "--no-compile", "--repeats", "1")
     assert "bf16 vs fp32 relative error" in out
     assert out.strip().splitlines()[-1].startswith("stock eager / ours eager default")
+
+
+def test_gpu_step_reports_memory_per_placement():
+    """The device holds both experts only when resident: offload and split hold one, and the
+    router's estimate says the same."""
+    out = run("gpu_step.py", "--tiny", "--no-compile", "--repeats", "1")
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 6 and parts[0] == "placement" and parts[1] != "load":
+            rows[parts[1]] = {"tensors": float(parts[4]), "est": float(parts[5])}
+    assert set(rows) == {"resident", "offload", "split"}, out
+    for column in ("tensors", "est"):
+        resident, offload, split = (rows[p][column] for p in ("resident", "offload", "split"))
+        assert resident > offload == split > 0, (column, rows)
