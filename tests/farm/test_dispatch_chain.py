@@ -9,7 +9,8 @@ from farm.jobs.dispatch import is_continuous, segments_to_send
 def _job(states: list[str], continuous: bool = True) -> Job:
     job = Job(id="j", continuous=continuous)
     # Out of order on purpose: the chain follows the segment index.
-    job.segments = [Segment(id=10 + i, index=i, state=s) for i, s in reversed(list(enumerate(states)))]
+    job.segments = [Segment(id=10 + i, index=i, state=s)
+                    for i, s in reversed(list(enumerate(states)))]
     return job
 
 
