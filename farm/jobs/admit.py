@@ -61,14 +61,20 @@ def runnable_segments(session, job_ids: list[str]) -> dict[str, int]:
     return {job_id: (min(1, n) if continuous else n) for job_id, continuous, n in rows}
 
 
+def gpus_per_group(route: dict) -> int:
+    """GPUs one of the route's pool members takes: its degree, twice over for the split
+    placement, whose member is a pair of groups (one per expert)."""
+    return route["degree"] * (2 if route.get("placement") == "split" else 1)
+
+
 def job_groups(route: dict, project: str, runnable: int, policy=None) -> int:
     """The groups a job holds while on the GPUs (scheduler.admission.groups_for)."""
     policy = policy or get_policy()
     tier = policy.catalog.tiers.get(route["tier"])
     if tier is None:
         return 1
-    pool = TierSize(tier.count, tier.gpus_per_node).groups(route["degree"])
-    return groups_for(runnable, pool, route["degree"],
+    pool = TierSize(tier.count, tier.gpus_per_node).groups(gpus_per_group(route))
+    return groups_for(runnable, pool, gpus_per_group(route),
                       policy.rules.quotas.limit(project, route["tier"]))
 
 
@@ -88,10 +94,10 @@ def _choose(session) -> tuple[list[str], dict[str, str]]:
         return job_groups(r.route, r.project, runnable.get(r.id, 1), policy)
 
     # A queued job whose window has closed since the last tick is not sent (the tick parks it).
-    waiting = [Waiting(r.id, r.project, r.route["tier"], r.route["degree"], r.priority,
+    waiting = [Waiting(r.id, r.project, r.route["tier"], gpus_per_group(r.route), r.priority,
                        r.created_at, groups(r))
                for r in rows if r.dispatched_at is None and not must_wait(r.route, now)]
-    holding = [Holding(r.project, r.route["tier"], r.route["degree"], groups(r))
+    holding = [Holding(r.project, r.route["tier"], gpus_per_group(r.route), groups(r))
                for r in rows if r.dispatched_at is not None]
     if not waiting:
         return [], {}

@@ -200,7 +200,7 @@ def lease_for_segment(settings, job, segment, held: Held, stop):
     variant = get_policy().catalog.model(job.model).name
     route = job.route
     plan, placement = route.get("parallel", "single"), route.get("placement", "resident")
-    size = pool_size(get_policy().catalog.tier(route["tier"]), route["degree"])
+    size = pool_size(get_policy().catalog.tier(route["tier"]), admit.gpus_per_group(route))
     names = {group_name(variant, route["tier"], plan, placement, None, r): r
              for r in range(size)}
     failures = events.failures(settings.database_url, job.id)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from ray.exceptions import RayError
 
-from farm.jobs import events, service as jobs
+from farm.jobs import admit, events, service as jobs
 from farm.db.tables import Segment
 from farm.db.session import DATABASE_OUTAGE, retry_through_outage
 from farm.errors import WorkerLost
@@ -33,7 +33,7 @@ from farm.storage import Storage
 from farm.policy import get_policy
 from workers import ray_cluster
 from workers.actor import RenderCanceled
-from farm.tasks import group_leases
+from farm.tasks import group_leases, seams
 from workers.group import ACTOR_LOST, ActorGroup
 from workers.video import encode_chunk
 
@@ -50,9 +50,12 @@ class ChunkEncoder:
         self.storage, self.work = storage, work
         self.to_skip = segment.skip_frames
         self.buffer: list[np.ndarray] = []
+        self.last_frame: np.ndarray | None = None
         self.keys: list[str] = []
 
     def add(self, frames: np.ndarray) -> None:
+        if len(frames):
+            self.last_frame = frames[-1]  # what a continuing segment starts from
         if self.to_skip:
             dropped = min(self.to_skip, len(frames))
             frames, self.to_skip = frames[dropped:], self.to_skip - dropped
@@ -95,9 +98,12 @@ def _actor_group(settings: Settings, job, replica: int) -> ActorGroup:
         raise WorkerLost(f"actor for {variant.name} on {job.route['tier']} is gone: {exc}") from exc
 
 
-def _request(job, segment: Segment) -> dict:
+def _request(job, segment: Segment, storage: Storage) -> dict:
+    """What the group renders; a continued segment starts from the last frame of the one
+    before it (farm/tasks/seams.py, issue #11 item 7)."""
     variant = get_policy().catalog.model(job.model)
-    return dict(prompt=job.prompt, negative_prompt=job.negative_prompt,
+    return dict(first_frame=seams.first_frame(storage, job, segment),
+                prompt=job.prompt, negative_prompt=job.negative_prompt,
                 frames=segment.render_frames, height=variant.native_height,
                 width=variant.native_width, steps=job.steps, guidance_high=job.guidance_high,
                 guidance_low=job.guidance_low, seed=segment.seed)
@@ -152,6 +158,7 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
                  "chunks kept", job_id, segment.index)
         return {"segment_id": seg_id, "finished": False}
     events.record(db, job_id, events.SEGMENT_DONE, f"{len(keys)} chunk(s)", segment.index, worker)
+    admit.release_soon(settings)  # its group is free: let the next segment in now, not at a tick
     return {"segment_id": seg_id, "chunks": keys}
 
 
@@ -164,10 +171,12 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{job.id}-s{segment.index}-", dir=settings.work_dir))
     try:
-        encoder = ChunkEncoder(job, segment, settings, Storage(settings.storage_url), work)
+        storage = Storage(settings.storage_url)
+        encoder = ChunkEncoder(job, segment, settings, storage, work)
+        request = _request(job, segment, storage)
         try:
             group = _actor_group(settings, job, held.lease.replica)
-            stream = group.render(_request(job, segment))
+            stream = group.render(request)
             window = RenderWindow()
             report = partial(_report_progress, settings.database_url, segment.id, task_id)
             keys = _consume(stream, encoder, report, lambda: superseded.is_set() or held.lost,
@@ -182,6 +191,8 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
             raise group_leases.blame(WorkerLost(f"lost the lease on {held.name}"), held)
         events.record(settings.database_url, job.id, events.SEGMENT_RENDERED,
                       window.describe(held.name), segment.index)
+        if job.continuous and segment.index < len(job.segments) - 1:
+            seams.save_last_frame(storage, job, segment, encoder.last_frame)
         return keys
     except RenderCanceled:
         if held.lost and not superseded.is_set():

@@ -79,8 +79,10 @@ def test_a_jobs_independent_segments_fan_out_over_idle_groups(client, db_url):
     job = wait_for(client, job_id, {"succeeded", "failed"})
     assert job["state"] == "succeeded", job["error"]
     renders = sorted(rendered(db_url, job_id))
+    log = [(e.kind, e.segment_index, e.worker, e.message, e.created_at.time())
+           for e in events.list_events(db_url, job_id)]
     assert [r[0] for r in renders] == [0, 1, 2]
-    assert {r[1] for r in renders} == {"render:wan-tiny:cpu:g0", "render:wan-tiny:cpu:g1"}
+    assert {r[1] for r in renders} == {"render:wan-tiny:cpu:g0", "render:wan-tiny:cpu:g1"}, log
     assert max(overlap(x, y) for x in renders for y in renders if x is not y) > 0
 
 
@@ -126,3 +128,33 @@ def _route(project: str, body: dict):
     from farm.jobs.submit import route_request
 
     return route_request(_create(body, project), {})
+
+
+def test_a_segment_whose_group_fails_is_retried_on_another_group(client, db_url):
+    """The actor of the group rendering a segment is killed: the failure is the group's (the
+    job's log names it, not the Celery worker), and the retry leases the pool's other group."""
+    job_id = client.post("/v1/jobs", json={"prompt": "a red circle moving left",
+                                           "model": "wan-tiny", "frames": 17, "steps": 200,
+                                           "seed": 8}).json()["id"]
+    started = _wait_for_event(db_url, job_id, events.SEGMENT_STARTED)
+    first = started.message.rsplit(" on ", 1)[1]
+    time.sleep(1.0)  # mid-render
+    ray.kill(ray.get_actor(f"{first}:r0", namespace=NAMESPACE))
+    job = wait_for(client, job_id, {"succeeded", "failed"})
+    assert job["state"] == "succeeded", job["error"]
+    log = events.list_events(db_url, job_id)
+    failed = [e for e in log if e.kind == events.SEGMENT_FAILED]
+    assert [e.worker for e in failed] == [first], [(e.kind, e.worker, e.message) for e in log]
+    again = [e.message for e in log if e.kind == events.SEGMENT_STARTED][1:]
+    other = ({"render:wan-tiny:cpu:g0", "render:wan-tiny:cpu:g1"} - {first}).pop()
+    assert again and again[-1].endswith(f" on {other}"), again
+
+
+def _wait_for_event(db_url: str, job_id: str, kind: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in events.list_events(db_url, job_id) if e.kind == kind]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no {kind} event for job {job_id} in {timeout}s")

@@ -1,0 +1,259 @@
+"""The farm's throughput against a bare loop of the same renders and encodes (issue #11).
+
+    .venv/bin/python benchmarks/farm_throughput.py            # 8 jobs (about 4 minutes)
+    .venv/bin/python benchmarks/farm_throughput.py --jobs 4
+
+Three runs in one process, all with the shipped toy model on this machine's cores:
+
+1. bare: one Python loop (torch on every core) renders each job with `WanT2V`, decodes,
+   encodes the chunks with the farm's encoder and joins them, one job after another;
+2. the farm with one group: PostgreSQL (a throwaway database on 127.0.0.1:5432), Redis
+   (database 14, flushed), a Ray head whose cpu tier holds one group of all the cores, a
+   Celery render worker, a stitch worker and beat; the group is warmed by one job, then N
+   jobs are submitted at once and timed until the last one has succeeded;
+3. the same farm with two groups (torch threads = cores / groups, FARM_ACTOR_CPUS).
+
+Each group's duty cycle comes from the job logs: the `segment_rendered` events hold when
+the actor began each render (its own clock) and when the last frame left it; a group's
+duty is its render time over the wall time from its first render's start to its last's end.
+
+Targets: farm (1 group) / bare <= 1.15; jobs per minute with 2 groups >= 1.6 x 1 group;
+duty >= 0.9 for each group. The last line is the 2-group / 1-group throughput ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TMP = Path(tempfile.mkdtemp(prefix="farm-throughput-"))
+RUN = uuid.uuid4().hex[:8]
+CORES = os.cpu_count() or 2
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
+REDIS_DB = 14
+PROMPTS = ["a red circle moving right", "a blue square moving left", "a green triangle moving up",
+           "a yellow circle moving down"]
+JOB = dict(model="wan-toy", frames=17, steps=40, width=256, height=256, fps=8)
+RENDERED = re.compile(r"rendered on (\S+) from ([\d.]+) to ([\d.]+)")
+
+
+def farm_env(groups: int, db_name: str) -> dict[str, str]:
+    """The FARM_* settings of a farm whose cpu tier holds ``groups`` groups."""
+    import yaml
+
+    config = ROOT / "scheduler" / "config"
+    tiers = yaml.safe_load((config / "tiers.yaml").read_text())
+    tiers["tiers"]["cpu"]["gpus_per_node"] = groups
+    tiers_file = TMP / f"tiers-{groups}.yaml"
+    tiers_file.write_text(yaml.safe_dump(tiers))
+    port = 20000 + int(RUN, 16) % 20000 + groups
+    return {
+        "FARM_HOME": str(TMP / f"home-{groups}"),
+        "FARM_TIERS_FILE": str(tiers_file),
+        "FARM_DATABASE_URL": f"{PG_SERVER}/{db_name}",
+        "FARM_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "FARM_RESULT_BACKEND": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "FARM_STORAGE_URL": f"file://{TMP}/storage-{groups}",
+        "FARM_WORK_DIR": str(TMP / f"work-{groups}"),
+        "FARM_RAY_ADDRESS": f"127.0.0.1:{port}",
+        "FARM_RAY_HEAD_PORT": str(port),
+        "FARM_RAY_TEMP_DIR": f"/tmp/rft-{RUN}-{groups}",
+        "FARM_RAY_TIER_SLOTS": str(groups),
+        "FARM_ACTOR_CPUS": str(max(1, CORES // groups)),
+        "FARM_TICK_SECONDS": "1",
+    }
+
+
+def requests(n: int) -> list[dict]:
+    return [dict(JOB, prompt=PROMPTS[i % len(PROMPTS)], seed=100 + i) for i in range(n)]
+
+
+# ---- the bare loop ------------------------------------------------------------------------
+
+
+def bare_loop(jobs: list[dict]) -> float:
+    """Seconds to render, encode and join every job in this process, one after another."""
+    import numpy as np
+    import torch
+
+    from farm.settings import Settings
+    from workers.toy import BUNDLED_DIR
+    from workers.video import concat, encode_chunk
+    from workers.wan_pipeline import RenderRequest, WanT2V
+
+    torch.set_num_threads(CORES)
+    settings = Settings()
+    pipeline = WanT2V.from_folder(BUNDLED_DIR / "wan-toy")
+    native = 32  # wan-toy renders 32x32; the encoder scales to the job's size
+    work = TMP / "bare"
+    work.mkdir()
+
+    def one(i: int, job: dict) -> None:
+        req = RenderRequest(job["prompt"], "", job["frames"], native, native, job["steps"],
+                            4.0, 4.0, job["seed"])
+        frames = np.concatenate(list(pipeline.decode_chunks(pipeline.denoise(req))))
+        size = settings.encode_chunk_frames
+        chunks = [encode_chunk(frames[k:k + size], work / f"{i}-{k}.mp4", job["width"],
+                               job["height"], job["fps"], settings.x264_preset,
+                               settings.x264_crf) for k in range(0, len(frames), size)]
+        concat(chunks, work / f"{i}.mp4")
+
+    one(-1, jobs[0])  # warm up, as the farm's groups are
+    started = time.perf_counter()
+    for i, job in enumerate(jobs):
+        one(i, job)
+    return time.perf_counter() - started
+
+
+# ---- the farm -----------------------------------------------------------------------------
+
+
+class Farm:
+    """A farm of real processes (Ray head, render worker, stitch worker, beat)."""
+
+    def __init__(self, groups: int):
+        import psycopg
+        import redis
+
+        self.groups, self.db_name = groups, f"farm_bench_{RUN}_{groups}"
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.db_name}"')
+        redis.Redis(db=REDIS_DB).flushdb()
+        self.env = {**os.environ, **farm_env(groups, self.db_name)}
+        farm = str(Path(sys.executable).parent / "farm")
+        subprocess.run([farm, "db", "upgrade"], env=self.env, check=True, capture_output=True)
+        self.procs = [self._start(farm, "ray", "start", "--block", "--num-cpus", str(CORES),
+                                  "--resources", f'{{"tier:cpu": {groups}}}')]
+        time.sleep(8)  # the head is up well within this
+        self.procs += [self._start(farm, "worker", "-Q", "render.cpu", "-c", str(groups),
+                                   "-n", f"render-{RUN}@%h"),
+                       self._start(farm, "worker", "-Q", "stitch", "-c", "2",
+                                   "-n", f"stitch-{RUN}@%h"),
+                       self._start(farm, "beat")]
+
+    def _start(self, *argv: str) -> subprocess.Popen:
+        log = (TMP / f"{argv[1]}-{self.groups}-{len(getattr(self, 'procs', []))}.log").open("w")
+        return subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def run(self, jobs: list[dict]) -> tuple[float, dict[str, float]]:
+        """Submit every job at once; -> (seconds to the last success, duty per group)."""
+        submitted = self._submit_in_child(jobs)
+        started = time.perf_counter()
+        self._wait(submitted)
+        return time.perf_counter() - started, self._duty(submitted)
+
+    def warm(self) -> None:
+        """One job per group, so every group has loaded the model before the timed run."""
+        self._wait(self._submit_in_child(requests(self.groups)))
+
+    def _submit_in_child(self, jobs: list[dict]) -> list[str]:
+        """Submit through the job service in a child process that has the farm's settings."""
+        code = ("import json,sys\nfrom farm.jobs.submit import submit\n"
+                "from farm.schemas import JobCreate\nfrom farm.settings import get_settings\n"
+                "s=get_settings()\nprint(json.dumps([submit(s, JobCreate(**j)).id "
+                "for j in json.loads(sys.stdin.read())]))")
+        import json
+
+        out = subprocess.run([sys.executable, "-c", code], input=json.dumps(jobs), env=self.env,
+                             capture_output=True, text=True, check=True, cwd=ROOT)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def _wait(self, ids: list[str], timeout_s: float = 900) -> None:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.env["FARM_DATABASE_URL"])
+        deadline = time.monotonic() + timeout_s
+        with engine.connect() as conn:
+            while time.monotonic() < deadline:
+                states = dict(conn.execute(text("SELECT id, state FROM jobs WHERE id = ANY(:ids)"),
+                                           {"ids": ids}).all())
+                conn.commit()
+                if any(s in ("failed", "canceled") for s in states.values()):
+                    raise RuntimeError(f"a job did not succeed: {states}")
+                if len(states) == len(ids) and set(states.values()) == {"succeeded"}:
+                    engine.dispose()
+                    return
+                time.sleep(0.05)
+        raise RuntimeError(f"jobs not done in {timeout_s}s: {states}")
+
+    def _duty(self, ids: list[str]) -> dict[str, float]:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.env["FARM_DATABASE_URL"])
+        with engine.connect() as conn:
+            messages = conn.execute(text("SELECT message FROM job_events WHERE kind = "
+                                         "'segment_rendered' AND job_id = ANY(:ids)"),
+                                    {"ids": ids}).scalars().all()
+        engine.dispose()
+        windows: dict[str, list[tuple[float, float]]] = {}
+        for message in messages:
+            group, began, ended = RENDERED.match(message).groups()
+            windows.setdefault(group, []).append((float(began), float(ended)))
+        return {group: sum(e - b for b, e in spans) /
+                (max(e for _, e in spans) - min(b for b, _ in spans))
+                for group, spans in sorted(windows.items())}
+
+    def stop(self) -> None:
+        import psycopg
+
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+
+
+def timed_farm(groups: int, jobs: list[dict]) -> tuple[float, dict[str, float]]:
+    farm = Farm(groups)
+    try:
+        farm.warm()
+        return farm.run(jobs)
+    finally:
+        farm.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=8)
+    jobs = requests(parser.parse_args().jobs)
+    from workers.ray_cluster import quiet_ray_env
+
+    quiet_ray_env()
+    bare_s = bare_loop(jobs)
+    one_s, one_duty = timed_farm(1, jobs)
+    two_s, two_duty = timed_farm(2, jobs)
+    n = len(jobs)
+    print(f"{n} toy jobs ({JOB['frames']} frames, {JOB['steps']} steps, "
+          f"{JOB['width']}x{JOB['height']}), {CORES} cores")
+    print(f"{'run':28s} {'seconds':>8s} {'jobs/min':>9s}  duty per group")
+    for name, secs, duty in (("bare loop (1 process)", bare_s, {}),
+                             ("farm, 1 group", one_s, one_duty),
+                             ("farm, 2 groups", two_s, two_duty)):
+        shown = ", ".join(f"{g.rsplit(':', 1)[-1]} {d:.2f}" for g, d in duty.items())
+        print(f"{name:28s} {secs:8.2f} {60 * n / secs:9.2f}  {shown}")
+    print(f"farm (1 group) / bare time: {one_s / bare_s:.2f} (target <= 1.15)")
+    print(f"min duty: {min([*one_duty.values(), *two_duty.values()]):.2f} (target >= 0.90)")
+    print(f"jobs per minute, 2 groups / 1 group: {one_s / two_s:.2f} (target >= 1.6)")
+
+
+if __name__ == "__main__":
+    main()
