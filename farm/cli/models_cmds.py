@@ -8,9 +8,6 @@ import typer
 
 models_app = typer.Typer(help="Model checkpoints.")
 
-# Catalog variants `make-tiny` writes, and the real layout each copies.
-TINY_LIKE = {"wan-tiny": "t2v-a14b"}
-
 
 @models_app.command("make-tiny")
 def make_tiny(path: Path, seed: int = 0,
@@ -38,30 +35,22 @@ def human(size: int) -> str:
     return f"{size:.1f} GB"
 
 
-def how_to_make(name: str, path: Path) -> str:
-    if name in TINY_LIKE:
-        return f"make: farm models make-tiny {path} --like {TINY_LIKE[name]}"
-    return f"download its diffusers folder to {path}"
-
-
 @models_app.command("list")
 def list_models() -> None:
     """Each catalog variant: present (where, size on disk) or missing (and how to make it)."""
-    from farm.errors import ModelUnavailable
-    from farm.model_dirs import resolve_model_dir
+    from farm.model_dirs import availability
     from farm.policy import get_policy
     from farm.settings import get_settings
 
     settings = get_settings()
     rows = []
     for name, variant in sorted(get_policy().catalog.models.items()):
-        try:
-            path = resolve_model_dir(settings, variant)
-        except ModelUnavailable:
-            path = settings.models_dir / variant.folder
-            rows.append((name, "missing", "-", how_to_make(name, path)))
-            continue
-        rows.append((name, "present", human(folder_bytes(path)), str(path)))
+        found = availability(settings, variant)  # the same answer as `farm rules check`
+        if found.present:
+            rows.append((name, "present", human(folder_bytes(found.path)), str(found.path)))
+        else:
+            rows.append((name, "missing", "-", found.how or f"nothing makes it: put its "
+                         f"diffusers folder at {found.path}"))
     width = max(len(r[0]) for r in rows)
     typer.echo(f"{'VARIANT':<{width}}  {'STATE':<7}  {'SIZE':>9}  WHERE / HOW")
     for name, state, size, where in rows:

@@ -31,11 +31,12 @@ def test_list_shows_present_and_missing_variants_and_how_to_make_them(tmp_path):
     assert listed.returncode == 0, listed.stderr
     before = rows(listed.stdout)
     assert set(before) == {"wan-tiny", "wan-toy", "wan2.2-ti2v-5b", "wan2.2-t2v-a14b"}
-    assert before["wan-tiny"] == ["missing", "-", f"make: farm models make-tiny "
-                                  f"{tmp_path / 'wan-tiny'} --like t2v-a14b"]
+    assert before["wan-tiny"] == ["missing", "-", f"run `farm models make-tiny "
+                                  f"{tmp_path / 'wan-tiny'} --like t2v-a14b`"]
     assert before["wan2.2-t2v-a14b"][0] == "missing"
-    assert before["wan2.2-t2v-a14b"][2].startswith("download its diffusers folder to "
-                                                   f"{tmp_path}/Wan2.2-T2V-A14B-Diffusers")
+    assert before["wan2.2-t2v-a14b"][2] == (
+        "download https://huggingface.co/Wan-AI/Wan2.2-T2V-A14B-Diffusers and put the folder "
+        f"at {tmp_path}/Wan2.2-T2V-A14B-Diffusers")
     state, size, where = before["wan-toy"]  # ships with the project
     assert state == "present" and size.endswith("MB") and where.endswith("wan-toy")
 
