@@ -218,13 +218,14 @@ class RenderWorker:
 
     def render(self, request: dict, request_id: str, latent_frames_per_chunk: int = 4,
                state: DenoiseState | None = None) -> Iterator[dict]:
-        """Stream of events: {"kind": "progress", step, steps, expert, at, began} per denoising
-        step (``at``: time.time() after the step; ``began``: when this render started here,
-        before its first step), then {"kind": "frames", "frames": uint8 (T, H, W, 3)} per decoded chunk. In a
-        group, rank 0 runs this and decodes; the other ranks run `follow`. The high-noise
-        group of a split placement ends with {"kind": "handover", "state"} instead of frames;
-        the low-noise group's render starts from that ``state``, and the driver then calls
-        `release_handover` on the high-noise rank 0."""
+        """Stream of events: {"kind": "progress", step, steps, expert, at, began} per
+        denoising step (``at``: time.time() after the step; ``began``: when this render
+        started here, before its first step), then {"kind": "frames", "frames": uint8
+        (T, H, W, 3)} per decoded chunk. In a group, rank 0 runs this and decodes; the other
+        ranks run `follow`. The high-noise group of a split placement ends with
+        {"kind": "handover", "state"} instead of frames; the low-noise group's render starts
+        from that ``state``, and the driver then calls `release_handover` on the high-noise
+        rank 0."""
         self.load()
         began = time.time()
         req = RenderRequest(**request)

@@ -17,6 +17,7 @@ from workers.actor import HANDOVERS_KEPT, RenderWorker
 from workers.parallel.placement import (
     ExpertOffload, NotOnThisGroup, apply_placement, expert_loader,
 )
+from workers.parallel.tensor_parallel import load_sharded
 from workers.wan_pipeline import RenderRequest, WanT2V
 
 DEVICE = torch.device("meta")
@@ -50,10 +51,10 @@ def device_bytes(modules) -> int:
     return sum(seen.values())
 
 
-def load_recording(tiny_model, placement, role):
+def load_recording(tiny_model, placement, role, inner=None):
     """Load with the actor's hook, recording after each expert: the device types its tensors
     were materialised on, and the device bytes of every expert loaded so far."""
-    hook = expert_loader(placement, role)
+    hook = expert_loader(placement, role, inner)
     loaded, records = [], []
 
     def recording(cls, folder, device, dtype):
@@ -104,6 +105,26 @@ def test_split_reads_only_its_own_expert(tiny_model, role):
     other = pipeline.transformer_2 if role == "high" else pipeline.transformer
     assert isinstance(other, NotOnThisGroup)
     assert device_bytes(pipeline.experts) == one
+
+
+@pytest.mark.parametrize("placement,role", [("offload", None), ("split", "low")])
+def test_placement_composes_with_the_tensor_parallel_loader(tiny_model, placement, role):
+    """Rank 1 of tp2 (loading touches no collective: no process group needed): the plan's
+    loader reads its half of each expert, the placement decides where that half goes."""
+    def shard(cls, folder, device, dtype):
+        return load_sharded(cls, folder, None, 1, 2, device, dtype)
+
+    pipeline, records = load_recording(tiny_model, placement, role, inner=shard)
+    halves = [e for e in pipeline.experts if not isinstance(e, NotOnThisGroup)]
+    assert all(e.tp_rank == 1 and e.blocks[0].attn1.heads == 1 for e in halves)
+    one_shard = device_bytes(halves[:1])
+    assert 0 < one_shard < expert_bytes(tiny_model / "transformer")
+    if placement == "offload":
+        assert records == [("transformer", {"cpu"}, 0), ("transformer_2", {"cpu"}, 0)]
+    else:
+        assert records == [("transformer", set(), 0),
+                           ("transformer_2", {"meta"}, one_shard)]
+    assert device_bytes(pipeline.experts) == one_shard
 
 
 def test_offload_swaps_by_copying_into_the_same_buffers(tiny_model):

@@ -106,9 +106,10 @@ class ExpertOffload:
         self._switch = pipeline.expert_for
         experts = {"high": pipeline.transformer, "low": pipeline.transformer_2}
         slots = {which: _slots_of(expert) for which, expert in experts.items()}
-        if slots["high"].keys() != slots["low"].keys():
+        differ = sorted(slots["high"].keys() ^ slots["low"].keys())
+        if differ:
             raise ValueError("offload needs two experts of one architecture; their "
-                             f"parameters differ: {sorted(slots['high'].keys() ^ slots['low'].keys())[:5]}")
+                             f"parameters differ: {differ[:5]}")
         # The host copies: read once at load, never written again (inference only).
         self.host = {which: {name: _get(entries[0]).detach() for name, entries in s.items()}
                      for which, s in slots.items()}

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from scheduler.parallel_cost import Plan  # routes and actors name plans alike
 from workers.parallel.cfg_parallel import CfgParallel
+from workers.parallel.placement import NotOnThisGroup
 from workers.parallel.sequence_parallel import apply_sequence_parallel
 from workers.parallel.tensor_parallel import load_sharded
 
@@ -67,7 +68,8 @@ def pipeline_options(plan: Plan, groups: RankGroups) -> dict:
 def apply_after_load(pipeline, plan: Plan, groups: RankGroups) -> None:
     if plan.sp > 1:
         for expert in pipeline.experts:
-            apply_sequence_parallel(expert, groups.tp_group, groups.tp_rank, plan.sp)
+            if not isinstance(expert, NotOnThisGroup):  # split: the other group's expert
+                apply_sequence_parallel(expert, groups.tp_group, groups.tp_rank, plan.sp)
     if plan.cfg == 2:
         pipeline.guide = CfgParallel(groups.cfg_group, groups.cfg_half).guide
 
