@@ -114,8 +114,12 @@ def test_list_filters_and_pages(any_db):
 
 
 def test_largest_seed_fits_every_segment(any_db):
+    from scheduler.planner import segment_seed
+
     job = jobs.get_job(any_db, new_job(any_db, seed=2**31 - 1).id)
-    assert [s.seed for s in job.segments] == [2**31 - 1, 0]
+    seeds = [s.seed for s in job.segments]
+    assert seeds == [2**31 - 1, segment_seed(2**31 - 1, 1)]
+    assert all(0 <= seed < 2**31 for seed in seeds) and seeds[1] != seeds[0]
 
 
 def test_a_segment_started_too_often_gives_up(any_db):
