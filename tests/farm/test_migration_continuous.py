@@ -31,17 +31,17 @@ def _columns(engine) -> set[str]:
 
 
 def test_continuous_column_up_and_down(empty_db):
-    upgrade(empty_db, "0007")
+    upgrade(empty_db, "0005")
     engine = get_engine(empty_db)
     with engine.begin() as conn:
         conn.execute(text(JOB))
-    upgrade(empty_db, "0005")
+    upgrade(empty_db, "0006")
     assert "continuous" in _columns(engine)
     with engine.connect() as conn:
         # Rendered before continuations existed: independent clips.
         assert conn.execute(text("SELECT continuous FROM jobs WHERE id = 'j1'")).scalar() \
             in (False, 0)
-    downgrade(empty_db, "0007")
+    downgrade(empty_db, "0005")
     assert "continuous" not in _columns(engine)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 1

@@ -1,6 +1,6 @@
 """add group leases: one driver per actor group of a pool
 
-Revision ID: 0007
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-30 19:00:00
 """
@@ -8,7 +8,7 @@ Create Date: 2026-11-30 19:00:00
 from alembic import op
 import sqlalchemy as sa
 
-revision = '0007'
+revision = '0005'
 down_revision = '0004'
 branch_labels = None
 depends_on = None

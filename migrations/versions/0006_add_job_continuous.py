@@ -1,15 +1,15 @@
 """add jobs.continuous: a long video's segments continue each other (issue #11, item 7)
 
-Revision ID: 0005
-Revises: 0007
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-11-30 19:10:00
 """
 
 from alembic import op
 import sqlalchemy as sa
 
-revision = '0005'
-down_revision = '0007'  # the head when this was written (group leases)
+revision = '0006'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
