@@ -27,6 +27,8 @@ PG_SERVER = os.environ.get("FARM_TEST_PG",
                            f"postgresql+psycopg://postgres:{DB_PASSWORD}@127.0.0.1:5432")
 PG_DB = f"farm_test_{RUN_ID}"
 REDIS_DB = int(os.environ.get("FARM_TEST_REDIS_DB", "11"))
+# The suite owns this database and the next one (a broker no worker reads, for the fuzzer).
+REDIS_SCRATCH_DB = (REDIS_DB + 1) % 16
 BIN = Path(sys.executable).parent
 
 

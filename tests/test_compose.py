@@ -126,3 +126,17 @@ def test_each_render_node_holds_the_groups_its_routes_need():
                                                         '\\"tier:a100\\": 1'))
     assert "finals: worker-render-a100 offers 1 tier:a100; the route's group needs 2 on one " \
         "node" in group_problems(before, catalog, rules)
+
+
+def test_each_render_nodes_worker_can_drive_every_group_of_the_node():
+    """One render task drives one actor group (issue #11): a node's Celery render worker
+    needs as many processes as the node has GPUs, or groups sit idle."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    nodes = node_resources(compose)
+    checked = 0
+    for name, argv in farm_invocations():
+        if name in nodes and argv[:1] == ["worker"]:
+            slots = sum(v for k, v in nodes[name].items() if k.startswith("tier:"))
+            assert int(argv[argv.index("--concurrency") + 1]) == slots, (name, argv, slots)
+            checked += 1
+    assert checked >= 3  # the cpu, a10 and a100 nodes

@@ -8,7 +8,6 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from farm.api import batch_routes, routes
-from farm.api.auth import RateLimiter
 from farm.api.limits import BodyLimit
 from farm.api.errors import database_unavailable_handler, validation_error_handler
 from farm.db.session import DATABASE_OUTAGE
@@ -30,7 +29,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Render farm for Wan2.2-class text-to-video models")
     app.state.settings = settings = settings or get_settings()
     app.state.check_broker = _broker_check(settings)
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.broker_url)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     # Connection-level database errors (OperationalError, InterfaceError) are a 503.

@@ -46,7 +46,7 @@ def to_public(job: Job, request: Request) -> JobPublic:
         track=job.track, batch_id=job.batch_id, route=job.route, rules_sha256=job.rules_sha256,
         error=job.error,
         output_url=url, output_sha256=job.output_sha256, created_at=job.created_at,
-        dispatched_at=job.dispatched_at, resends=job.resends,
+        dispatched_at=job.dispatched_at, resends=job.resends, continuous=job.continuous,
         started_at=job.started_at, finished_at=job.finished_at, queued_seconds=queued,
         run_seconds=run, segments=[SegmentPublic.model_validate(s) for s in job.segments],
     )

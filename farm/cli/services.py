@@ -46,7 +46,8 @@ def worker(queues: str = typer.Option(None, "--queues", "-Q",
            concurrency: int = typer.Option(1, "--concurrency", "-c"),
            hostname: str = typer.Option(None, "--hostname", "-n"),
            loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
-    """Run a Celery worker. A render queue's concurrency is the actor groups it can feed."""
+    """Run a Celery worker. A render worker's concurrency is the actor groups it can drive at
+    once: one task drives one group (issue #11), so give it the GPUs of the node it serves."""
     prepare_ray_env()
     from farm.celery_app import app as celery
 
@@ -167,7 +168,9 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     # Render queues and stitch on separate workers: stitching and beat's ticks never wait
     # behind a long render.
     renders = ",".join(render_queue(t) for t in get_policy().catalog.tiers)
-    commands += [farm + ["api"], farm + ["worker", "-Q", renders],
+    # One render task drives one group: as many as the local head's cpu tier holds.
+    commands += [farm + ["api"],
+                 farm + ["worker", "-Q", renders, "-c", str(settings.ray_tier_slots)],
                  farm + ["worker", "-Q", STITCH_QUEUE, "-c", "2"], farm + ["beat"]]
     commands += [farm + ["flower"]] if with_flower else []
     procs = [subprocess.Popen(cmd, env=env) for cmd in commands]

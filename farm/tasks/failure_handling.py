@@ -42,6 +42,9 @@ def route_to(worker: str | None, queue: str) -> dict:
 
 def handle(task, job_id: str, seg_id: int, worker: str, exc: Exception) -> None:
     subject = f"job {job_id} segment id {seg_id}"
+    # A group's failure (its actor died, a rank failed) counts against the group, so the
+    # retry leases another one; other failures against this Celery worker (issue #11).
+    worker = getattr(exc, "where", None) or worker
     if task.request.is_eager:  # one process (`farm render`): no other worker, no reconciler
         _fail_for_good(task, job_id, seg_id, exc)
     try:

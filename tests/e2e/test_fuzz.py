@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings as hyp_settings, strategies 
 
 from farm.jobs import keys
 from farm.db.migrate import upgrade
+from tests.conftest import REDIS_SCRATCH_DB
 
 FIELDS = ["prompt", "negative_prompt", "model", "track", "project", "width", "height", "frames",
           "fps", "steps", "guidance", "seed", "priority", "deadline_s"]
@@ -43,7 +44,8 @@ def client(settings, tmp_path_factory, redis_db):
     url = f"sqlite:///{tmp_path_factory.mktemp('fuzz')}/farm.db"
     upgrade(url)
     _, key = keys.create_key(url, "fuzz", "hypothesis")
-    broker = "redis://127.0.0.1:6379/13"
+    # The suite's scratch database: no worker listens there, so nothing accepted renders.
+    broker = f"redis://127.0.0.1:6379/{REDIS_SCRATCH_DB}"
     app_settings = settings.model_copy(update={"database_url": url, "rate_limit_per_minute": 0,
                                                "broker_url": broker, "result_backend": broker})
     from farm.api.app import create_app
@@ -53,7 +55,7 @@ def client(settings, tmp_path_factory, redis_db):
         yield c
     import redis
 
-    redis.Redis(db=13).flushdb()
+    redis.Redis(db=REDIS_SCRATCH_DB).flushdb()
 
 
 SENT = {"requests": 0, "by_status": {}}
