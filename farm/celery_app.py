@@ -1,4 +1,4 @@
-"""The Celery app, configured for long GPU tasks (ANCHORS.md: Celery conventions).
+"""The Celery app, configured for long GPU tasks.
 
 Late acks and reject-on-worker-lost: a segment whose worker dies goes back to the queue.
 Prefetch 1: a worker holds no task it is not running, so priorities still apply to the
@@ -45,7 +45,7 @@ def make_celery(settings: Settings) -> Celery:
         task_track_started=True,
         task_send_sent_event=True,
         worker_send_task_events=True,  # Flower sees every task
-        worker_redirect_stdouts=False,  # ray.init needs a real stdout fileno (RUNBOOK.md)
+        worker_redirect_stdouts=False,  # ray.init needs a real stdout fileno
         task_default_queue=STITCH_QUEUE,
         task_serializer="json",
         result_serializer="json",

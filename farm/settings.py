@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     # OMP_NUM_THREADS to it): on a CPU-only node, cores / groups (issue #11).
     actor_cpus: int = Field(1, ge=1)
 
-    # Celery: long GPU tasks (ANCHORS.md "Celery, Flower and Ray conventions").
+    # Celery: long GPU tasks.
     celery_eager: bool = False  # run tasks in the calling process (the one-process `farm render`)
     task_soft_time_limit_s: int = 3300
     task_time_limit_s: int = 3600

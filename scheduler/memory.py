@@ -11,7 +11,7 @@ most ``max_frames`` frames; per rank of a plan tpT x spS x cfgC, in GB (1e9 byte
                  / (T x S)   (tp splits heads and FFN columns, sp splits tokens; a CFG half
                  runs one pass, as a lone rank runs its two passes one after the other)
     overhead     runtime_overhead_gb: CUDA context, allocator slack
-Resident experts (DESIGN.md "Models"): both for `resident`; one for `offload` (the other in
+Resident experts (README.md "Parallel rendering and expert placement"): both for `resident`; one for `offload` (the other in
 pinned host memory) and for `split` (each group holds its own expert).
 """
 

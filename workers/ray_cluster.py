@@ -1,4 +1,4 @@
-"""Starting and joining Ray, kept on loopback and quiet (RUNBOOK.md "Ray").
+"""Starting and joining Ray, kept on loopback and quiet.
 
 Without these settings Ray reports usage stats and probes a cloud metadata address at every
 start; nothing the farm starts may contact anything but loopback. Ray reads some of them

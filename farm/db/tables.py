@@ -1,6 +1,6 @@
 """SQLAlchemy 2 models of jobs and segments. The same code runs on PostgreSQL and SQLite.
 
-States (DESIGN.md): job queued -> waiting -> running -> stitching -> succeeded | failed |
+States (README.md "When things break"): job queued -> waiting -> running -> stitching -> succeeded | failed |
 canceled; segment pending -> running -> done | failed. Only `farm.jobs.service` changes them.
 """
 

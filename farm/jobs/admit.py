@@ -1,7 +1,7 @@
 """Admission: queued jobs wait in the database and go to their tier's Celery queue when the
 scheduler's policy lets them (scheduler.admission: priority, tier capacity, project quotas).
 
-One scheduler, not two (DESIGN.md): a tier's Celery queue only ever holds work its GPUs can
+One scheduler, not two: a tier's Celery queue only ever holds work its GPUs can
 take now, so priorities are never lost in a broker queue. `release` runs after a submission,
 whenever a job leaves the GPUs, and on every Celery beat tick. Decisions are taken under a
 lock (a PostgreSQL advisory lock; a process lock on SQLite) and recorded by compare-and-set

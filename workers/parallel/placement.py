@@ -1,4 +1,4 @@
-"""Where a two-expert model's experts live (DESIGN.md "Models"), decided while loading.
+"""Where a two-expert model's experts live (README.md "Parallel rendering and expert placement"), decided while loading.
 
 - resident: both experts on the device (the fastest switch, twice the weights);
 - offload: both experts' weights are read into host memory (pinned when the device is CUDA,

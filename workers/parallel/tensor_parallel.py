@@ -5,7 +5,7 @@ attention (self and cross) q/k/v are split column-wise (each rank keeps heads/N 
 output projection row-wise (partial sums, then one all-reduce); in every FFN the first linear
 column-wise, the second row-wise. Wan's q/k RMSNorm normalises across all heads
 (`rms_norm_across_heads`): a rank holds only its heads, so the sum of squares is all-reduced
-before dividing (RUNBOOK.md). Per block: three all-reduces of activations (each attention's
+before dividing. Per block: three all-reduces of activations (each attention's
 output, the FFN's) and four small ones (the q/k norms of both attentions).
 
 `load_sharded` builds the expert on the meta device, applies the plan, then reads each

@@ -2,7 +2,7 @@
 
 Three stages, seeded:
 1. the VAE (`AutoencoderKLWan`) learns to reconstruct clips (Adam 1e-4 with warm-up and
-   gradient clipping: at 1e-3 it collapses for good; RUNBOOK.md);
+   gradient clipping: at 1e-3 it collapses for good);
 2. a fixed set of training clips is encoded once; the latents' per-channel mean and std go
    into the VAE config (`latents_mean` / `latents_std`), as in Wan;
 3. the text encoder (`UMT5EncoderModel`) and the two experts (`WanTransformer3DModel`) learn
