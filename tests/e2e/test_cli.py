@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,9 @@ def test_submit_wait_status_download_cancel(api_url, tmp_path):
     logs = farm("logs", job_id, env=env)
     assert logs.returncode == 0, logs.stderr
     kinds = [line.split()[1] for line in logs.stdout.splitlines()]
-    assert kinds == ["segment_started", "segment_done"] and "segment 0 render-" in logs.stdout
+    assert kinds == ["segment_started", "segment_rendered", "segment_done"]
+    assert "segment 0 render-" in logs.stdout
+    assert re.search(r"on render:wan-toy:cpu:g[01]\b", logs.stdout), logs.stdout
     out = tmp_path / "cli.mp4"
     assert farm("download", job_id, "-o", str(out), env=env).returncode == 0
     assert probe(out).frames == 9
