@@ -146,9 +146,10 @@ def fit_problem(catalog: Catalog, variant: ModelVariant, tier: Tier, degree: int
                 f"{tier.gpus_per_node} per node")
     if placement == "split" and variant.experts < 2:
         return f"placement 'split' needs two experts; {variant.name} has one"
-    if placement == "split" and 2 * degree > tier.gpus:
-        return (f"placement 'split' needs two groups of {degree} GPUs; tier {tier.name} has "
-                f"{tier.gpus}")
+    if placement == "split" and 2 * degree > tier.gpus_per_node:
+        # Admission places the pair of groups as one pool member, on one node.
+        return (f"placement 'split' needs two groups of {degree} GPUs on one node; tier "
+                f"{tier.name} has {tier.gpus_per_node} per node")
     if parallel != "auto":
         problem = _explicit_plan_problem(variant, degree, parallel)
         if problem:

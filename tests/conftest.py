@@ -52,8 +52,8 @@ def _test_policy() -> dict[str, str]:
     tiers["tiers"]["cpu-b"] = dict(tiers["tiers"]["cpu"], gpus_per_node=1,
                                    ray_resource="tier:cpu-b")
     rules = yaml.safe_load((config / "rules.yaml").read_text())
-    rules["rules"].insert(0, {"name": "tier-b-project", "match": {"project": ["tier-b"],
-                                                                  "model": ["wan-tiny"]},
+    rules["rules"].insert(0, {"name": "tier-b-project",
+                              "match": {"project": ["tier-b"], "model": ["wan-tiny", "wan-toy"]},
                               "route": {"tier": "cpu-b"}})
     rules["rules"].insert(0, {"name": "tensor-parallel-project",
                               "match": {"project": ["parallel"], "model": ["wan-tiny"]},

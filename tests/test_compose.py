@@ -96,13 +96,11 @@ def group_problems(compose: dict, catalog, rules) -> list[str]:
             groups = 2 if choice.placement == "split" else 1
             if not slots:
                 problems.append(f"{rule.name}: no node offers {resource}")
-            for node, have in slots.items():
-                if have < choice.degree:
+            for node, have in slots.items():  # a split pair is one pool member, one node
+                if have < groups * choice.degree:
                     problems.append(f"{rule.name}: {node} offers {have} {resource}; the "
-                                    f"route's group needs {choice.degree} on one node")
-            if slots and sum(slots.values()) < groups * choice.degree:
-                problems.append(f"{rule.name}: {groups} groups of {choice.degree} need more "
-                                f"{resource} than the nodes offer")
+                                    f"route's {groups} group(s) of {choice.degree} need "
+                                    f"{groups * choice.degree} on one node")
     return problems
 
 
@@ -124,8 +122,8 @@ def test_each_render_node_holds_the_groups_its_routes_need():
     # What the file had before issue #11: one a100 slot a node, finals at degree 2.
     before = yaml.safe_load(COMPOSE.read_text().replace('\\"tier:a100\\": 8',
                                                         '\\"tier:a100\\": 1'))
-    assert "finals: worker-render-a100 offers 1 tier:a100; the route's group needs 2 on one " \
-        "node" in group_problems(before, catalog, rules)
+    assert ("finals: worker-render-a100 offers 1 tier:a100; the route's 1 group(s) of 2 need "
+            "2 on one node") in group_problems(before, catalog, rules)
 
 
 def test_each_render_nodes_worker_can_drive_every_group_of_the_node():

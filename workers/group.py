@@ -1,12 +1,13 @@
 """The executor: finds or creates the long-lived actors of one group of a pool and calls them.
 
 A route (variant, tier, plan, placement) has a pool of groups, as many as the tier's GPUs
-hold (workers/pool.py); group ``g`` of it is named ``render:{variant}:{tier}:g{g}:r{rank}``
+hold (farm/tasks/segment_lease.py); group ``g`` of it is named ``render:{variant}:{tier}:g{g}:r{rank}``
 (a parallel plan or a placement other than resident adds ``:{plan}`` / ``:{placement}``
 before ``g``) in the ``farm`` namespace, and created at most once per cluster
 (``get_if_exists``). A group of N ranks sits in one STRICT_PACK placement group (one node) and
 meets at a rendezvous file on that node. One driver at a time: the caller that holds the
-group's lease (farm/tasks/group_leases.py) is the only one that calls it (issue #11).
+group's lease (farm/tasks/group_leases.py, farm/tasks/segment_lease.py) is the only one
+that calls it (issue #11).
 """
 
 from __future__ import annotations
@@ -71,6 +72,23 @@ def _take_down(names: list[str], pg_name: str) -> None:
         remove_placement_group(ray.util.get_placement_group(pg_name))
     except ValueError:
         pass
+
+
+def member_exists(variant: str, tier: str, plan: str, placement: str, replica: int) -> bool:
+    """Whether the pool member's first actor is in the cluster (made, or being made)."""
+    role = "high" if placement == "split" else None
+    name = group_name(variant, tier, plan, placement, role, replica)
+    return _existing([f"{name}:r0"]) is not None
+
+
+def take_down_member(variant: str, tier: str, plan: str, placement: str, replica: int) -> None:
+    """Kill a pool member's actors (both groups of a split pair) and give back their
+    placement groups, so another pool can use the tier's GPUs (issue #11)."""
+    world = parse_plan(plan).world
+    for role in (("high", "low") if placement == "split" else (None,)):
+        name = group_name(variant, tier, plan, placement, role, replica)
+        _take_down([f"{name}:r{rank}" for rank in range(world)], f"{name}:pg")
+        _HELD.pop((variant, tier, plan, placement, role, replica), None)
 
 
 # Groups this process created without `detached`: their actors live only while a handle

@@ -19,7 +19,7 @@ from farm.db.tables import Base
 class GroupLease(Base):
     __tablename__ = "group_leases"
 
-    pool: Mapped[str] = mapped_column(String(200), primary_key=True)  # workers/pool.py key
+    pool: Mapped[str] = mapped_column(String(200), primary_key=True)  # farm/tasks/group_leases.py pool_key
     replica: Mapped[int] = mapped_column(Integer, primary_key=True)  # the group's g<N>
     holder: Mapped[str | None] = mapped_column(String(64), nullable=True)  # caller's id
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)

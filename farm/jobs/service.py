@@ -68,6 +68,12 @@ def add_jobs(db_url: str, new: list[Job], batch=None, extra: tuple = ()) -> None
                  job.route["tier"])
 
 
+def job_state(db_url: str, job_id: str) -> str | None:
+    """The job's state alone (a primary-key read); None when there is no such job."""
+    with session_scope(db_url) as session:
+        return session.scalar(select(Job.state).where(Job.id == job_id))
+
+
 def get_job(db_url: str, job_id: str) -> Job:
     with session_scope(db_url) as session:
         job = session.get(Job, job_id, options=[selectinload(Job.segments)])

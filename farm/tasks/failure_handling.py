@@ -19,6 +19,7 @@ from farm.tasks import failure_policy
 from farm.celery_app import BROKER_OUTAGE, app
 from farm.db.session import DATABASE_OUTAGE, session_scope
 from farm.errors import FarmError, SegmentFailed
+from farm.tasks.group_leases import NoGroupFree
 from farm.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def handle(task, job_id: str, seg_id: int, worker: str, exc: Exception) -> None:
     # A group's failure (its actor died, a rank failed) counts against the group, so the
     # retry leases another one; other failures against this Celery worker (issue #11).
     worker = getattr(exc, "where", None) or worker
+    if isinstance(exc, NoGroupFree):  # it waited its turn and failed at nothing: no record
+        _wait_again(task, job_id, exc)
     if task.request.is_eager:  # one process (`farm render`): no other worker, no reconciler
         _fail_for_good(task, job_id, seg_id, exc)
     try:
@@ -61,6 +64,13 @@ def handle(task, job_id: str, seg_id: int, worker: str, exc: Exception) -> None:
         abandon(subject, outage)
     except Exception as final:
         _fail_for_good(task, job_id, seg_id, final)
+
+
+def _wait_again(task, job_id: str, exc: Exception) -> None:
+    settings = get_settings()
+    queue = jobs.get_job(settings.database_url, job_id).route["queue"]
+    log.warning("job %s: %s; back to queue %s", job_id, exc, queue)
+    raise task.retry(exc=exc, countdown=settings.retry_countdown_s, **route_to(None, queue))
 
 
 def _fail_for_good(task, job_id: str, seg_id: int, exc: Exception) -> None:
@@ -94,7 +104,10 @@ def _retry_elsewhere(task, job_id: str, seg_id: int, worker: str, exc: Exception
     events.record(db, job_id, events.SEGMENT_FAILED, f"{type(exc).__name__}: {exc}", index, worker)
     evs = events.failures(db, job_id)
     queue = job.route["queue"]
-    serving = failure_policy.serving_workers(app, queue, worker, settings.control_timeout_s)
+    # A group's failure: back to the tier's queue, any worker will do (the lease avoids the
+    # group); a worker's failure: to another worker's own queue.
+    serving = (None if getattr(exc, "where", None) else
+               failure_policy.serving_workers(app, queue, worker, settings.control_timeout_s))
     decision = failure_policy.decide(evs, index, worker, queue, serving, settings.blocklist_after,
                                settings.segment_failure_workers)
     if decision.newly_blocklisted:

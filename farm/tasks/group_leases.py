@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -25,17 +24,9 @@ from farm.db.leases import GroupLease
 from farm.db.session import session_scope
 from farm.db.tables import utcnow
 from farm.errors import FarmError
-from farm.jobs import admit, events
-from farm.policy import get_policy
-from farm.tasks import failure_policy
-from scheduler.admission import TierSize
-from workers.group import group_name
 
 log = logging.getLogger(__name__)
 
-# How long a segment waits for a group of its pool. Admission releases only what the pools
-# can run, so a wait is a group being given back; longer means a group is stuck.
-LEASE_WAIT_S = 900.0
 
 
 class NoGroupLeft(FarmError):
@@ -63,10 +54,10 @@ class Lease:
 
     def renew(self) -> bool:
         """False when the lease was lost (it ran out and another caller took the group)."""
+        _, expiry = _clock(self.db, self.ttl_s)
         with session_scope(self.db) as session:
             done = session.execute(
-                update(GroupLease).where(*self._mine())
-                .values(expires_at=utcnow() + timedelta(seconds=self.ttl_s))).rowcount
+                update(GroupLease).where(*self._mine()).values(expires_at=expiry)).rowcount
         return done == 1
 
     def release(self) -> None:
@@ -77,6 +68,16 @@ class Lease:
     def _mine(self) -> tuple:
         return (GroupLease.pool == self.pool, GroupLease.replica == self.replica,
                 GroupLease.holder == self.holder)
+
+
+def _clock(db: str, ttl_s: float):
+    """(now, expiry) as SQL: the database's clock on PostgreSQL, so every host's leases run
+    out on one clock whatever the skew between Celery hosts; this process's on SQLite (one
+    machine)."""
+    if db.startswith("postgresql"):
+        return func.now(), func.now() + timedelta(seconds=ttl_s)
+    now = utcnow()
+    return now, now + timedelta(seconds=ttl_s)
 
 
 def _ensure_rows(session, pool: str, size: int) -> None:
@@ -96,10 +97,13 @@ def _free(session, pool: str, size: int, now) -> list[int]:
 
 
 def _job_holds(session, db: str, job_id: str, now) -> int:
-    """Groups the job holds now; on PostgreSQL under a lock of this job alone, so two of its
-    segments leasing at once cannot both take its last allowed group."""
+    """Groups the job holds now, under a lock, so two of its segments leasing at once cannot
+    both take its last allowed group: on PostgreSQL a lock of this job alone; on SQLite the
+    database's write lock, taken by an empty UPDATE before the count."""
     if db.startswith("postgresql"):
         session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:job))"), {"job": job_id})
+    else:
+        session.execute(update(GroupLease).where(text("1 = 0")).values(holder=None))
     return session.scalar(select(func.count()).select_from(GroupLease).where(
         GroupLease.job_id == job_id, GroupLease.holder.is_not(None),
         GroupLease.expires_at >= now))
@@ -117,8 +121,8 @@ def try_acquire(db: str, pool: str, size: int, allowed: set[int], job_id: str,
             _ensure_rows(session, pool, size)
     except IntegrityError:  # another caller made the same rows at the same moment
         pass
+    now, expiry = _clock(db, ttl_s)
     with session_scope(db) as session:
-        now = utcnow()
         if allowance is not None and _job_holds(session, db, job_id, now) >= allowance:
             return None
         for replica in (r for r in _free(session, pool, size, now) if r in allowed):
@@ -127,7 +131,7 @@ def try_acquire(db: str, pool: str, size: int, allowed: set[int], job_id: str,
                 .where(GroupLease.pool == pool, GroupLease.replica == replica,
                        or_(GroupLease.holder.is_(None), GroupLease.expires_at < now))
                 .values(holder=lease.holder, job_id=job_id, segment_index=segment_index,
-                        leased_at=now, expires_at=now + timedelta(seconds=ttl_s))).rowcount
+                        leased_at=now, expires_at=expiry)).rowcount
             if taken == 1:
                 lease.replica = replica
                 return lease
@@ -162,62 +166,27 @@ def acquire(db: str, pool: str, size: int, allowed: set[int], job_id: str, segme
         pause = min(pause * 2, 0.5)
 
 
-class Held:
-    """The lease a render task holds, if any: renewed by its heartbeat, given back once."""
-
-    def __init__(self):
-        self.lease: Lease | None = None
-        self.name = ""  # the group's name, as the job's log shows it
-        self.lost = False  # the lease ran out and another caller took the group
-
-    def renew(self) -> None:
-        lease = self.lease
-        if lease is not None and not lease.renew():
-            log.warning("lease on %s lost: stopping the render", self.name)
-            self.lost = True
-
-    def release(self) -> None:
-        lease, self.lease = self.lease, None
-        if lease is not None and not self.lost:
-            lease.release()
+def idle_members(db: str, tier: str, other_than: str) -> list[tuple[str, int]]:
+    """(pool, replica) of every member of the tier's other pools that nobody holds now: the
+    groups that may be taken down to make room on the tier."""
+    with session_scope(db) as session:
+        now = utcnow()
+        rows = session.execute(
+            select(GroupLease.pool, GroupLease.replica)
+            .where(GroupLease.pool.like(f"%:{tier}:%"), GroupLease.pool != other_than,
+                   or_(GroupLease.holder.is_(None), GroupLease.expires_at < now))
+            .order_by(GroupLease.replica.desc())).all()
+    return [(pool, replica) for pool, replica in rows if pool.split(":")[1] == tier]
 
 
-def blame(exc: BaseException, held: Held) -> BaseException:
-    """Mark ``exc`` as the group's failure: the job's log and the failure policy count it
-    against the group (another GPU next time), not against the Celery worker."""
-    exc.where = held.name
-    return exc
-
-
-def pool_size(tier, degree: int) -> int:
-    return TierSize(tier.count, tier.gpus_per_node).groups(degree)
-
-
-@contextmanager
-def lease_for_segment(settings, job, segment, held: Held, stop):
-    """Lease a group of the job's pool for ``segment`` into ``held`` (left None when ``stop()``
-    turns true while waiting), and give it back at the end, whatever happens."""
-    variant = get_policy().catalog.model(job.model).name
-    route = job.route
-    plan, placement = route.get("parallel", "single"), route.get("placement", "resident")
-    size = pool_size(get_policy().catalog.tier(route["tier"]), admit.gpus_per_group(route))
-    names = {group_name(variant, route["tier"], plan, placement, None, r): r
-             for r in range(size)}
-    failures = events.failures(settings.database_url, job.id)
-    blocked = {names[w] for w in failure_policy.blocklisted(failures, settings.blocklist_after)
-               if w in names}
-    failed_here = {names[w] for w in failure_policy.failed_on(failures, segment.index)
-                   if w in names}
-    allowed = candidates(size, blocked, failed_here)
-    with session_scope(settings.database_url) as session:
-        runnable = admit.runnable_segments(session, [job.id]).get(job.id, 1)
-    allowance = admit.job_groups(route, job.project, runnable)
-    held.lease = acquire(settings.database_url, pool_key(route, variant), size, allowed, job.id,
-                         segment.index, settings.lease_s, LEASE_WAIT_S, stop, allowance)
-    if held.lease is not None:
-        held.name = group_name(variant, route["tier"], plan, placement, None,
-                               held.lease.replica)
-    try:
-        yield held
-    finally:
-        held.release()
+def lease_member(db: str, pool: str, replica: int, ttl_s: float) -> Lease | None:
+    """Lease one given member if nobody holds it (to take its group down undisturbed)."""
+    lease = Lease(db, pool, replica, ttl_s)
+    now, expiry = _clock(db, ttl_s)
+    with session_scope(db) as session:
+        taken = session.execute(
+            update(GroupLease)
+            .where(GroupLease.pool == pool, GroupLease.replica == replica,
+                   or_(GroupLease.holder.is_(None), GroupLease.expires_at < now))
+            .values(holder=lease.holder, leased_at=now, expires_at=expiry)).rowcount
+    return lease if taken == 1 else None

@@ -25,9 +25,10 @@ class SeamMissing(FarmError):
     one is done and its frame was lost; another worker would find it missing too."""
 
 
-def last_frame_key(job_id: str, index: int) -> str:
-    """One key per segment, not per attempt: a later attempt's frame replaces an earlier's."""
-    return f"jobs/{job_id}/seams/s{index:04d}_last.npy"
+def last_frame_key(job_id: str, index: int, attempt: int) -> str:
+    """One key per attempt: an attempt that was replaced but still runs never overwrites the
+    frame of the attempt that finished the segment, which is the one read."""
+    return f"jobs/{job_id}/seams/s{index:04d}_a{attempt:02d}_last.npy"
 
 
 def first_frame(storage: Storage, job, segment) -> np.ndarray | None:
@@ -35,7 +36,8 @@ def first_frame(storage: Storage, job, segment) -> np.ndarray | None:
     segment 0 and for a job whose segments are independent clips (``continuous`` false)."""
     if segment.index == 0 or not getattr(job, "continuous", False):
         return None
-    key = last_frame_key(job.id, segment.index - 1)
+    previous = next(s for s in job.segments if s.index == segment.index - 1)
+    key = last_frame_key(job.id, previous.index, previous.attempts)  # the attempt that finished
     if not storage.exists(key):
         raise SeamMissing(f"job {job.id} segment {segment.index}: the last frame of segment "
                           f"{segment.index - 1} is missing from storage ({key!r}); segment "
@@ -56,7 +58,7 @@ def save_last_frame(storage: Storage, job, segment, frame: np.ndarray) -> str:
         got = (f"{frame.dtype} array of shape {frame.shape}" if isinstance(frame, np.ndarray)
                else type(frame).__name__)
         raise ValueError(f"frame must be a uint8 array of shape (H, W, 3), got {got}")
-    key = last_frame_key(job.id, segment.index)
+    key = last_frame_key(job.id, segment.index, segment.attempts)
     with tempfile.TemporaryDirectory(prefix="farm-seam-") as work:
         local = Path(work) / "last.npy"
         np.save(local, np.ascontiguousarray(frame), allow_pickle=False)

@@ -4,7 +4,7 @@ in chunks, store them.
 The group streams progress events and then decoded frames; frames are encoded here, on the
 Celery worker's CPU, and the lease is given back as soon as the last frame has left the
 group, so the GPU starts the next segment while ffmpeg finishes this one. Only the lease's
-holder calls the group (farm/tasks/group_leases.py, issue #11).
+holder calls the group (farm/tasks/segment_lease.py, issue #11).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from farm.storage import Storage
 from farm.policy import get_policy
 from workers import ray_cluster
 from workers.actor import RenderCanceled
-from farm.tasks import group_leases, seams
+from farm.tasks import seams, segment_lease
+from farm.tasks.segment_lease import LeaseLost, blame
 from workers.group import ACTOR_LOST, ActorGroup
 from workers.video import encode_chunk
 
@@ -87,6 +88,7 @@ def _actor_group(settings: Settings, job, replica: int) -> ActorGroup:
                         temp_dir=str(settings.ray_temp_dir),
                         object_store_bytes=settings.ray_object_store_bytes,
                         node_ip=settings.ray_node_ip)
+    segment_lease.make_room(settings, job, replica)
     try:
         tier = get_policy().catalog.tier(job.route["tier"])
         return ActorGroup.get_or_create(variant.name, tier, str(model_dir),
@@ -134,7 +136,11 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
     job = jobs.get_job(db, job_id)
     segment = next(s for s in job.segments if s.id == seg_id)
     superseded = threading.Event()  # the reconciler gave the segment to another task
-    held = group_leases.Held()  # the group's lease, renewed with the heartbeat
+    held = segment_lease.Held()  # the group's lease, renewed with the heartbeat
+
+    def stop_waiting() -> bool:
+        """While waiting for a group: the segment went to another task, or its job ended."""
+        return superseded.is_set() or jobs.job_state(db, job_id) not in jobs.LIVE_JOB_STATES
 
     def beat() -> None:
         if not jobs.beat_segment(db, seg_id, task_id):
@@ -143,9 +149,9 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
 
     # From here to the end the segment is alive: loading a model may take minutes.
     with Heartbeat(beat, settings.heartbeat_s, f"job {job_id} segment {segment.index}"):
-        with group_leases.lease_for_segment(settings, job, segment, held, superseded.is_set):
-            if held.lease is None:  # superseded while waiting for a group
-                return _stopped(db, job_id, seg_id, segment.index, True)
+        with segment_lease.lease_for_segment(settings, job, segment, held, stop_waiting):
+            if held.lease is None:  # stopped while waiting for a group
+                return _stopped(db, job_id, seg_id, segment.index, superseded.is_set())
             events.record(db, job_id, events.SEGMENT_STARTED,
                           f"attempt {segment.attempts} on {held.name}", segment.index, worker)
             keys = _render_and_encode(settings, job, segment, task_id, superseded, on_progress,
@@ -164,7 +170,7 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
 
 def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str | None,
                        superseded: threading.Event, on_progress: ProgressFn | None,
-                       held: "group_leases.Held") -> list[str] | None:
+                       held: segment_lease.Held) -> list[str] | None:
     """The segment's chunk keys; None when the render was stopped (job ended, superseded).
     An error of the group (an actor dying, a rank failing) names the group in ``where``: the
     failure policy then avoids that group, not this Celery worker (issue #11)."""
@@ -182,13 +188,13 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
             keys = _consume(stream, encoder, report, lambda: superseded.is_set() or held.lost,
                             on_progress, window.track, lambda: (window.end(), held.release()))
         except ACTOR_LOST as exc:
-            raise group_leases.blame(WorkerLost(
+            raise blame(WorkerLost(
                 f"actor died rendering job {job.id} segment {segment.index} on {held.name}: "
                 f"{exc}"), held) from exc
         except RayError as exc:
-            raise group_leases.blame(exc, held)
+            raise blame(exc, held)
         if held.lost and not superseded.is_set():
-            raise group_leases.blame(WorkerLost(f"lost the lease on {held.name}"), held)
+            raise LeaseLost(f"lost the lease on {held.name}")
         events.record(settings.database_url, job.id, events.SEGMENT_RENDERED,
                       window.describe(held.name), segment.index)
         if job.continuous and segment.index < len(job.segments) - 1:
@@ -196,7 +202,7 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
         return keys
     except RenderCanceled:
         if held.lost and not superseded.is_set():
-            raise group_leases.blame(WorkerLost(f"lost the lease on {held.name}"), held)
+            raise LeaseLost(f"lost the lease on {held.name}") from None
         return None
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -67,7 +67,10 @@ def test_two_jobs_render_at_once_on_two_groups_of_the_pool(client, db_url):
     assert [j["state"] for j in done] == ["succeeded", "succeeded"], [j["error"] for j in done]
     (a,), (b,) = rendered(db_url, ids[0]), rendered(db_url, ids[1])
     assert {a[1], b[1]} == {"render:wan-tiny:cpu:g0", "render:wan-tiny:cpu:g1"}
-    assert overlap(a, b) > 0, (a, b)  # admission let both in: the pool holds two groups
+    # Admission let both in, and each held its group while the other rendered (a group
+    # made for the occasion may load after the other's render ended: leases, not renders).
+    leased = [_started_at(db_url, job_id) for job_id in ids]
+    assert leased[1] < a[3] and leased[0] < b[3], (leased, a, b)
 
 
 def test_a_jobs_independent_segments_fan_out_over_idle_groups(client, db_url):
@@ -148,6 +151,44 @@ def test_a_segment_whose_group_fails_is_retried_on_another_group(client, db_url)
     again = [e.message for e in log if e.kind == events.SEGMENT_STARTED][1:]
     other = ({"render:wan-tiny:cpu:g0", "render:wan-tiny:cpu:g1"} - {first}).pop()
     assert again and again[-1].endswith(f" on {other}"), again
+
+
+def _started_at(db_url: str, job_id: str) -> float:
+    """When the job's first segment had leased its group (its start event), epoch seconds."""
+    return next(e.created_at.timestamp() for e in events.list_events(db_url, job_id)
+                if e.kind == events.SEGMENT_STARTED)
+
+
+def test_a_tier_shared_by_two_pools_takes_idle_groups_down_to_make_room(project_client):
+    """Tier cpu-b has one GPU (one Ray slot) and the project tier-b sends both wan-tiny and
+    wan-toy there: each pool's group is made only once the other pool's idle group is taken
+    down, so neither waits forever for a slot an idle group holds."""
+    def actor(model: str):
+        try:
+            return ray.get_actor(f"render:{model}:cpu-b:g0:r0", namespace=NAMESPACE)
+        except ValueError:
+            return None
+
+    body = {"prompt": "a red circle moving left", "frames": 5, "steps": 2}
+    pids = []
+    with project_client("tier-b") as client:
+        for model in ("wan-tiny", "wan-toy", "wan-tiny"):
+            job = wait_for(client, client.post("/v1/jobs", json={**body, "model": model})
+                           .json()["id"], {"succeeded", "failed"})
+            assert job["state"] == "succeeded", job["error"]
+            assert job["route"]["tier"] == "cpu-b"
+            other = actor("wan-toy" if model == "wan-tiny" else "wan-tiny")
+            assert other is None or _dead(other), f"{model}: the other pool's group is up"
+            pids.append(ray.get(actor(model).info.remote())["pid"])
+    assert pids[0] != pids[2]  # wan-tiny's group was taken down for wan-toy, then made again
+
+
+def _dead(handle) -> bool:
+    try:
+        ray.get(handle.info.remote(), timeout=5)
+        return False
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return True
 
 
 def _wait_for_event(db_url: str, job_id: str, kind: str, timeout: float = 120):

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from farm.tasks import group_leases
+from farm.tasks import group_leases, segment_lease
 from farm.tasks.group_leases import NoGroupLeft, candidates, try_acquire
 
 POOL = "wan-tiny:cpu:single:resident"
@@ -62,7 +62,7 @@ def test_a_lease_that_ran_out_is_taken_over_and_its_old_holder_learns_it(db_url,
     new = try_acquire(db_url, pool, 1, {0}, "job-b", 0, ttl_s=30)
     assert new is not None and new.replica == 0
     assert not old.renew()
-    held = group_leases.Held()
+    held = segment_lease.Held()
     held.lease, held.name = old, "render:wan-tiny:cpu:g0"
     held.renew()
     assert held.lost

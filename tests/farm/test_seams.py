@@ -16,12 +16,14 @@ def storage(tmp_path):
     return Storage(f"file://{tmp_path}/store")
 
 
-def _job(continuous=True):
-    return SimpleNamespace(id="job1", continuous=continuous)
+def _seg(index, attempts=1):
+    return SimpleNamespace(index=index, attempts=attempts)
 
 
-def _seg(index):
-    return SimpleNamespace(index=index, attempts=1)
+def _job(continuous=True, attempts=(1, 1, 1, 1)):
+    """A job whose segment i finished on attempt ``attempts[i]``."""
+    return SimpleNamespace(id="job1", continuous=continuous,
+                           segments=[_seg(i, a) for i, a in enumerate(attempts)])
 
 
 def frame(value: int) -> np.ndarray:
@@ -31,16 +33,19 @@ def frame(value: int) -> np.ndarray:
 
 def test_segment_k_plus_1_starts_from_segment_k_last_frame(storage):
     key = save_last_frame(storage, _job(), _seg(0), frame(1))
-    assert key == last_frame_key("job1", 0) == "jobs/job1/seams/s0000_last.npy"
+    assert key == last_frame_key("job1", 0, 1) == "jobs/job1/seams/s0000_a01_last.npy"
     np.testing.assert_array_equal(first_frame(storage, _job(), _seg(1)), frame(1))
     # No '.part-' leftovers: the write was atomic.
-    assert [p.name for p in storage.local_path(key).parent.iterdir()] == ["s0000_last.npy"]
+    assert [p.name for p in storage.local_path(key).parent.iterdir()] == \
+        ["s0000_a01_last.npy"]
 
 
-def test_a_later_attempt_replaces_the_frame(storage):
-    save_last_frame(storage, _job(), _seg(2), frame(1))
-    save_last_frame(storage, _job(), _seg(2), frame(2))
-    np.testing.assert_array_equal(first_frame(storage, _job(), _seg(3)), frame(2))
+def test_the_next_segment_reads_the_frame_of_the_attempt_that_finished(storage):
+    # Attempt 1 of segment 2 was replaced but ran on; attempt 2 finished the segment.
+    save_last_frame(storage, _job(), _seg(2, attempts=2), frame(2))
+    save_last_frame(storage, _job(), _seg(2, attempts=1), frame(1))  # the late one
+    finished_on_2 = _job(attempts=(1, 1, 2, 1))
+    np.testing.assert_array_equal(first_frame(storage, finished_on_2, _seg(3)), frame(2))
 
 
 def test_no_first_frame_for_segment_zero_or_independent_clips(storage):
@@ -52,7 +57,7 @@ def test_no_first_frame_for_segment_zero_or_independent_clips(storage):
 def test_missing_previous_frame_is_a_clear_error(storage):
     with pytest.raises(SeamMissing, match=r"job job1 segment 2: the last frame of segment 1 "
                                           r"is missing from storage \('jobs/job1/seams/"
-                                          r"s0001_last.npy'\)"):
+                                          r"s0001_a01_last.npy'\)"):
         first_frame(storage, _job(), _seg(2))
     assert not SeamMissing.retryable
 

@@ -74,10 +74,11 @@ def test_fit_problems_say_why_and_by_how_much():
     assert fit_problem(cat, a14b, a100, 2, "resident") is None
     assert "two experts" in fit_problem(cat, light, a10, 1, "split")
     assert fit_problem(cat, light, a10, 1, "resident") is None
-    # split: one group per expert, so twice the degree's GPUs in the tier.
+    # split: one group per expert, the pair on one node: twice the degree's GPUs a node.
     toy, cpu = cat.model("wan-toy"), cat.tier("cpu")
     assert fit_problem(cat, toy, cpu, 1, "split") is None
-    assert "two groups of 2 GPUs; tier cpu has 2" in fit_problem(cat, toy, cpu, 2, "split")
+    assert ("two groups of 2 GPUs on one node; tier cpu has 2 per node"
+            in fit_problem(cat, toy, cpu, 2, "split"))
 
 
 @pytest.mark.parametrize("old,new,words", [
