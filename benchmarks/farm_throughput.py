@@ -5,13 +5,18 @@
 
 Three runs in one process, all with the shipped toy model on this machine's cores:
 
-1. bare: one Python loop (torch on every core) renders each job with `WanT2V`, decodes,
-   encodes the chunks with the farm's encoder and joins them, one job after another;
-2. the farm with one group: PostgreSQL (a throwaway database on 127.0.0.1:5432), Redis
-   (database 14, flushed), a Ray head whose cpu tier holds one group of all the cores, a
-   Celery render worker, a stitch worker and beat; the group is warmed by one job, then N
+1. bare: one Python loop renders each job with `WanT2V` on ``--threads`` torch threads,
+   decodes, encodes the chunks with the farm's encoder and joins them, one job after
+   another;
+2. the farm with one group of ``--threads`` threads: PostgreSQL (a throwaway database on
+   127.0.0.1:5432), Redis (database 14, flushed), a Ray head whose cpu tier holds one group,
+   a Celery render worker, a stitch worker and beat; the group is warmed by one job, then N
    jobs are submitted at once and timed until the last one has succeeded;
-3. the same farm with two groups (torch threads = cores / groups, FARM_ACTOR_CPUS).
+3. the same farm with two groups, torch threads = cores / groups (FARM_ACTOR_CPUS).
+
+``--threads`` defaults to 1: on this machine (2 cores) the toy renders a job in 0.93 s on
+one thread and 1.20 s on two, in a quiet process; two threads also suffer most from the
+farm's other processes waking up beside them (an actor on two threads took 1.95 s a job).
 
 Each group's duty cycle comes from the job logs: the `segment_rendered` events hold when
 the actor began each render (its own clock) and when the last frame left it; a group's
@@ -48,7 +53,7 @@ JOB = dict(model="wan-toy", frames=17, steps=40, width=256, height=256, fps=8)
 RENDERED = re.compile(r"rendered on (\S+) from ([\d.]+) to ([\d.]+)")
 
 
-def farm_env(groups: int, db_name: str) -> dict[str, str]:
+def farm_env(groups: int, db_name: str, threads: int) -> dict[str, str]:
     """The FARM_* settings of a farm whose cpu tier holds ``groups`` groups."""
     import yaml
 
@@ -70,7 +75,7 @@ def farm_env(groups: int, db_name: str) -> dict[str, str]:
         "FARM_RAY_HEAD_PORT": str(port),
         "FARM_RAY_TEMP_DIR": f"/tmp/rft-{RUN}-{groups}",
         "FARM_RAY_TIER_SLOTS": str(groups),
-        "FARM_ACTOR_CPUS": str(max(1, CORES // groups)),
+        "FARM_ACTOR_CPUS": str(threads),
         "FARM_TICK_SECONDS": "1",
     }
 
@@ -82,7 +87,7 @@ def requests(n: int) -> list[dict]:
 # ---- the bare loop ------------------------------------------------------------------------
 
 
-def bare_loop(jobs: list[dict]) -> float:
+def bare_loop(jobs: list[dict], threads: int) -> float:
     """Seconds to render, encode and join every job in this process, one after another."""
     import numpy as np
     import torch
@@ -92,7 +97,7 @@ def bare_loop(jobs: list[dict]) -> float:
     from workers.video import concat, encode_chunk
     from workers.wan_pipeline import RenderRequest, WanT2V
 
-    torch.set_num_threads(CORES)
+    torch.set_num_threads(threads)
     settings = Settings()
     pipeline = WanT2V.from_folder(BUNDLED_DIR / "wan-toy")
     native = 32  # wan-toy renders 32x32; the encoder scales to the job's size
@@ -122,7 +127,7 @@ def bare_loop(jobs: list[dict]) -> float:
 class Farm:
     """A farm of real processes (Ray head, render worker, stitch worker, beat)."""
 
-    def __init__(self, groups: int):
+    def __init__(self, groups: int, threads: int):
         import psycopg
         import redis
 
@@ -131,7 +136,7 @@ class Farm:
                              autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.db_name}"')
         redis.Redis(db=REDIS_DB).flushdb()
-        self.env = {**os.environ, **farm_env(groups, self.db_name)}
+        self.env = {**os.environ, **farm_env(groups, self.db_name, threads)}
         farm = str(Path(sys.executable).parent / "farm")
         subprocess.run([farm, "db", "upgrade"], env=self.env, check=True, capture_output=True)
         self.procs = [self._start(farm, "ray", "start", "--block", "--num-cpus", str(CORES),
@@ -222,8 +227,8 @@ class Farm:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
 
 
-def timed_farm(groups: int, jobs: list[dict]) -> tuple[float, dict[str, float]]:
-    farm = Farm(groups)
+def timed_farm(groups: int, threads: int, jobs: list[dict]) -> tuple[float, dict[str, float]]:
+    farm = Farm(groups, threads)
     try:
         farm.warm()
         return farm.run(jobs)
@@ -234,16 +239,20 @@ def timed_farm(groups: int, jobs: list[dict]) -> tuple[float, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=8)
-    jobs = requests(parser.parse_args().jobs)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the bare loop and of the one group")
+    args = parser.parse_args()
+    jobs = requests(args.jobs)
     from workers.ray_cluster import quiet_ray_env
 
     quiet_ray_env()
-    bare_s = bare_loop(jobs)
-    one_s, one_duty = timed_farm(1, jobs)
-    two_s, two_duty = timed_farm(2, jobs)
+    bare_s = bare_loop(jobs, args.threads)
+    one_s, one_duty = timed_farm(1, args.threads, jobs)
+    two_s, two_duty = timed_farm(2, max(1, CORES // 2), jobs)
     n = len(jobs)
     print(f"{n} toy jobs ({JOB['frames']} frames, {JOB['steps']} steps, "
-          f"{JOB['width']}x{JOB['height']}), {CORES} cores")
+          f"{JOB['width']}x{JOB['height']}), {CORES} cores, bare and 1 group on "
+          f"{args.threads} thread(s), 2 groups on {max(1, CORES // 2)} each")
     print(f"{'run':28s} {'seconds':>8s} {'jobs/min':>9s}  duty per group")
     for name, secs, duty in (("bare loop (1 process)", bare_s, {}),
                              ("farm, 1 group", one_s, one_duty),

@@ -49,14 +49,18 @@ def locked_session(db_url: str):
 
 
 def runnable_segments(session, job_ids: list[str]) -> dict[str, int]:
-    """Per job: segments that can render at once now. A continuous job's segments continue
-    one another (one at a time); an independent job's not yet done all can."""
+    """Per job: segments that need a group now. A continuous job's segments continue one
+    another (one at a time); an independent job's all can. A segment whose denoising has
+    ended (progress 1.0: decoding, encoding, storing) needs none: its group is given back
+    when its last frame leaves, and the next segment may go to it meanwhile."""
     if not job_ids:
         return {}
     rows = session.execute(
         select(Job.id, Job.continuous, func.count(Segment.id))
         .join(Segment, Segment.job_id == Job.id)
-        .where(Job.id.in_(job_ids), Segment.state != SegmentState.done.value)
+        .where(Job.id.in_(job_ids),
+               Segment.state.in_((SegmentState.pending.value, SegmentState.running.value)),
+               Segment.progress < 1.0)
         .group_by(Job.id, Job.continuous)).all()
     return {job_id: (min(1, n) if continuous else n) for job_id, continuous, n in rows}
 
@@ -90,8 +94,9 @@ def _choose(session) -> tuple[list[str], dict[str, str]]:
     policy = get_policy()
     runnable = runnable_segments(session, [r.id for r in rows])
 
-    def groups(r) -> int:
-        return job_groups(r.route, r.project, runnable.get(r.id, 1), policy)
+    def groups(r) -> int:  # a job on the GPUs whose segments all denoised holds none
+        n = runnable.get(r.id, 0)
+        return job_groups(r.route, r.project, n, policy) if n or r.dispatched_at is None else 0
 
     # A queued job whose window has closed since the last tick is not sent (the tick parks it).
     waiting = [Waiting(r.id, r.project, r.route["tier"], gpus_per_group(r.route), r.priority,

@@ -41,6 +41,7 @@ from workers.video import encode_chunk
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+PROGRESS_EVERY_S = 0.25  # how often a render's progress is written (and a cancel seen)
 
 
 class ChunkEncoder:
@@ -186,7 +187,8 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
             window = RenderWindow()
             report = partial(_report_progress, settings.database_url, segment.id, task_id)
             keys = _consume(stream, encoder, report, lambda: superseded.is_set() or held.lost,
-                            on_progress, window.track, lambda: (window.end(), held.release()))
+                            on_progress, window.track,
+                            lambda: (window.end(), held.release(), admit.release_soon(settings)))
         except ACTOR_LOST as exc:
             raise blame(WorkerLost(
                 f"actor died rendering job {job.id} segment {segment.index} on {held.name}: "
@@ -234,15 +236,22 @@ def _consume(stream, encoder: ChunkEncoder, report: Callable[[dict], str | None]
              stop: Callable[[], bool], on_progress: ProgressFn | None,
              on_event: Callable[[dict], None], on_stream_end: Callable[[], None]) -> list[str]:
     """Progress events recorded, frames encoded; the stream canceled if anything stops it.
-    ``on_stream_end`` runs once the group has sent its last frame (the lease goes back)."""
-    completed = False
+    ``on_stream_end`` runs once the group has sent its last frame (the lease goes back).
+
+    Progress is written at most every PROGRESS_EVERY_S (and at the last step): the group
+    runs at most two events ahead of this loop, so a database write per step of a fast
+    model would hold the GPU back (issue #11: the farm's duty cycle). A cancel is seen at
+    the next write, within PROGRESS_EVERY_S."""
+    completed, written = False, 0.0
     try:
         for event in stream:
             if event["kind"] == "progress":
                 on_event(event)
-                state = report(event)
-                if on_progress is not None:
-                    on_progress(event["step"], event["steps"])
+                state, now = None, time.monotonic()
+                if now - written >= PROGRESS_EVERY_S or event["step"] == event["steps"]:
+                    written, state = now, report(event)
+                    if on_progress is not None:
+                        on_progress(event["step"], event["steps"])
                 if stop() or (state and state not in jobs.LIVE_JOB_STATES):
                     stream.cancel()  # canceled, failed by a sibling, superseded, lease lost
             else:
