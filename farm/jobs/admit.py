@@ -71,14 +71,20 @@ def gpus_per_group(route: dict) -> int:
     return route["degree"] * (2 if route.get("placement") == "split" else 1)
 
 
+def pool_size(route: dict, policy=None) -> int:
+    """Members of the route's pool: as many as its tier's nodes pack; 0 for an unknown tier."""
+    tier = (policy or get_policy()).catalog.tiers.get(route["tier"])
+    if tier is None:
+        return 0
+    return TierSize(tier.count, tier.gpus_per_node).groups(gpus_per_group(route))
+
+
 def job_groups(route: dict, project: str, runnable: int, policy=None) -> int:
     """The groups a job holds while on the GPUs (scheduler.admission.groups_for)."""
     policy = policy or get_policy()
-    tier = policy.catalog.tiers.get(route["tier"])
-    if tier is None:
+    if route["tier"] not in policy.catalog.tiers:
         return 1
-    pool = TierSize(tier.count, tier.gpus_per_node).groups(gpus_per_group(route))
-    return groups_for(runnable, pool, gpus_per_group(route),
+    return groups_for(runnable, pool_size(route, policy), gpus_per_group(route),
                       policy.rules.quotas.limit(project, route["tier"]))
 
 

@@ -80,7 +80,23 @@ def _clock(db: str, ttl_s: float):
     return now, now + timedelta(seconds=ttl_s)
 
 
-def _ensure_rows(session, pool: str, size: int) -> None:
+# Pools whose rows this process has made sure of: a wait for a group polls try_acquire, and
+# the rows of a pool, once there, stay (nothing deletes them; a downgrade drops the table).
+_ROWS_MADE: set[tuple[str, str, int]] = set()
+
+
+def _ensure_rows(db: str, pool: str, size: int) -> None:
+    if (db, pool, size) in _ROWS_MADE:
+        return
+    try:
+        with session_scope(db) as session:
+            _add_missing_rows(session, pool, size)
+    except IntegrityError:  # another caller made the same rows at the same moment
+        pass
+    _ROWS_MADE.add((db, pool, size))
+
+
+def _add_missing_rows(session, pool: str, size: int) -> None:
     have = set(session.execute(select(GroupLease.replica).where(
         GroupLease.pool == pool, GroupLease.replica < size)).scalars())
     missing = [r for r in range(size) if r not in have]
@@ -116,11 +132,7 @@ def try_acquire(db: str, pool: str, size: int, allowed: set[int], job_id: str,
     first, so they are warm), or None when all of them are busy, or when the job already
     holds the ``allowance`` of groups admission counted for it (farm/jobs/admit.py)."""
     lease = Lease(db, pool, -1, ttl_s)
-    try:
-        with session_scope(db) as session:
-            _ensure_rows(session, pool, size)
-    except IntegrityError:  # another caller made the same rows at the same moment
-        pass
+    _ensure_rows(db, pool, size)
     now, expiry = _clock(db, ttl_s)
     with session_scope(db) as session:
         if allowance is not None and _job_holds(session, db, job_id, now) >= allowance:

@@ -22,7 +22,6 @@ from farm.jobs import admit, events
 from farm.policy import get_policy
 from farm.tasks import failure_policy, group_leases
 from farm.tasks.group_leases import Lease
-from scheduler.admission import TierSize
 from scheduler.parallel_cost import parse_plan
 from workers.group import group_name, member_exists, take_down_member
 
@@ -81,8 +80,7 @@ def lease_for_segment(settings, job, segment, held: Held, stop):
     """Lease a group of the job's pool for ``segment`` into ``held`` (left None when ``stop()``
     turns true while waiting), and give it back at the end, whatever happens."""
     variant, tier, plan, placement = _route(job)
-    gpus = admit.gpus_per_group(job.route)
-    size = TierSize(*_tier_shape(tier)).groups(gpus)
+    size = admit.pool_size(job.route)
     names = {group_name(variant, tier, plan, placement, None, r): r for r in range(size)}
     failures = events.failures(settings.database_url, job.id)
     blocked = {names[w] for w in failure_policy.blocklisted(failures, settings.blocklist_after)
@@ -103,11 +101,6 @@ def lease_for_segment(settings, job, segment, held: Held, stop):
         yield held
     finally:
         held.release()
-
-
-def _tier_shape(tier: str) -> tuple[int, int]:
-    t = get_policy().catalog.tier(tier)
-    return t.count, t.gpus_per_node
 
 
 def make_room(settings, job, replica: int) -> None:

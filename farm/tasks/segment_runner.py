@@ -165,7 +165,6 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
                  "chunks kept", job_id, segment.index)
         return {"segment_id": seg_id, "finished": False}
     events.record(db, job_id, events.SEGMENT_DONE, f"{len(keys)} chunk(s)", segment.index, worker)
-    admit.release_soon(settings)  # its group is free: let the next segment in now, not at a tick
     return {"segment_id": seg_id, "chunks": keys}
 
 
@@ -189,6 +188,8 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
             keys = _consume(stream, encoder, report, lambda: superseded.is_set() or held.lost,
                             on_progress, window.track,
                             lambda: (window.end(), held.release(), admit.release_soon(settings)))
+        except RenderCanceled:
+            keys = None
         except ACTOR_LOST as exc:
             raise blame(WorkerLost(
                 f"actor died rendering job {job.id} segment {segment.index} on {held.name}: "
@@ -197,15 +198,13 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
             raise blame(exc, held)
         if held.lost and not superseded.is_set():
             raise LeaseLost(f"lost the lease on {held.name}")
+        if keys is None:
+            return None
         events.record(settings.database_url, job.id, events.SEGMENT_RENDERED,
                       window.describe(held.name), segment.index)
         if job.continuous and segment.index < len(job.segments) - 1:
             seams.save_last_frame(storage, job, segment, encoder.last_frame)
         return keys
-    except RenderCanceled:
-        if held.lost and not superseded.is_set():
-            raise LeaseLost(f"lost the lease on {held.name}") from None
-        return None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
