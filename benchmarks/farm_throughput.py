@@ -10,7 +10,7 @@ Three runs in one process, all with the shipped toy model on this machine's core
    another;
 2. the farm with one group of ``--threads`` threads: PostgreSQL (a throwaway database on
    127.0.0.1:5432), Redis (database 14, flushed), a Ray head whose cpu tier holds one group,
-   a Celery render worker, a stitch worker and beat; the group is warmed by one job, then N
+   a Celery render worker (DRIVERS_PER_SLOT processes a group), a stitch worker and beat; the group is warmed by one job, then N
    jobs are submitted at once and timed until the last one has succeeded;
 3. the same farm with two groups, torch threads = cores / groups (FARM_ACTOR_CPUS).
 
@@ -131,6 +131,8 @@ class Farm:
         import psycopg
         import redis
 
+        from farm.cli.services import DRIVERS_PER_SLOT
+
         self.groups, self.db_name = groups, f"farm_bench_{RUN}_{groups}"
         with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres",
                              autocommit=True) as conn:
@@ -142,7 +144,8 @@ class Farm:
         self.procs = [self._start(farm, "ray", "start", "--block", "--num-cpus", str(CORES),
                                   "--resources", f'{{"tier:cpu": {groups}}}')]
         time.sleep(8)  # the head is up well within this
-        self.procs += [self._start(farm, "worker", "-Q", "render.cpu", "-c", str(groups),
+        self.procs += [self._start(farm, "worker", "-Q", "render.cpu",
+                                   "-c", str(DRIVERS_PER_SLOT * groups),
                                    "-n", f"render-{RUN}@%h"),
                        self._start(farm, "worker", "-Q", "stitch", "-c", "2",
                                    "-n", f"stitch-{RUN}@%h"),

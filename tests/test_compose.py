@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from farm.cli.main import app
+from farm.cli.services import DRIVERS_PER_SLOT
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -128,13 +129,15 @@ def test_each_render_node_holds_the_groups_its_routes_need():
 
 def test_each_render_nodes_worker_can_drive_every_group_of_the_node():
     """One render task drives one actor group (issue #11): a node's Celery render worker
-    needs as many processes as the node has GPUs, or groups sit idle."""
+    needs two processes per GPU of the node (DRIVERS_PER_SLOT), or groups sit idle while a
+    driver encodes its last chunks."""
     compose = yaml.safe_load(COMPOSE.read_text())
     nodes = node_resources(compose)
     checked = 0
     for name, argv in farm_invocations():
         if name in nodes and argv[:1] == ["worker"]:
             slots = sum(v for k, v in nodes[name].items() if k.startswith("tier:"))
-            assert int(argv[argv.index("--concurrency") + 1]) == slots, (name, argv, slots)
+            assert int(argv[argv.index("--concurrency") + 1]) == DRIVERS_PER_SLOT * slots, (
+                name, argv, slots)
             checked += 1
     assert checked >= 3  # the cpu, a10 and a100 nodes

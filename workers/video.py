@@ -93,10 +93,13 @@ def probe(path: str | Path) -> VideoInfo:
                      duration_s=float(info.get("format", {}).get("duration", 0.0)))
 
 
-def thumbnail(video: str | Path, path: str | Path, width: int = 320) -> Path:
-    """A JPEG of the middle frame."""
-    info = probe(video)
-    stream = (ffmpeg.input(str(video), ss=info.duration_s / 2).filter("scale", width, -2)
+def thumbnail(video: str | Path, path: str | Path, width: int = 320,
+              duration_s: float | None = None) -> Path:
+    """A JPEG of the middle frame. ``duration_s``: the video's, when the caller has probed it
+    already (each ffprobe costs a process start and a decode)."""
+    if duration_s is None:
+        duration_s = probe(video).duration_s
+    stream = (ffmpeg.input(str(video), ss=duration_s / 2).filter("scale", width, -2)
               .output(str(path), vframes=1).overwrite_output())
     _run(stream)
     return Path(path)

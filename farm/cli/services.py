@@ -14,6 +14,12 @@ from farm.settings import get_settings
 from farm.policy import get_policy
 from scheduler.routing import STITCH_QUEUE, render_queue
 
+# Celery render processes per Ray slot (GPU) of a node. One task drives one group at a time
+# (issue #11); the second lets the next segment lease the group as soon as the last frame
+# has left it, while the first still encodes and stores its chunks: with one, the group
+# waits for the encode (measured in benchmarks/farm_throughput.py: duty 0.88 -> 0.93).
+DRIVERS_PER_SLOT = 2
+
 ray_app = typer.Typer(help="Start or stop a Ray head on loopback with the farm's settings.")
 
 
@@ -46,8 +52,8 @@ def worker(queues: str = typer.Option(None, "--queues", "-Q",
            concurrency: int = typer.Option(1, "--concurrency", "-c"),
            hostname: str = typer.Option(None, "--hostname", "-n"),
            loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
-    """Run a Celery worker. A render worker's concurrency is the actor groups it can drive at
-    once: one task drives one group (issue #11), so give it the GPUs of the node it serves."""
+    """Run a Celery worker. A render worker drives the actor groups of its node, one task per
+    group at a time (issue #11): give it DRIVERS_PER_SLOT processes per GPU of the node."""
     prepare_ray_env()
     from farm.celery_app import app as celery
 
@@ -168,9 +174,9 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     # Render queues and stitch on separate workers: stitching and beat's ticks never wait
     # behind a long render.
     renders = ",".join(render_queue(t) for t in get_policy().catalog.tiers)
-    # One render task drives one group: as many as the local head's cpu tier holds.
-    commands += [farm + ["api"],
-                 farm + ["worker", "-Q", renders, "-c", str(settings.ray_tier_slots)],
+    # One render task drives one group: DRIVERS_PER_SLOT per slot of the local head's tiers.
+    drivers = DRIVERS_PER_SLOT * settings.ray_tier_slots
+    commands += [farm + ["api"], farm + ["worker", "-Q", renders, "-c", str(drivers)],
                  farm + ["worker", "-Q", STITCH_QUEUE, "-c", "2"], farm + ["beat"]]
     commands += [farm + ["flower"]] if with_flower else []
     procs = [subprocess.Popen(cmd, env=env) for cmd in commands]

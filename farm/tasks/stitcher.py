@@ -67,7 +67,7 @@ def _stitch(settings: Settings, job_id: str, chord_id: str | None) -> dict:
         if got != expected:
             raise OutputInvalid(f"stitched video is (width, height, frames, codec) = {got}, "
                                 f"expected {expected}")
-        thumb = thumbnail(video, tmp / "thumbnail.jpg")
+        thumb = thumbnail(video, tmp / "thumbnail.jpg", duration_s=info.duration_s)
         storage.put_file(thumb, f"jobs/{job_id}/thumbnail.jpg")
         key = video_key(job_id, chord_id)
         sha256, size = storage.put_file(video, key)
