@@ -10,8 +10,9 @@ Three runs in one process, all with the shipped toy model on this machine's core
    another;
 2. the farm with one group of ``--threads`` threads: PostgreSQL (a throwaway database on
    127.0.0.1:5432), Redis (database 14, flushed), a Ray head whose cpu tier holds one group,
-   a Celery render worker (DRIVERS_PER_SLOT processes a group), a stitch worker and beat; the group is warmed by one job, then N
-   jobs are submitted at once and timed until the last one has succeeded;
+   a Celery render worker (DRIVERS_PER_SLOT processes a group), a stitch worker and beat;
+   the group is warmed by one job, then N jobs are submitted at once and timed until the
+   last one has succeeded;
 3. the same farm with two groups, torch threads = cores / groups (FARM_ACTOR_CPUS).
 
 ``--threads`` defaults to 1: on this machine (2 cores) the toy renders a job in 0.93 s on
