@@ -23,14 +23,21 @@ class Policy:
     rules: RuleSet
 
 
+SHIPPED_VARIANTS = CONFIG_DIR / "variants.yaml"  # the toy's derived variants (issue #12)
+
+
 def load_policy(tiers_file: Path | None = None, models_file: Path | None = None,
-                rules_file: Path | None = None) -> Policy:
-    """Read and validate the three files (bundled defaults where None); PolicyError if bad."""
+                rules_file: Path | None = None, variants_file: Path | None = None) -> Policy:
+    """Read and validate the files (bundled defaults where None); PolicyError if bad.
+    Variants: the shipped derived ones, then ``variants_file`` (what `farm models derive`
+    registered on this machine) when it exists."""
     tiers_file = Path(tiers_file or CONFIG_DIR / "tiers.yaml")
     models_file = Path(models_file or CONFIG_DIR / "models.yaml")
     rules_file = Path(rules_file or CONFIG_DIR / "rules.yaml")
+    overlays = tuple((path.read_text(), str(path)) for path in (SHIPPED_VARIANTS, variants_file)
+                     if path is not None and Path(path).is_file())
     catalog = parse_catalog(tiers_file.read_text(), models_file.read_text(),
-                            str(tiers_file), str(models_file))
+                            str(tiers_file), str(models_file), overlays)
     return Policy(catalog, parse_rules(rules_file.read_text(), catalog, str(rules_file)))
 
 
@@ -39,4 +46,5 @@ def get_policy() -> Policy:
     from farm.settings import get_settings
 
     settings = get_settings()
-    return load_policy(settings.tiers_file, settings.models_file, settings.rules_file)
+    return load_policy(settings.tiers_file, settings.models_file, settings.rules_file,
+                       settings.variants_file)

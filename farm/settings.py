@@ -74,14 +74,17 @@ class Settings(BaseSettings):
     tiers_file: Path | None = None
     models_file: Path | None = None
     rules_file: Path | None = None
+    # Derived variants registered on this machine by `farm models derive` (issue #12), read
+    # over the catalog; default {home}/variants.yaml.
+    variants_file: Path | None = None
     tick_seconds: float = 5.0  # Celery beat: batch windows opened/closed, waiting jobs released
 
     encode_chunk_frames: int = 16  # frames per H.264 chunk
     x264_preset: str = "veryfast"
     x264_crf: int = 18
 
-    @field_validator("tiers_file", "models_file", "rules_file", "models_dir", "work_dir",
-                     mode="before")
+    @field_validator("tiers_file", "models_file", "rules_file", "variants_file", "models_dir",
+                     "work_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if value == "" else value  # compose passes unset variables as ""
@@ -96,6 +99,7 @@ class Settings(BaseSettings):
         self.storage_url = self.storage_url or f"file://{home}/storage"
         self.models_dir = (self.models_dir or home / "models").resolve()
         self.work_dir = (self.work_dir or home / "work").resolve()
+        self.variants_file = (self.variants_file or home / "variants.yaml").resolve()
         self.api_url = self.api_url or f"http://{self.api_host}:{self.api_port}"
         if self.lease_s < 3 * self.heartbeat_s:
             raise ValueError(f"lease_s ({self.lease_s}) must be at least 3 x heartbeat_s "

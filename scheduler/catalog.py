@@ -7,7 +7,7 @@ the field, and quotes the bad value.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -106,6 +106,13 @@ class ModelVariant(_Strict):
     extra_gb: Annotated[float, Field(ge=0)]  # text encoder + VAE kept on every GPU
     activation_gb: dict[str, float]  # "WxH" -> GB for one segment of max_frames, degree 1
     seconds_per_step: dict[str, float]  # tier -> one step with CFG at native size, 1 GPU
+    # Lightening (issue #12): the variant this one was derived from (`farm models derive`),
+    # the lighter variant to render each track with ({"draft": "wan-toy-draft"}), and a
+    # quantization applied when the folder is loaded (int8-weight | int8-dynamic | fp8), so
+    # a 57 GB folder is never rewritten.
+    derived_from: str | None = None
+    tracks: dict[str, str] = {}
+    quantize_on_load: Literal["int8-weight", "int8-dynamic", "fp8"] | None = None
 
     @field_validator("native")
     @classmethod
@@ -196,11 +203,19 @@ def validation_message(source: str, exc: ValidationError) -> str:
 
 
 def parse_catalog(tiers_text: str, models_text: str, tiers_source: str = "tiers.yaml",
-                  models_source: str = "models.yaml") -> Catalog:
+                  models_source: str = "models.yaml",
+                  overlays: tuple[tuple[str, str], ...] = ()) -> Catalog:
+    """``overlays``: (text, source) of variants files (issue #12), applied in order over
+    the models file: an entry with a new name adds a variant; an entry naming a known one
+    may only add tracks to it (``{tracks: {draft: NAME}}``)."""
     tiers_doc = _load_yaml(tiers_text, tiers_source)
     models_doc = _load_yaml(models_text, models_source)
     tiers = _entries(Tier, tiers_doc.get("tiers"), f"{tiers_source}: tiers")
     models = _entries(ModelVariant, models_doc.get("models"), f"{models_source}: models")
+    fixed = frozenset(models)  # the models file's own: an overlay may only add tracks
+    for text, source in overlays:
+        _apply_overlay(models, _load_yaml(text, source), source, fixed)
+    _check_links(models, overlays[-1][1] if overlays else models_source)
     for model in models.values():
         for tier in model.seconds_per_step:
             if tier not in tiers:
@@ -208,6 +223,35 @@ def parse_catalog(tiers_text: str, models_text: str, tiers_source: str = "tiers.
                                   f"unknown tier {tier!r}; known: {', '.join(sorted(tiers))}")
     return Catalog(tiers=tiers, models=models,
                    runtime_overhead_gb=float(models_doc.get("runtime_overhead_gb", 1.5)))
+
+
+def _apply_overlay(models: dict, doc: dict, source: str, fixed: frozenset) -> None:
+    """A later overlay's entry replaces an earlier overlay's of the same name."""
+    section = doc.get("models") or {}
+    if not isinstance(section, dict):
+        raise PolicyError(f"{source}: models: expected a mapping, got {section!r}")
+    known = {n: spec for n, spec in section.items() if n in fixed}
+    new = {n: spec for n, spec in section.items() if n not in fixed}
+    if new:
+        models.update(_entries(ModelVariant, new, f"{source}: models"))
+    for name, spec in known.items():
+        if not isinstance(spec, dict) or set(spec) != {"tracks"}:
+            raise PolicyError(f"{source}: models.{name}: a variant of the models file may only "
+                              f"get tracks here, got {spec!r}")
+        tracks = {**models[name].tracks, **spec["tracks"]}
+        models[name] = models[name].model_copy(update={"tracks": tracks})
+
+
+def _check_links(models: dict, source: str) -> None:
+    """Every derived_from and track names a variant of the catalog."""
+    for name, model in models.items():
+        if model.derived_from is not None and model.derived_from not in models:
+            raise PolicyError(f"{source}: models.{name}.derived_from: unknown variant "
+                              f"{model.derived_from!r}")
+        for track, target in model.tracks.items():
+            if target not in models:
+                raise PolicyError(f"{source}: models.{name}.tracks.{track}: unknown variant "
+                                  f"{target!r}; known: {', '.join(sorted(models))}")
 
 
 def _entries(cls, section, where: str) -> dict:

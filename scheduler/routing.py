@@ -10,7 +10,7 @@ does not is passed over. So `[long queue -> X, deadline -> Y]` spills on either 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from scheduler.catalog import Catalog, ModelVariant
 from scheduler.memory import NoFittingPlan, choose_plan, plan_table
@@ -71,6 +71,9 @@ class Route:
     fallback: int | None = None  # index of the fallback taken; None: the rule's own choice
     est_seconds: float | None = None  # render time once on GPUs (estimate)
     memory_gb: float | None = None  # per GPU (estimate)
+    # The variant the rule chose when the job's track rendered a lighter one (its
+    # `tracks` entry, issue #12); None: ``variant`` is the rule's own choice.
+    track_of: str | None = None
 
     @property
     def gpu_seconds(self) -> float | None:
@@ -179,16 +182,43 @@ def spill_reason(when, route: Route, job: JobSpec, catalog: Catalog,
 def route(job: JobSpec, rules: RuleSet, catalog: Catalog,
           loads: dict[str, QueueLoad] | None = None) -> Route:
     """The route of ``job``. Raises NoRoute when no rule matches, RouteDoesNotFit (a NoRoute)
-    when the matching route has no plan that fits its tier."""
+    when the matching route has no plan that fits its tier.
+
+    A job naming a derived variant is matched as its base (``derived_from``, to the root),
+    and renders the variant it named. When the chosen variant names a lighter one for the
+    job's track (``tracks``) and that one fits the same tier, the job renders that one."""
     loads = loads or {}
+    matched = replace(job, model=base_of(job.model, catalog))
     for rule in rules.rules:
-        if mismatch(rule.match, job) is None:
-            chosen = build(rule.route, rule, job, catalog, None)
+        if mismatch(rule.match, matched) is None:
+            choice, chosen = rule.route, build(rule.route, rule, job, catalog, None)
             for i, fallback in enumerate(rule.fallbacks):
                 if spill_reason(fallback.when, chosen, job, catalog, loads) is not None:
-                    chosen = build(fallback.route, rule, job, catalog, i)
-            return chosen
-    raise NoRoute(_no_route_message(job, rules))
+                    choice, chosen = fallback.route, build(fallback.route, rule, job, catalog, i)
+            return _on_track(choice, chosen, rule, job, catalog)
+    raise NoRoute(_no_route_message(matched, rules))
+
+
+def base_of(model: str | None, catalog: Catalog) -> str | None:
+    """The root of a derived variant's chain; any other name as it is."""
+    seen = set()
+    while model in catalog.models and catalog.models[model].derived_from and model not in seen:
+        seen.add(model)
+        model = catalog.models[model].derived_from
+    return model
+
+
+def _on_track(choice: Choice, chosen: Route, rule: Rule, job: JobSpec,
+              catalog: Catalog) -> Route:
+    light = catalog.models[chosen.variant].tracks.get(job.track)
+    if light is None or light == chosen.variant:
+        return chosen
+    try:
+        on_track = build(choice.model_copy(update={"variant": light}), rule, job, catalog,
+                         chosen.fallback)
+    except RouteDoesNotFit:  # the light variant does not fit this tier: the rule's own
+        return chosen
+    return replace(on_track, track_of=chosen.variant)
 
 
 def _no_route_message(job: JobSpec, rules: RuleSet) -> str:

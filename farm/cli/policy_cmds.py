@@ -23,7 +23,8 @@ def _load(rules: Path | None, tiers: Path | None, models: Path | None):
 
     s = get_settings()
     try:
-        return load_policy(tiers or s.tiers_file, models or s.models_file, rules or s.rules_file)
+        return load_policy(tiers or s.tiers_file, models or s.models_file, rules or s.rules_file,
+                           s.variants_file)
     except (PolicyError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
