@@ -55,3 +55,103 @@ def list_models() -> None:
     typer.echo(f"{'VARIANT':<{width}}  {'STATE':<7}  {'SIZE':>9}  WHERE / HOW")
     for name, state, size, where in rows:
         typer.echo(f"{name:<{width}}  {state:<7}  {size:>9}  {where}")
+
+
+@models_app.command("derive")
+def derive_variant(
+        base: str = typer.Argument(..., help="the base: a catalog variant (e.g. wan-toy)"),
+        out: Path = typer.Argument(..., help="the new variant's folder (diffusers layout)"),
+        name: str = typer.Option(None, help="catalog name; default: OUT's folder name"),
+        for_track: str = typer.Option(None, "--for-track",
+                                      help="the base renders this track (draft) with it"),
+        quantize: str = typer.Option(None, help="int8-weight | int8-dynamic | fp8"),
+        on_load: bool = typer.Option(False, "--on-load", help="quantize when loading: the "
+                                     "variant keeps the base's folder (a 57 GB A14B is never "
+                                     "rewritten); only with --quantize and nothing else"),
+        prune_ffn: float = typer.Option(None, help="fraction of FFN channels removed"),
+        prune_heads: float = typer.Option(None, help="fraction of attention heads removed"),
+        drop_blocks: int = typer.Option(None, help="transformer blocks removed"),
+        student_layers: int = typer.Option(None, help="blocks of a shallower student"),
+        distill_steps: int = typer.Option(None, help="steps of a few-step student"),
+        low_expert: Path = typer.Option(None, help="folder whose low-noise expert replaces "
+                                        "the base's (big-then-small)"),
+        seed: int = 0, resume: bool = typer.Option(False, help="continue stopped training"),
+        prompts: Path = typer.Option(None, help="training captions, one per line; default: "
+                                     "the toy world's (seen combinations only)"),
+        threads: int = typer.Option(1, help="torch threads for training"),
+        register_it: bool = typer.Option(True, "--register/--no-register",
+                                         help="add it to FARM_VARIANTS_FILE")) -> None:
+    """Write a lighter variant of BASE to OUT with a derive.json manifest, and register it
+    in the catalog so rules (and `--track`) can route to it (issue #12)."""
+    from farm.model_dirs import resolve_model_dir
+    from farm.policy import get_policy
+    from farm.settings import get_settings
+    from farm.variants import entry_for, register
+    from workers.lightening.derive import derive, expert_shape
+    from workers.lightening.manifest import write_manifest
+    from workers.lightening.ops import DeriveError
+
+    settings = get_settings()
+    catalog = get_policy().catalog
+    if base not in catalog.models:
+        raise typer.BadParameter(f"unknown variant {base!r}; known: "
+                                 f"{', '.join(sorted(catalog.models))}", param_hint="BASE")
+    variant = catalog.models[base]
+    base_dir = resolve_model_dir(settings, variant)
+    name = name or out.name
+    try:
+        ops = operations(quantize, prune_ffn, prune_heads, drop_blocks, student_layers,
+                         distill_steps, low_expert)
+        if on_load:
+            if quantize is None or len(ops) != 1:
+                raise DeriveError("--on-load quantizes at load time: give --quantize and no "
+                                  "other operation")
+            ops[0].check()
+            out.mkdir(parents=True, exist_ok=True)
+            manifest = write_manifest(out, base_dir, seed, [
+                {"operation": "quantize", "settings": ops[0].settings(), "on_load": True}])
+            folder, shape = base_dir, expert_shape(base_dir)
+        else:
+            lines = prompts.read_text().splitlines() if prompts else []
+            derived = derive(base_dir, out, ops, seed, resume, [p for p in lines if p.strip()],
+                             threads)
+            folder, shape, manifest = derived.folder, derived.shape, derived.manifest
+    except DeriveError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    entry = entry_for(variant, folder, shape, manifest, quantize if on_load else None)
+    if register_it:
+        register(settings.variants_file, name, entry, base, for_track)
+        get_policy.cache_clear()
+        get_policy()  # the overlay must still load: fail here, not in the next job
+        typer.echo(f"registered {name} in {settings.variants_file}")
+    typer.echo(f"{name}: {folder} ({shape['layers']} layers, ffn {shape['ffn_dim']}, "
+               f"{shape['bytes_per_param']} bytes/param)")
+
+
+def operations(quantize, prune_ffn, prune_heads, drop_blocks, student_layers, distill_steps,
+               low_expert) -> list:
+    """The Operation objects the options ask for (workers/lightening/*.py)."""
+    ops = []
+    if quantize is not None:
+        from workers.lightening.quantize import Quantize
+        ops.append(Quantize(quantize))
+    if prune_ffn is not None:
+        from workers.lightening.prune import PruneFfn
+        ops.append(PruneFfn(prune_ffn))
+    if prune_heads is not None:
+        from workers.lightening.prune import PruneHeads
+        ops.append(PruneHeads(prune_heads))
+    if drop_blocks is not None:
+        from workers.lightening.prune import DropBlocks
+        ops.append(DropBlocks(drop_blocks))
+    if student_layers is not None:
+        from workers.lightening.prune import StudentLayers
+        ops.append(StudentLayers(student_layers))
+    if distill_steps is not None:
+        from workers.lightening.distill import DistillSteps
+        ops.append(DistillSteps(distill_steps))
+    if low_expert is not None:
+        from workers.lightening.low_expert import LowExpert
+        ops.append(LowExpert(low_expert))
+    return ops
