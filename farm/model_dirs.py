@@ -1,10 +1,11 @@
 """Where a catalog model's folder is on this machine, and how to make it when it is missing.
 
-"A way to make one" (issue #11), until issue #12's `farm models derive`: the farm makes the
-tiny variants itself (`farm models make-tiny`); the toy model ships with the project; the
-official Wan2.2 checkpoints are downloaded by a person (the farm never downloads) and put
-under FARM_MODELS_DIR. Anything else (e.g. an int8 A14B) nothing makes: a rule routing to
-it while its folder is missing is flagged by `farm rules check`.
+"A way to make one" (issue #11): the farm makes the tiny variants itself (`farm models
+make-tiny`); the toy model and its derived variants ship with the project; a derived variant
+is made again by `farm models derive` (issue #12); the official Wan2.2 checkpoints are
+downloaded by a person (the farm never downloads) and put under FARM_MODELS_DIR. Anything
+else nothing makes: a rule routing to it while its folder is missing is flagged by
+`farm rules check`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def how_to_make(variant: ModelVariant, local: Path) -> str | None:
         return f"run `farm models make-tiny {local} --like {TINY_LIKE[variant.name]}`"
     if variant.bundled:
         return f"it ships with the project; or train it with `farm toy train {local}`"
+    if variant.derived_from is not None:
+        return (f"derive it again from {variant.derived_from} with `farm models derive "
+                f"{variant.derived_from} {local} ...` (the operations its derive.json lists)")
     if variant.folder in DOWNLOADS:
         return f"download {DOWNLOADS[variant.folder]} and put the folder at {local}"
     return None

@@ -63,17 +63,26 @@ def rules_check(file: Path, tiers: Path = _TIERS, models: Path = _MODELS) -> Non
 
 
 def _choice_line(catalog, rule, choice) -> str:
-    from scheduler.memory import choose_plan
+    """Each variant the choice renders, its tracks' light variants too (issue #12), with
+    its plan and memory per GPU from its own bytes per parameter."""
+    from scheduler.memory import NoFittingPlan, choose_plan
 
     names = [choice.variant] if choice.variant else list(rule.match.model)
     tier = catalog.tiers[choice.tier]
     parts = []
     for name in names:
-        plan, need = choose_plan(catalog, catalog.models[name], tier, choice.degree,
-                                 choice.placement, choice.parallel)
-        parts.append(f"{name} on {choice.tier} x{choice.degree}, {plan.name} "
-                     f"({choice.placement}): {need.total_gb:.1f} of {tier.memory_gb:g} GB "
-                     "per GPU")
+        for label, variant in [(name, name)] + [(f"{name} {track} track: {light}", light)
+                                                 for track, light in
+                                                 catalog.models[name].tracks.items()]:
+            try:
+                plan, need = choose_plan(catalog, catalog.models[variant], tier, choice.degree,
+                                         choice.placement, choice.parallel)
+            except NoFittingPlan as exc:  # routing keeps the base for that track
+                parts.append(f"{label} does not fit {choice.tier} ({exc}): {name} renders it")
+                continue
+            parts.append(f"{label} on {choice.tier} x{choice.degree}, {plan.name} "
+                         f"({choice.placement}): {need.total_gb:.1f} of {tier.memory_gb:g} GB "
+                         "per GPU")
     return "; ".join(parts)
 
 
@@ -88,6 +97,9 @@ def _model_problems(settings, policy) -> list[str]:
         for where, choice in choices:
             for name in [choice.variant] if choice.variant else rule.match.model:
                 reached.setdefault(name, []).append(f"rule {rule.name!r}: {where}")
+                for track, light in policy.catalog.models[name].tracks.items():
+                    reached.setdefault(light, []).append(
+                        f"rule {rule.name!r}: {where}, {name}'s {track} track")
     typer.echo("models the rules reach:")
     problems = []
     for name, wheres in reached.items():
