@@ -1,0 +1,263 @@
+"""Training-free step caching on the farm's own sampler (workers/lightening/step_cache.py),
+on the shipped toy model: never-skip settings change nothing, moderate ones skip passes and
+stay close, renders do not leak into each other, and the frames equal diffusers' WanPipeline
+with the same cache hooks (and a CFG-parallel pair of ranks with the cache on)."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from diffusers import WanPipeline
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+from workers.lightening import step_cache
+from workers.lightening.step_cache import StepCacheConfig
+from workers.toy import BUNDLED_DIR
+from workers.wan_pipeline import RenderRequest, WanT2V
+
+TOY = BUNDLED_DIR / "wan-toy"
+CAPTION = "a red circle moving right"
+# The toy's native render (scheduler/config/models.yaml): 7 high-noise steps, 13 low-noise.
+REQUEST = dict(prompt=CAPTION, negative_prompt="", frames=17, height=32, width=32, steps=20,
+               guidance_high=4.0, guidance_low=4.0, seed=1)
+STEPS = {"high": 7, "low": 13}
+# Moderate settings and the PSNR (dB, decoded frames vs the uncached render of seed 1) each
+# keeps. Measured on this model: first_block 0.1 -> 41.6 dB with 25 of 40 passes in full;
+# taylorseer interval 2 -> 46.8 dB with 22; mag 0.05 -> 44.3 dB with 28.
+MODERATE = {"first_block": ({"threshold": 0.1}, 36.0),
+            "taylorseer": ({"interval": 2}, 40.0),
+            "mag": ({"threshold": 0.05}, 38.0)}
+NEVER_SKIP = {"first_block": {"threshold": 0.0}, "taylorseer": {"interval": 1},
+              "mag": {"threshold": 0.0}}
+
+
+def request(**overrides) -> RenderRequest:
+    return RenderRequest(**(REQUEST | overrides))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return WanT2V.from_folder(TOY)
+
+
+@pytest.fixture(scope="module")
+def ratios(pipe):
+    """MagCache's ratios for the toy, calibrated on a caption and seed no test renders."""
+    return step_cache.calibrate_mag_ratios(pipe, request(prompt="a blue square moving up",
+                                                         seed=100))
+
+
+@pytest.fixture(scope="module")
+def uncached(pipe):
+    return {seed: pipe.denoise(request(seed=seed)) for seed in (1, 3)}
+
+
+def options(kind: str, settings: dict, ratios: dict) -> dict:
+    """A route's ``cache`` dict; MagCache's carries the calibrated ratios."""
+    return {"kind": kind, **settings, **({"ratios": ratios} if kind == "mag" else {})}
+
+
+def frames(pipe, latents) -> np.ndarray:
+    return np.concatenate(list(pipe.decode_chunks(latents))).astype(np.float64)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+def cached(pipe, cache: dict, **overrides) -> tuple[torch.Tensor, dict]:
+    step_cache.enable(pipe, cache)
+    try:
+        return pipe.denoise(request(**overrides)), step_cache.last_render_counts(pipe)
+    finally:
+        step_cache.disable(pipe)
+
+
+# ---- the config --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad,field,quoted", [
+    ({"kind": "teacache", "threshold": 0.1}, "cache.kind", "'teacache'"),
+    ({"threshold": 0.1}, "cache.kind", "None"),
+    ({"kind": "first_block", "threshold": -0.1}, "cache.threshold", "-0.1"),
+    ({"kind": "first_block", "threshold": "0.1"}, "cache.threshold", "'0.1'"),
+    ({"kind": "first_block", "threshold": float("nan")}, "cache.threshold", "nan"),
+    ({"kind": "first_block", "threshold": True}, "cache.threshold", "True"),
+    ({"kind": "first_block"}, "cache.threshold", "None"),
+    ({"kind": "taylorseer", "threshold": 0.1}, "cache.threshold", "0.1"),
+    ({"kind": "taylorseer", "interval": 0}, "cache.interval", "0"),
+    ({"kind": "taylorseer", "interval": 2, "warmup": -1}, "cache.warmup", "-1"),
+    ({"kind": "first_block", "threshold": 0.1, "thresold": 0.2}, "cache.thresold", "0.2"),
+    ({"kind": "mag", "threshold": 0.1}, "cache.ratios", "None"),
+    ({"kind": "mag", "threshold": 0.1, "ratios": {"high": [1.0, -2.0]}}, "cache.ratios.high",
+     "[1.0, -2.0]"),
+    ({"kind": "mag", "threshold": 0.1, "ratios": {"mid": [1.0]}}, "cache.ratios", "'mid'"),
+])
+def test_bad_options_are_refused_by_name(bad, field, quoted):
+    with pytest.raises(ValueError) as refused:
+        StepCacheConfig.from_dict(bad)
+    assert field in str(refused.value) and quoted in str(refused.value), str(refused.value)
+
+
+def test_options_round_trip_as_a_plain_dict(ratios):
+    route = {"kind": "mag", "threshold": 0.05, "max_skip": 2, "ratios": ratios}
+    assert StepCacheConfig.from_dict(route).to_dict() == route
+    assert StepCacheConfig.from_dict({"kind": "taylorseer", "interval": 3}) == \
+        StepCacheConfig("taylorseer", interval=3)
+
+
+def test_mag_needs_ratios_for_every_expert(pipe, ratios):
+    with pytest.raises(ValueError, match="cache.ratios .*low-noise expert"):
+        step_cache.enable(pipe, {"kind": "mag", "threshold": 0.1,
+                                 "ratios": {"high": ratios["high"]}})
+    assert "guide" not in vars(pipe)  # nothing was left half applied
+
+
+def test_calibrated_ratios_cover_each_experts_steps(ratios):
+    assert {k: len(v) for k, v in ratios.items()} == STEPS
+    assert all(r[0] == 1.0 and all(0.5 < x < 2.0 for x in r) for r in ratios.values())
+
+
+# ---- renders ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(NEVER_SKIP))
+def test_never_skip_settings_render_the_uncached_latents(pipe, uncached, ratios, kind):
+    latents, counts = cached(pipe, options(kind, NEVER_SKIP[kind], ratios))
+    assert torch.equal(latents, uncached[1])
+    # Every step, both passes, both experts: 20 steps x (cond, uncond), 4 blocks each.
+    assert counts["passes"] == counts["full_passes"] == 40
+    assert counts["blocks_run"] == counts["blocks_total"] == 160
+    contexts = [(p["step"], p["expert"], p["context"]) for p in counts["per_pass"]]
+    assert contexts[:2] == [(0, "high", "cond"), (0, "high", "uncond")]
+    assert contexts[-1] == (19, "low", "uncond")
+
+
+@pytest.mark.parametrize("kind", list(MODERATE))
+def test_moderate_settings_skip_passes_and_stay_close(pipe, uncached, ratios, kind):
+    settings, floor = MODERATE[kind]
+    latents, counts = cached(pipe, options(kind, settings, ratios))
+    assert counts["passes"] == 40
+    assert counts["full_passes"] <= 30, counts["full_passes"]
+    assert counts["blocks_run"] <= 0.75 * counts["blocks_total"]
+    # Each expert's first step and each context run in full: nothing to reuse yet.
+    for p in counts["per_pass"]:
+        if p["step"] in (0, STEPS["high"]):
+            assert p["blocks"] == p["of"], p
+    quality = psnr(frames(pipe, latents), frames(pipe, uncached[1]))
+    assert floor < quality < float("inf"), quality
+
+
+@pytest.mark.parametrize("kind", list(MODERATE))
+def test_renders_in_a_row_equal_each_alone(pipe, ratios, kind):
+    """Caches start empty in every render, even after one abandoned mid-way; a split render
+    (the high-noise phase, then the low-noise phase from its handed-over state) equals the
+    whole one."""
+    cache = options(kind, MODERATE[kind][0], ratios)
+    alone = {seed: cached(pipe, cache, seed=seed)[0] for seed in (1, 3)}
+    step_cache.enable(pipe, cache)
+    try:
+        abandoned = pipe.denoise_steps(request(seed=3))
+        for _ in range(9):  # into the low-noise expert's phase, then dropped
+            next(abandoned)
+        abandoned.close()
+        assert torch.equal(pipe.denoise(request(seed=1)), alone[1])
+        assert torch.equal(pipe.denoise(request(seed=3)), alone[3])
+        state = pipe.start(request(seed=1))
+        high_steps = len(list(pipe.denoise_steps(request(seed=1), state, "low")))
+        assert high_steps == STEPS["high"]
+        list(pipe.denoise_steps(request(seed=1), state))
+        assert torch.equal(state.latents, alone[1])
+    finally:
+        step_cache.disable(pipe)
+    assert not torch.equal(alone[1], alone[3])
+
+
+def test_disable_restores_the_pipeline(pipe, uncached):
+    step_cache.enable(pipe, {"kind": "first_block", "threshold": 0.3})
+    with pytest.raises(ValueError, match="cache.kind 'taylorseer': .*already enabled"):
+        step_cache.enable(pipe, {"kind": "taylorseer", "interval": 2})
+    step_cache.disable(pipe)
+    assert "guide" not in vars(pipe) and "denoise_steps" not in vars(pipe)
+    for expert in pipe.experts:
+        assert not expert.is_cache_enabled
+        assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks
+                       for m in expert.modules())
+        assert not any(m._forward_pre_hooks for m in expert.modules())
+    assert torch.equal(pipe.denoise(request()), uncached[1])
+    with pytest.raises(ValueError, match="not enabled"):
+        step_cache.last_render_counts(pipe)
+
+
+# ---- against diffusers' own WanPipeline ---------------------------------------------------------
+
+def _diffusers_configs(kind: str, ratios: dict) -> dict:
+    """The same cache as the route's, set by hand on each of WanPipeline's transformers."""
+    if kind == "first_block":
+        return {w: FirstBlockCacheConfig(threshold=0.1) for w in STEPS}
+    if kind == "taylorseer":
+        return {w: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=2,
+                                         taylor_factors_dtype=torch.float32,
+                                         cache_identifiers=step_cache.TAYLORSEER_MODULES)
+                for w in STEPS}
+    return {w: MagCacheConfig(threshold=0.05, max_skip_steps=3, num_inference_steps=n,
+                              retention_ratio=2 / n, mag_ratios=ratios[w])
+            for w, n in STEPS.items()}
+
+
+@pytest.mark.parametrize("kind", list(MODERATE))
+def test_cached_render_equals_diffusers_wan_pipeline_with_the_same_cache(pipe, ratios, kind):
+    ours, counts = cached(pipe, options(kind, MODERATE[kind][0], ratios))
+    assert counts["full_passes"] < counts["passes"]
+    theirs = WanPipeline.from_pretrained(TOY)
+    configs = _diffusers_configs(kind, ratios)
+    theirs.transformer.enable_cache(configs["high"])
+    theirs.transformer_2.enable_cache(configs["low"])
+    r = REQUEST
+    for _ in range(2):  # its second call too: WanPipeline resets the hooks after each
+        latents = theirs(CAPTION, negative_prompt="", height=r["height"], width=r["width"],
+                         num_frames=r["frames"], num_inference_steps=r["steps"],
+                         guidance_scale=r["guidance_high"], guidance_scale_2=r["guidance_low"],
+                         generator=torch.Generator("cpu").manual_seed(r["seed"]),
+                         output_type="latent", max_sequence_length=pipe.text_len).frames
+        assert torch.equal(ours, latents)
+
+
+# ---- with a CFG-parallel plan -------------------------------------------------------------------
+
+def _cfg_rank(rank: int, port: int, cache: dict, out: str) -> None:
+    """One of two ranks: the conditional pass here on rank 0, the unconditional on rank 1."""
+    from workers.parallel.cfg_parallel import CfgParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        pipe = WanT2V.from_folder(TOY)
+        pipe.guide = CfgParallel(dist.group.WORLD, rank).guide  # the plan, then the cache
+        step_cache.enable(pipe, cache)
+        latents = pipe.denoise(request())
+        torch.save({"latents": latents, "counts": step_cache.last_render_counts(pipe)},
+                   f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cfg_parallel_ranks_with_the_cache_render_the_single_rank_latents(pipe, tmp_path):
+    cache = options("first_block", MODERATE["first_block"][0], {})
+    single, counts = cached(pipe, cache)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_cfg_rank, args=(port, cache, str(tmp_path / "rank")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank.{r}") for r in (0, 1)]
+    for rank, context in enumerate(("cond", "uncond")):
+        assert torch.equal(ranks[rank]["latents"], single)
+        # Each rank runs one context, and skips where the single rank skipped in it.
+        mine = [p for p in counts["per_pass"] if p["context"] == context]
+        assert ranks[rank]["counts"]["per_pass"] == mine
