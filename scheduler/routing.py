@@ -74,6 +74,7 @@ class Route:
     # The variant the rule chose when the job's track rendered a lighter one (its
     # `tracks` entry, issue #12); None: ``variant`` is the rule's own choice.
     track_of: str | None = None
+    cache: dict | None = None  # the rule's step caching (scheduler/rules.py Choice.cache)
 
     @property
     def gpu_seconds(self) -> float | None:
@@ -159,7 +160,7 @@ def build(choice: Choice, rule: Rule, job: JobSpec, catalog: Catalog,
         queue=choice.queue or render_queue(choice.tier),
         rule=rule.name, window=choice.window, timezone=choice.timezone, fallback=fallback,
         est_seconds=_rounded(est_seconds(variant, choice.tier, choice.degree, job)),
-        memory_gb=memory_gb,
+        memory_gb=memory_gb, cache=choice.cache,
     )
 
 

@@ -93,6 +93,18 @@ class Choice(_Strict):
     queue: str | None = None  # default render.{tier}
     window: str | None = None  # e.g. "22:00-06:00": the job waits for it
     timezone: str = "UTC"
+    # Training-free step caching (issue #12): {kind: first_block | mag | taylorseer, ...},
+    # checked by workers/lightening/step_cache.py's StepCacheConfig; None: every step runs.
+    cache: dict | None = None
+
+    @field_validator("cache")
+    @classmethod
+    def _cache(cls, value):
+        if value is not None:
+            from workers.lightening.step_cache import StepCacheConfig
+
+            StepCacheConfig.from_dict(value)  # ValueError naming cache.<field> and the value
+        return value
 
 
 class When(_Strict):

@@ -87,3 +87,16 @@ def test_a_light_variant_that_does_not_fit_the_tier_leaves_the_rules_own_choice(
     assert (chosen.variant, chosen.track_of) == ("wan-toy", None)
     with pytest.raises(NoRoute):
         route(JobSpec(track="draft", model="huge"), rules, cat)
+
+
+def test_a_rules_step_cache_travels_on_the_route_and_a_bad_one_is_named():
+    cat = catalog_with()
+    text = RULES.replace("route: {tier: cpu, degree: 1}",
+                         "route: {tier: cpu, degree: 1, cache: {kind: first_block, "
+                         "threshold: 0.05}}")
+    assert text != RULES
+    chosen = route(JobSpec(model="wan-toy"), parse_rules(text, cat), cat)
+    assert chosen.cache == {"kind": "first_block", "threshold": 0.05}
+    bad = text.replace("first_block", "second_block")
+    with pytest.raises(PolicyError, match=r"cache.kind 'second_block'"):
+        parse_rules(bad, cat)
