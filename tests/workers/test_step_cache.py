@@ -13,27 +13,27 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from diffusers import WanPipeline
-from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
 
 from workers.lightening import step_cache
 from workers.lightening.step_cache import StepCacheConfig
 from workers.toy import BUNDLED_DIR
+from workers.toy.score import judge
 from workers.wan_pipeline import RenderRequest, WanT2V
 
 TOY = BUNDLED_DIR / "wan-toy"
-CAPTION = "a red circle moving right"
+CAPTION = "a red circle moving right on a black background"
 # The toy's native render (scheduler/config/models.yaml): 7 high-noise steps, 13 low-noise.
 REQUEST = dict(prompt=CAPTION, negative_prompt="", frames=17, height=32, width=32, steps=20,
-               guidance_high=4.0, guidance_low=4.0, seed=1)
+               guidance_high=4.0, guidance_low=4.0, seed=11)
 STEPS = {"high": 7, "low": 13}
-# Moderate settings and the PSNR (dB, decoded frames vs the uncached render of seed 1) each
-# keeps. Measured on this model: first_block 0.1 -> 41.6 dB with 25 of 40 passes in full;
-# taylorseer interval 2 -> 46.8 dB with 22; mag 0.05 -> 44.3 dB with 28.
-MODERATE = {"first_block": ({"threshold": 0.1}, 36.0),
-            "taylorseer": ({"interval": 2}, 40.0),
-            "mag": ({"threshold": 0.05}, 38.0)}
-NEVER_SKIP = {"first_block": {"threshold": 0.0}, "taylorseer": {"interval": 1},
-              "mag": {"threshold": 0.0}}
+# Moderate settings and the PSNR (dB, decoded frames vs the uncached render of REQUEST) each
+# keeps. Measured on this model: first_block 0.1 -> 29.9 dB with 25 of 40 passes in full;
+# mag 0.05 -> 27.9 dB with 28 (over 96 captions and seeds the medians are 29.9 and 30.2 dB,
+# and the judge reads every attribute as uncached renders do).
+MODERATE = {"first_block": ({"threshold": 0.1}, 26.0),
+            "mag": ({"threshold": 0.05}, 25.0)}
+NEVER_SKIP = {"first_block": {"threshold": 0.0}, "mag": {"threshold": 0.0}}
 
 
 def request(**overrides) -> RenderRequest:
@@ -49,13 +49,13 @@ def pipe():
 @pytest.fixture(scope="module")
 def ratios(pipe):
     """MagCache's ratios for the toy, calibrated on a caption and seed no test renders."""
-    return step_cache.calibrate_mag_ratios(pipe, request(prompt="a blue square moving up",
-                                                         seed=100))
+    return step_cache.calibrate_mag_ratios(pipe, request(
+        prompt="a blue square moving up on a white background", seed=100))
 
 
 @pytest.fixture(scope="module")
 def uncached(pipe):
-    return {seed: pipe.denoise(request(seed=seed)) for seed in (1, 3)}
+    return pipe.denoise(request())
 
 
 def options(kind: str, settings: dict, ratios: dict) -> dict:
@@ -90,9 +90,13 @@ def cached(pipe, cache: dict, **overrides) -> tuple[torch.Tensor, dict]:
     ({"kind": "first_block", "threshold": float("nan")}, "cache.threshold", "nan"),
     ({"kind": "first_block", "threshold": True}, "cache.threshold", "True"),
     ({"kind": "first_block"}, "cache.threshold", "None"),
-    ({"kind": "taylorseer", "threshold": 0.1}, "cache.threshold", "0.1"),
-    ({"kind": "taylorseer", "interval": 0}, "cache.interval", "0"),
-    ({"kind": "taylorseer", "interval": 2, "warmup": -1}, "cache.warmup", "-1"),
+    ({"kind": "taylorseer", "threshold": 0.1}, "cache.kind", "'taylorseer'"),
+    ({"kind": ["first_block"], "threshold": 0.1}, "cache.kind", "['first_block']"),
+    ({"kind": "first_block", "threshold": 0.1, "warmup": 2}, "cache.warmup", "2"),
+    ({"kind": "mag", "threshold": 0.1, "warmup": -1, "ratios": {"high": [1.0]}},
+     "cache.warmup", "-1"),
+    ({"kind": "mag", "threshold": 0.1, "max_skip": 0, "ratios": {"high": [1.0]}},
+     "cache.max_skip", "0"),
     ({"kind": "first_block", "threshold": 0.1, "thresold": 0.2}, "cache.thresold", "0.2"),
     ({"kind": "mag", "threshold": 0.1}, "cache.ratios", "None"),
     ({"kind": "mag", "threshold": 0.1, "ratios": {"high": [1.0, -2.0]}}, "cache.ratios.high",
@@ -108,8 +112,8 @@ def test_bad_options_are_refused_by_name(bad, field, quoted):
 def test_options_round_trip_as_a_plain_dict(ratios):
     route = {"kind": "mag", "threshold": 0.05, "max_skip": 2, "ratios": ratios}
     assert StepCacheConfig.from_dict(route).to_dict() == route
-    assert StepCacheConfig.from_dict({"kind": "taylorseer", "interval": 3}) == \
-        StepCacheConfig("taylorseer", interval=3)
+    assert StepCacheConfig.from_dict({"kind": "first_block", "threshold": 0}) == \
+        StepCacheConfig("first_block", threshold=0)
 
 
 def test_mag_needs_ratios_for_every_expert(pipe, ratios):
@@ -129,7 +133,7 @@ def test_calibrated_ratios_cover_each_experts_steps(ratios):
 @pytest.mark.parametrize("kind", list(NEVER_SKIP))
 def test_never_skip_settings_render_the_uncached_latents(pipe, uncached, ratios, kind):
     latents, counts = cached(pipe, options(kind, NEVER_SKIP[kind], ratios))
-    assert torch.equal(latents, uncached[1])
+    assert torch.equal(latents, uncached)
     # Every step, both passes, both experts: 20 steps x (cond, uncond), 4 blocks each.
     assert counts["passes"] == counts["full_passes"] == 40
     assert counts["blocks_run"] == counts["blocks_total"] == 160
@@ -139,7 +143,8 @@ def test_never_skip_settings_render_the_uncached_latents(pipe, uncached, ratios,
 
 
 @pytest.mark.parametrize("kind", list(MODERATE))
-def test_moderate_settings_skip_passes_and_stay_close(pipe, uncached, ratios, kind):
+def test_moderate_settings_skip_passes_and_keep_what_the_judge_sees(pipe, uncached, ratios,
+                                                                    kind):
     settings, floor = MODERATE[kind]
     latents, counts = cached(pipe, options(kind, settings, ratios))
     assert counts["passes"] == 40
@@ -149,8 +154,10 @@ def test_moderate_settings_skip_passes_and_stay_close(pipe, uncached, ratios, ki
     for p in counts["per_pass"]:
         if p["step"] in (0, STEPS["high"]):
             assert p["blocks"] == p["of"], p
-    quality = psnr(frames(pipe, latents), frames(pipe, uncached[1]))
-    assert floor < quality < float("inf"), quality
+    ours, theirs = frames(pipe, latents), frames(pipe, uncached)
+    assert floor < psnr(ours, theirs) < float("inf"), psnr(ours, theirs)
+    # The toy world's judge reads the same colour, shape and motion from both.
+    assert judge(ours.astype(np.uint8)) == judge(theirs.astype(np.uint8))
 
 
 @pytest.mark.parametrize("kind", list(MODERATE))
@@ -159,29 +166,29 @@ def test_renders_in_a_row_equal_each_alone(pipe, ratios, kind):
     (the high-noise phase, then the low-noise phase from its handed-over state) equals the
     whole one."""
     cache = options(kind, MODERATE[kind][0], ratios)
-    alone = {seed: cached(pipe, cache, seed=seed)[0] for seed in (1, 3)}
+    alone = {seed: cached(pipe, cache, seed=seed)[0] for seed in (11, 3)}
     step_cache.enable(pipe, cache)
     try:
         abandoned = pipe.denoise_steps(request(seed=3))
         for _ in range(9):  # into the low-noise expert's phase, then dropped
             next(abandoned)
         abandoned.close()
-        assert torch.equal(pipe.denoise(request(seed=1)), alone[1])
+        assert torch.equal(pipe.denoise(request(seed=11)), alone[11])
         assert torch.equal(pipe.denoise(request(seed=3)), alone[3])
-        state = pipe.start(request(seed=1))
-        high_steps = len(list(pipe.denoise_steps(request(seed=1), state, "low")))
+        state = pipe.start(request(seed=11))
+        high_steps = len(list(pipe.denoise_steps(request(seed=11), state, "low")))
         assert high_steps == STEPS["high"]
-        list(pipe.denoise_steps(request(seed=1), state))
-        assert torch.equal(state.latents, alone[1])
+        list(pipe.denoise_steps(request(seed=11), state))
+        assert torch.equal(state.latents, alone[11])
     finally:
         step_cache.disable(pipe)
-    assert not torch.equal(alone[1], alone[3])
+    assert not torch.equal(alone[11], alone[3])
 
 
 def test_disable_restores_the_pipeline(pipe, uncached):
     step_cache.enable(pipe, {"kind": "first_block", "threshold": 0.3})
-    with pytest.raises(ValueError, match="cache.kind 'taylorseer': .*already enabled"):
-        step_cache.enable(pipe, {"kind": "taylorseer", "interval": 2})
+    with pytest.raises(ValueError, match="cache.kind 'first_block': .*already enabled"):
+        step_cache.enable(pipe, {"kind": "first_block", "threshold": 0.1})
     step_cache.disable(pipe)
     assert "guide" not in vars(pipe) and "denoise_steps" not in vars(pipe)
     for expert in pipe.experts:
@@ -189,7 +196,7 @@ def test_disable_restores_the_pipeline(pipe, uncached):
         assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks
                        for m in expert.modules())
         assert not any(m._forward_pre_hooks for m in expert.modules())
-    assert torch.equal(pipe.denoise(request()), uncached[1])
+    assert torch.equal(pipe.denoise(request()), uncached)
     with pytest.raises(ValueError, match="not enabled"):
         step_cache.last_render_counts(pipe)
 
@@ -200,11 +207,6 @@ def _diffusers_configs(kind: str, ratios: dict) -> dict:
     """The same cache as the route's, set by hand on each of WanPipeline's transformers."""
     if kind == "first_block":
         return {w: FirstBlockCacheConfig(threshold=0.1) for w in STEPS}
-    if kind == "taylorseer":
-        return {w: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=2,
-                                         taylor_factors_dtype=torch.float32,
-                                         cache_identifiers=step_cache.TAYLORSEER_MODULES)
-                for w in STEPS}
     return {w: MagCacheConfig(threshold=0.05, max_skip_steps=3, num_inference_steps=n,
                               retention_ratio=2 / n, mag_ratios=ratios[w])
             for w, n in STEPS.items()}

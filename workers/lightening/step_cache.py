@@ -1,7 +1,7 @@
 """Training-free step caching on the farm's own sampler (issue #12, item 6).
 
 Adjacent denoising steps change the transformer's work little, so part of it can be reused
-from the step before instead of recomputed. Three of diffusers' cache hooks are offered,
+from the step before instead of recomputed. Two of diffusers' cache hooks are offered,
 applied to both experts of a loaded `WanT2V` (workers/wan_pipeline.py):
 
 - ``first_block``: the first block always runs; when its residual changed by less than
@@ -11,9 +11,14 @@ applied to both experts of a loaded `WanT2V` (workers/wan_pipeline.py):
   residual-magnitude ratios stays under ``threshold`` (at most ``max_skip`` steps in a row).
   The ratios belong to a checkpoint: `calibrate_mag_ratios` measures them per expert from
   one uncached render, and they travel in the config as plain lists.
-- ``taylorseer``: every ``interval``-th step runs in full; in between, each block's
-  attention and feed-forward outputs are extrapolated (first-order Taylor series in the
-  step) from the last full ones. It has no threshold: the schedule is fixed.
+
+TaylorSeer (diffusers' third hook) is refused, for two measured reasons: it keeps Taylor
+factors of every block's attention and feed-forward outputs per pass (on A14B at 720p, 81
+frames: 75,600 tokens x 5,120 x 2 bytes = 0.77 GB each, 40 blocks x 3 modules x 2 factors
+x 2 passes = 370 GB per expert), and on the toy model its extrapolation lost colour accuracy
+(84 of 96 against 96) where the other two kept every attribute at similar savings. Its
+light mode (only the output extrapolated) fits in memory but rendered further from the
+uncached frames still. It also has no threshold, only a fixed interval.
 
 `enable` hooks the experts and replaces ``pipe.guide`` and ``pipe.denoise_steps`` on the
 instance (as a CFG-parallel plan replaces ``guide``, workers/parallel/cfg_parallel.py):
@@ -30,18 +35,16 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig)
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
 from diffusers.hooks.mag_cache import nearest_interp
 
-KINDS = ("first_block", "mag", "taylorseer")
+KINDS = ("first_block", "mag")
+NOT_OFFERED = {"taylorseer": "its per-block Taylor factors do not fit in memory at A14B's "
+                             "size and it lost attributes on the toy model (step_cache.py)"}
 EXPERTS = ("high", "low")
 # What each kind reads besides ``kind``; anything else in a route's dict is refused.
 FIELDS = {"first_block": {"threshold"},
-          "mag": {"threshold", "max_skip", "warmup", "ratios"},
-          "taylorseer": {"interval", "warmup"}}
-# TaylorSeer on Wan: each block's self-attention, cross-attention and feed-forward (module
-# names inside WanTransformer3DModel; diffusers' default patterns match no Wan module).
-TAYLORSEER_MODULES = [r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+\.ffn"]
+          "mag": {"threshold", "max_skip", "warmup", "ratios"}}
 
 
 def _bad(name: str, value, why: str) -> ValueError:
@@ -50,33 +53,26 @@ def _bad(name: str, value, why: str) -> ValueError:
 
 @dataclass(frozen=True)
 class StepCacheConfig:
-    """A route's ``cache`` option. ``threshold`` (first_block, mag): 0 never skips, larger
-    skips more. ``interval`` (taylorseer): a full pass every ``interval`` steps, 1 never
-    skips. ``warmup`` (mag, taylorseer; default 2): steps of each expert always run in full
-    first. ``max_skip`` (mag; default 3): most steps reused in a row. ``ratios`` (mag):
+    """A route's ``cache`` option. ``threshold``: 0 never skips, larger skips more.
+    ``warmup`` (mag; default 2): steps of each expert always run in full first. ``max_skip`` (mag; default 3): most steps reused in a row. ``ratios`` (mag):
     {"high": [...], "low": [...]}, each expert's residual-magnitude ratio per step of its
     own phase, as `calibrate_mag_ratios` returns them."""
     kind: str
     threshold: float | None = None
-    interval: int | None = None
     warmup: int | None = None
     max_skip: int | None = None
     ratios: dict | None = field(default=None, hash=False)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise _bad("kind", self.kind, f"must be one of {list(KINDS)}")
+        _check_kind(self.kind)
         given = {k for k, v in asdict(self).items() if v is not None and k != "kind"}
         for name in sorted(given - FIELDS[self.kind]):
             raise _bad(name, getattr(self, name), f"does not apply to kind {self.kind!r} "
                        f"(it takes {sorted(FIELDS[self.kind])})")
-        if self.kind in ("first_block", "mag"):
-            t = self.threshold
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
-                    math.isfinite(t) and t >= 0):
-                raise _bad("threshold", t, "must be a number >= 0 (0: never skip)")
-        if self.kind == "taylorseer":
-            _check_int("interval", self.interval, 1, required=True)
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
+                math.isfinite(t) and t >= 0):
+            raise _bad("threshold", t, "must be a number >= 0 (0: never skip)")
         _check_int("warmup", self.warmup, 0)
         _check_int("max_skip", self.max_skip, 1)
         if self.kind == "mag":
@@ -89,8 +85,7 @@ class StepCacheConfig:
             raise ValueError(f"cache {options!r}: must be a mapping like "
                              "{kind: first_block, threshold: 0.1}")
         kind = options.get("kind")
-        if kind not in KINDS:
-            raise _bad("kind", kind, f"must be one of {list(KINDS)}")
+        _check_kind(kind)
         unknown = sorted(set(options) - {"kind", *FIELDS[kind]})
         if unknown:
             raise _bad(unknown[0], options[unknown[0]],
@@ -101,8 +96,16 @@ class StepCacheConfig:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _check_int(name: str, value, low: int, required: bool = False) -> None:
-    if value is None and not required:
+def _check_kind(kind) -> None:
+    if isinstance(kind, str) and kind in NOT_OFFERED:
+        raise _bad("kind", kind, f"is not offered: {NOT_OFFERED[kind]}; use one of "
+                   f"{list(KINDS)}")
+    if kind not in KINDS:
+        raise _bad("kind", kind, f"must be one of {list(KINDS)}")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise _bad(name, value, f"must be a whole number >= {low}")
@@ -120,15 +123,9 @@ def _check_ratios(ratios) -> None:
 
 # ---- applying it to a pipeline ---------------------------------------------------------------
 
-def _diffusers_config(config: StepCacheConfig, which: str, expert):
+def _diffusers_config(config: StepCacheConfig, which: str):
     if config.kind == "first_block":
         return FirstBlockCacheConfig(threshold=float(config.threshold))
-    if config.kind == "taylorseer":
-        # Factors kept in the expert's own dtype (diffusers' default, bf16, loses fp32's detail).
-        return TaylorSeerCacheConfig(cache_interval=config.interval,
-                                     disable_cache_before_step=_warmup(config),
-                                     max_order=1, taylor_factors_dtype=expert.dtype,
-                                     cache_identifiers=TAYLORSEER_MODULES)
     ratios = config.ratios[which]
     # num_inference_steps, mag_ratios and retention_ratio are set again per render, from the
     # steps this expert runs in it (`_Session.begin`).
@@ -142,7 +139,7 @@ def _warmup(config: StepCacheConfig) -> int:
 
 def _ffn_linear(block) -> torch.nn.Module:
     """The first Linear of a block's feed-forward: it runs only when the block is computed
-    (a skipped or extrapolated block never reaches it)."""
+    (a skipped block never reaches it)."""
     return next(m for m in block.ffn.modules() if isinstance(m, torch.nn.Linear))
 
 
@@ -154,11 +151,12 @@ class _Session:
         self.config, self.experts = config, experts
         self.diffusers_configs = {}
         self.state = None  # the DenoiseState of the render in progress
+        self.running = None  # the expert ("high"/"low") of the last pass
         self.passes: list[dict] = []  # one per transformer call of the last render
         self._blocks_run = 0
         self._handles = []
         for which, expert in experts.items():
-            self.diffusers_configs[which] = _diffusers_config(config, which, expert)
+            self.diffusers_configs[which] = _diffusers_config(config, which)
             expert.enable_cache(self.diffusers_configs[which])
             for block in expert.blocks:
                 self._handles.append(_ffn_linear(block).register_forward_pre_hook(self._count))
@@ -172,7 +170,7 @@ class _Session:
     def begin(self, pipe, state, stop_before: str | None) -> None:
         """A render (or this group's phase of one) starts: empty caches, zero counts, and
         MagCache told how many steps each expert runs in it."""
-        self.state, self.passes = state, []
+        self.state, self.passes, self.running = state, [], None
         for expert in self.experts.values():
             expert._reset_stateful_cache()
         if self.config.kind != "mag":
@@ -188,13 +186,18 @@ class _Session:
 
     def call(self, expert, name: str, args, kwargs):
         """One transformer pass inside its own cache context, counted."""
+        which = next(w for w, e in self.experts.items() if e is expert)
+        if self.running not in (None, which):
+            # The high-noise expert is done for this render: its cached tensors go now
+            # (on A14B at 720p, a few GB per expert), not at the next render's start.
+            self.experts[self.running]._reset_stateful_cache()
+        self.running = which
         step = self.state.step
         sigmas = self.state.scheduler.sigmas
         before = self._blocks_run
         with expert.cache_context(name, step_index=step, sigma=float(sigmas[step]),
                                   num_inference_steps=len(self.state.scheduler.timesteps)):
             out = expert(*args, **kwargs)
-        which = next(w for w, e in self.experts.items() if e is expert)
         self.passes.append({"step": step, "expert": which, "context": name,
                             "blocks": self._blocks_run - before,
                             "of": len(expert.blocks)})
