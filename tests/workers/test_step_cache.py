@@ -201,6 +201,37 @@ def test_disable_restores_the_pipeline(pipe, uncached):
         step_cache.last_render_counts(pipe)
 
 
+@pytest.mark.parametrize("kind", list(MODERATE))
+def test_offload_and_split_placements_render_the_resident_latents(pipe, ratios, kind):
+    """Offload: both experts on one set of device tensors, swapped at the switch. Split: each
+    expert on its own pipeline, the low-noise one continuing from the high one's state (as
+    two groups do, here in one process)."""
+    from workers.parallel.placement import apply_placement, expert_loader
+
+    cache = options(kind, MODERATE[kind][0], ratios)
+    resident, counts = cached(pipe, cache)
+    cpu = torch.device("cpu")
+    offloaded = WanT2V.from_folder(TOY, load_expert=expert_loader("offload", None))
+    apply_placement(offloaded, "offload", None, cpu)
+    latents, offload_counts = cached(offloaded, cache)
+    # Same skips; the latents agree to float rounding, as uncached offload renders do
+    # (fresh device buffers sum in another order: tests/workers/test_parallel_groups.py).
+    assert offload_counts["per_pass"] == counts["per_pass"]
+    assert ((latents - resident).norm() / resident.norm()).item() < 1e-4
+    halves = {}
+    for role in ("high", "low"):
+        halves[role] = WanT2V.from_folder(TOY, load_expert=expert_loader("split", role))
+        apply_placement(halves[role], "split", role, cpu)
+        step_cache.enable(halves[role], cache)
+    state = halves["high"].start(request())
+    list(halves["high"].denoise_steps(request(), state, "low"))
+    list(halves["low"].denoise_steps(request(), state))
+    assert torch.equal(state.latents, resident)
+    passes = [p for role in ("high", "low")
+              for p in step_cache.last_render_counts(halves[role])["per_pass"]]
+    assert passes == counts["per_pass"]
+
+
 # ---- against diffusers' own WanPipeline ---------------------------------------------------------
 
 def _diffusers_configs(kind: str, ratios: dict) -> dict:

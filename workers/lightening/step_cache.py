@@ -175,7 +175,10 @@ class _Session:
             expert._reset_stateful_cache()
         if self.config.kind != "mag":
             return
-        ahead = [pipe.expert_for(float(t))[1] for t in state.scheduler.timesteps[state.step:]]
+        # The class's switch rule, not the instance's: an offload placement's ``expert_for``
+        # copies the expert's weights in on every call (workers/parallel/placement.py).
+        switch = type(pipe).expert_for
+        ahead = [switch(pipe, float(t))[1] for t in state.scheduler.timesteps[state.step:]]
         for which, cfg in self.diffusers_configs.items():
             steps = ahead.count(which)
             if steps == 0 or which == stop_before:
