@@ -10,11 +10,19 @@ output, the FFN's) and four small ones (the q/k norms of both attentions).
 
 `load_sharded` builds the expert on the meta device, applies the plan, then reads each
 parameter's own slice from the safetensors files: no rank ever holds the whole expert.
+
+Quantized experts (workers/lightening/quantize.py): a rank's int8 Linear is the slice of the
+unsharded one's, int8 data and per-row scales alike. From a quantized folder, each quantized
+Linear is read whole (int8, one at a time) and sliced with torchao's own slicing; quantized
+at load (`quantize_row_parallel`), a row-parallel shard takes each row's scale from the row's
+largest magnitude over all ranks. With int8 dynamic activations, a row-parallel Linear scales
+each token by its largest activation over all ranks' features, as the unsharded Linear does.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -55,9 +63,77 @@ class RowParallelLinear(nn.Module):
                                              dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(x, self.weight)
+        weight = self.weight
+        if getattr(weight, "act_quant_kwargs", None) is not None:
+            weight = _with_token_scales(weight, x, self.group)
+        out = nn.functional.linear(x, weight)
         dist.all_reduce(out, group=self.group)
         return out + self.bias if self.bias is not None else out
+
+
+def _symmetric_int8_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's own int8 symmetric (scale, zero point) for rows whose largest magnitude is
+    ``amax`` (..., 1): the same function and arguments as torchao's Int8Tensor.from_hp, on
+    rows [amax, 0], whose min and max give the symmetric scale the whole row gives (it reads
+    nothing else), so a shard's scales equal the unsharded ones bit for bit."""
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
+
+    rows = torch.cat([amax, torch.zeros_like(amax)], dim=-1)
+    return choose_qparams_affine(
+        input=rows, mapping_type=MappingType.SYMMETRIC, block_size=(1,) * (rows.ndim - 1) + (2,),
+        target_dtype=torch.int8, quant_min=-128, quant_max=127, scale_dtype=torch.float32,
+        zero_point_dtype=torch.int8, keepdim=True, eps=torch.finfo(torch.float32).eps)
+
+
+def _row_amax(t: torch.Tensor, group) -> torch.Tensor:
+    """(..., 1): each row's largest |value| over every rank's columns (exact: a max)."""
+    amax = t.detach().abs().amax(dim=-1, keepdim=True).float()
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    return amax.to(t.dtype)
+
+
+def _with_token_scales(weight, x: torch.Tensor, group):
+    """The int8 weight with the activation's per-token scale fixed to the whole token's
+    (torchao's static-activation-scale path), so every rank quantizes its slice of a token
+    as the unsharded Linear quantizes the token. Only the wrapper is new; no data is copied."""
+    from torchao.quantization import Int8Tensor, PerRow
+
+    kwargs = weight.act_quant_kwargs
+    if not isinstance(kwargs.granularity, PerRow) or kwargs.reduce_range or \
+            kwargs.mapping_type.name != "SYMMETRIC":
+        raise ValueError("tensor parallelism supports int8 dynamic activations scaled per "
+                         f"token, symmetric; got {kwargs}")
+    scale, zero = _symmetric_int8_scale(_row_amax(x, group))
+    return Int8Tensor(weight.qdata, weight.scale, weight.block_size, weight.dtype,
+                      zero_point=weight.zero_point, act_quant_scale=scale,
+                      act_quant_zero_point=zero, act_quant_kwargs=kwargs,
+                      reduce_range=weight.reduce_range)
+
+
+def quantize_row_parallel(module: "RowParallelLinear", config) -> None:
+    """Quantize a row-parallel shard (out, in/N) with each output row's scale taken over
+    the whole row (all ranks): the int8 data is then the slice of the unsharded Linear's.
+    One all-reduce; every rank of the group calls it for the same modules in the same order."""
+    from torchao.quantization import Int8Tensor, PerRow, quantize_
+
+    full_precision = module.weight.detach()
+    amax = _row_amax(full_precision, module.group)
+    # torchao's own transform first: it decides the weight's activation settings.
+    quantize_(module, config, filter_fn=lambda m, _: m is module)
+    local = module.weight
+    if not isinstance(local, Int8Tensor) or not isinstance(_weight_granularity(config), PerRow):
+        raise ValueError(f"tensor parallelism supports per-row int8 weights; got "
+                         f"{type(config).__name__}")
+    scale, zero = _symmetric_int8_scale(amax)
+    module.weight = nn.Parameter(Int8Tensor.from_hp(
+        full_precision, PerRow(), scale=scale, zero_point=zero,
+        act_quant_kwargs=local.act_quant_kwargs, reduce_range=local.reduce_range),
+        requires_grad=False)
+
+
+def _weight_granularity(config):
+    granularity = getattr(config, "granularity", None)
+    return granularity[-1] if isinstance(granularity, (list, tuple)) else granularity
 
 
 class ShardedRMSNorm(nn.Module):
@@ -145,9 +221,11 @@ def split_dims(model: nn.Module) -> dict[str, int]:
 def load_sharded(cls, folder: str | Path, group, rank: int, world: int,
                  device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Build ``cls`` (WanTransformer3DModel) from ``folder`` on the meta device, apply the
-    plan, and fill each parameter with only this rank's slice of the safetensors weights."""
+    plan, and fill each parameter with only this rank's slice of the safetensors weights
+    (a quantized folder's int8 Linears: this rank's slice of each, scales included)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
+    quantized = config.pop("quantization_config", None) is not None
     with torch.device("meta"):
         model = cls.from_config(config)
     apply_tensor_parallel(model, group, rank, world)
@@ -156,7 +234,10 @@ def load_sharded(cls, folder: str | Path, group, rank: int, world: int,
     wanted.update(dict(model.named_buffers()))
     keep_fp32 = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
     state = {}
-    for path in sorted(folder.glob("*.safetensors")):
+    paths = sorted(folder.glob("*.safetensors"))
+    if quantized:
+        state.update(_quantized_shards(paths, rank, world, dims, device))
+    for path in paths:
         with safe_open(str(path), framework="pt") as fh:
             for key in fh.keys():
                 if key not in wanted:
@@ -175,6 +256,42 @@ def load_sharded(cls, folder: str | Path, group, rank: int, world: int,
     # Buffers not in the checkpoint (rotary tables) are rebuilt on the real device.
     model.rope = type(model.rope)(**_rope_args(model)).to(device)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _quantized_shards(paths: list[Path], rank: int, world: int, dims: dict[str, int],
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's slice of every torchao-quantized tensor of the folder's safetensors
+    (diffusers' torchao layout: flattened parts ``<module>._weight_<part>``, which a sharded
+    checkpoint may put in different files; tensor types in each file's metadata). Each is
+    rebuilt whole on the CPU (int8: a quarter of the fp32 bytes, one Linear at a time),
+    sliced by torchao's own slicing (the per-row scales go with the rows), copied out of the
+    whole, and moved to ``device``; the whole is dropped before the next one."""
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+    from torchao.prototype.safetensors.safetensors_utils import is_metadata_torchao
+
+    with ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(p), framework="pt")) for p in paths]
+        metadata, where = {}, {}
+        for fh in files:
+            metadata.update(fh.metadata() or {})
+            where.update({key: fh for key in fh.keys()})
+        if not is_metadata_torchao(metadata):
+            return {}
+        shards = {}
+        for name in json.loads(metadata["tensor_names"]):
+            if json.loads(metadata[name]).get("_type") == "Tensor":
+                continue  # a plain tensor: read (and sliced) under its own name
+            module, attr = name.rsplit(".", 1)
+            prefix = f"{module}._{attr}_"
+            parts = {key: fh.get_tensor(key) for key, fh in where.items()
+                     if key.startswith(prefix)}
+            whole = unflatten_tensor_state_dict(
+                parts, {"tensor_names": json.dumps([name]), name: metadata[name]})[0][name]
+            index = shard_slice(name, whole.shape, rank, world, dims)
+            piece = whole[index] if index is not None else whole
+            # A slice is a view of the whole; its own copy lets the whole go.
+            shards[name] = piece._apply_fn_to_data(lambda t: t.contiguous().clone()).to(device)
+        return shards
 
 
 def _rope_args(model: nn.Module) -> dict:
