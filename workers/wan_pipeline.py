@@ -24,6 +24,7 @@ from scheduler.latents import latent_shape, vae_strides
 log = logging.getLogger(__name__)
 
 REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+EXPERTS = ("transformer", "transformer_2")
 MAX_TEXT_LEN = 512  # Wan2.2's text_len
 
 
@@ -55,6 +56,21 @@ class RenderRequest:
                    else repr(type(frame).__name__))
             raise ValueError(f"first_frame must be a uint8 array of shape {want} (height, width, "
                              f"3), got {got}")
+
+
+def _quantize_on_load(expert: torch.nn.Module, folder: Path, mode: str) -> None:
+    """Quantize a just-loaded expert (an expert of a split placement's other group is a
+    placeholder without weights here: nothing to do)."""
+    from workers.lightening.quantize import quantize_expert
+
+    if next(expert.parameters(), None) is None:
+        return
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ModelFolderError(f"quantize_on_load {mode!r}: {folder} is already quantized "
+                               f"({config['quantization_config'].get('quant_method')}); "
+                               "load it without quantize_on_load")
+    quantize_expert(expert, mode)
 
 
 def _load_component(folder: Path, name: str, library: str, class_name: str, dtype):
@@ -114,9 +130,13 @@ class WanT2V:
     @classmethod
     def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32,
-                    load_expert: Callable | None = None) -> "WanT2V":
+                    load_expert: Callable | None = None,
+                    quantize: str | None = None) -> "WanT2V":
         """``load_expert(cls, folder, device, dtype)`` loads the transformers instead of
-        ``from_pretrained`` (a tensor-parallel plan loads only its shard)."""
+        ``from_pretrained`` (a tensor-parallel plan loads only its shard). ``quantize``
+        (int8-weight | int8-dynamic | fp8: the catalog's ``quantize_on_load``) quantizes each
+        expert right after it is loaded, on its device, as a quantized folder would hold it
+        (workers/lightening/quantize.py); a folder already quantized needs no ``quantize``."""
         folder = Path(folder)
         index_path = folder / "model_index.json"
         if not index_path.is_file():
@@ -126,17 +146,23 @@ class WanT2V:
         if missing:
             raise ModelFolderError(f"{folder} lacks component(s) {missing}")
         device = torch.device(device)
+        if quantize is not None:
+            from workers.lightening.quantize import check_mode
+
+            check_mode(quantize, device, option="quantize_on_load")
         components = {}
         for name, spec in index.items():
             if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
                 continue
-            if load_expert is not None and name in ("transformer", "transformer_2"):
+            if load_expert is not None and name in EXPERTS:
                 cls_ = getattr(importlib.import_module(spec[0]), spec[1])
                 components[name] = load_expert(cls_, folder / name, device, dtype)
-                continue
-            components[name] = _load_component(folder, name, spec[0], spec[1], dtype)
-            if isinstance(components[name], torch.nn.Module):
-                components[name].to(device).eval().requires_grad_(False)
+            else:
+                components[name] = _load_component(folder, name, spec[0], spec[1], dtype)
+                if isinstance(components[name], torch.nn.Module):
+                    components[name].to(device).eval().requires_grad_(False)
+            if quantize is not None and name in EXPERTS:
+                _quantize_on_load(components[name], folder / name, quantize)
         return cls(components, index.get("boundary_ratio"), device,
                    index.get("expand_timesteps", False))
 
