@@ -7,12 +7,14 @@ long as the cluster and serves every job routed to its (variant, tier, rank).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from pathlib import Path
 
 import ray
 import torch
@@ -37,14 +39,34 @@ class RenderCanceled(Exception):
     """The request was canceled; raised between two denoising steps."""
 
 
+def check_quantized_placement(variant: str, model_dir: str, placement: str,
+                              quantize: str | None) -> None:
+    """Quantized experts (``quantize`` at load, or a folder saved quantized: diffusers'
+    config.json ``quantization_config``) run resident or split: ExpertOffload
+    (workers/parallel/placement.py) swaps plain tensors only."""
+    if placement != "offload":
+        return
+    config = Path(model_dir) / "transformer" / "config.json"
+    saved = config.is_file() and "quantization_config" in json.loads(config.read_text())
+    if quantize is not None or saved:
+        what = f"quantize_on_load {quantize!r}" if quantize else "its folder is quantized"
+        raise ValueError(f"placement 'offload' cannot hold quantized experts ({variant}: "
+                         f"{what}); use placement resident or split")
+
+
 class RenderWorker:
     """One rank of an actor group. ``plan`` (e.g. "tp2", "cfg2", "tp2+cfg2") and
-    ``init_file`` (the group's rendezvous file) are given to every rank of a group."""
+    ``init_file`` (the group's rendezvous file) are given to every rank of a group.
+    ``quantize`` (the variant's ``quantize_on_load``: int8-weight | int8-dynamic | fp8)
+    quantizes the experts as they load (workers/lightening/quantize.py)."""
 
     def __init__(self, variant: str, model_dir: str, rank: int = 0, plan: str = "single",
                  init_file: str | None = None, collective_timeout_s: float = 120.0,
-                 placement: str = "resident", role: str | None = None):
+                 placement: str = "resident", role: str | None = None,
+                 quantize: str | None = None):
+        check_quantized_placement(variant, model_dir, placement, quantize)
         self.variant, self.model_dir, self.rank = variant, model_dir, rank
+        self.quantize = quantize
         self.placement, self.role = placement, role  # role: "high" | "low" when split
         self.plan = parse_plan(plan)
         self.init_file, self.collective_timeout_s = init_file, collective_timeout_s
@@ -83,7 +105,8 @@ class RenderWorker:
                 load_expert = expert_loader(self.placement, self.role,
                                             options.get("load_expert"))
                 self.pipeline = WanT2V.from_folder(self.model_dir, self.device, dtype,
-                                                   load_expert=load_expert)
+                                                   load_expert=load_expert,
+                                                   quantize=self.quantize)
                 if self.groups is not None:
                     apply_after_load(self.pipeline, self.plan, self.groups)
                 apply_placement(self.pipeline, self.placement, self.role, self.device)
@@ -122,7 +145,7 @@ class RenderWorker:
     def info(self) -> dict:
         expert = self._expert() if self.pipeline is not None else None
         return {"variant": self.variant, "rank": self.rank, "plan": self.plan.name,
-                "placement": self.placement, "role": self.role,
+                "placement": self.placement, "role": self.role, "quantize": self.quantize,
                 "heads_here": expert.blocks[0].attn1.heads if expert is not None else None,
                 "token_shards": getattr(expert, "sp_world", 1), "device": str(self.device),
                 "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),

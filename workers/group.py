@@ -25,7 +25,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from scheduler.catalog import Tier
 from scheduler.parallel_cost import parse_plan
-from workers.actor import RemoteRenderWorker, RenderCanceled
+from workers.actor import RemoteRenderWorker, RenderCanceled, check_quantized_placement
 from workers.ray_cluster import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -105,30 +105,38 @@ class ActorGroup:
     def get_or_create(cls, variant: str, tier: Tier, model_dir: str, *, detached: bool,
                       plan: str = "single", placement: str = "resident", replica: int = 0,
                       cpus: int = 1, ready_timeout_s: float = 600,
-                      collective_timeout_s: float = 120):
+                      collective_timeout_s: float = 120, quantize: str | None = None):
         """Reuse the named actors of group ``replica`` of the route's pool or create them;
         then wait until all have loaded and warmed up (a group's ranks load together: they
         meet in collectives). A split placement gives a `SplitGroup`: one group per expert.
-        ``cpus``: cores per rank, and so its torch threads (Ray sets OMP_NUM_THREADS)."""
+        ``cpus``: cores per rank, and so its torch threads (Ray sets OMP_NUM_THREADS).
+        ``quantize``: the variant's ``quantize_on_load`` (its actors quantize the experts as
+        they load them); an existing group that loaded otherwise is refused, not reused."""
+        check_quantized_placement(variant, model_dir, placement, quantize)
         if placement == "split":
             from workers.split_group import SplitGroup  # it builds on this module
 
             return SplitGroup(*(cls._get_or_create(variant, tier, model_dir, detached, plan,
                                                    placement, role, replica, cpus,
-                                                   ready_timeout_s, collective_timeout_s)
+                                                   ready_timeout_s, collective_timeout_s,
+                                                   quantize)
                                 for role in ("high", "low")))
         return cls._get_or_create(variant, tier, model_dir, detached, plan, placement, None,
-                                  replica, cpus, ready_timeout_s, collective_timeout_s)
+                                  replica, cpus, ready_timeout_s, collective_timeout_s,
+                                  quantize)
 
     @classmethod
     def _get_or_create(cls, variant, tier, model_dir, detached, plan, placement, role, replica,
-                       cpus, ready_timeout_s, collective_timeout_s) -> "ActorGroup":
+                       cpus, ready_timeout_s, collective_timeout_s,
+                       quantize=None) -> "ActorGroup":
         key = (variant, tier.name, plan, placement, role, replica)
         held = _HELD.get(key)
         if held is not None and held.healthy():
+            held.check_quantize(quantize, asked_before=True)
             return held
         group = cls._find_or_make(variant, tier, model_dir, detached, plan, placement, role,
-                                  replica, cpus, ready_timeout_s, collective_timeout_s)
+                                  replica, cpus, ready_timeout_s, collective_timeout_s,
+                                  quantize)
         group.key = key
         if not detached:
             _HELD[key] = group
@@ -136,7 +144,8 @@ class ActorGroup:
 
     @classmethod
     def _find_or_make(cls, variant, tier, model_dir, detached, plan, placement, role, replica,
-                      cpus, ready_timeout_s, collective_timeout_s) -> "ActorGroup":
+                      cpus, ready_timeout_s, collective_timeout_s,
+                      quantize=None) -> "ActorGroup":
         world = parse_plan(plan).world
         name = group_name(variant, tier.name, plan, placement, role, replica)
         names = [f"{name}:r{rank}" for rank in range(world)]
@@ -161,6 +170,7 @@ class ActorGroup:
                     pg = None
                 group = cls(variant, tier, existing, pg, name)
                 if group.healthy():
+                    group.check_quantize(quantize)
                     return group
             # A rank is gone (or was never made): its peers cannot form a group again.
             _take_down(names, pg_name)
@@ -183,9 +193,25 @@ class ActorGroup:
             actors.append(RemoteRenderWorker.options(
                 name=names[rank], **options,
             ).remote(variant, model_dir, rank, plan, init_file, collective_timeout_s,
-                     placement=placement, role=role))
-        ray.get([a.ready.remote() for a in actors], timeout=ready_timeout_s)
-        return cls(variant, tier, actors, pg, name)
+                     placement=placement, role=role, quantize=quantize))
+        infos = ray.get([a.ready.remote() for a in actors], timeout=ready_timeout_s)
+        group = cls(variant, tier, actors, pg, name)
+        group.check_quantize(quantize, infos)  # a single rank found by name may predate this
+        return group
+
+    def check_quantize(self, quantize: str | None, infos: list[dict] | None = None,
+                       asked_before: bool = False) -> None:
+        """The ranks quantize at load as asked: a group found by name that loaded otherwise
+        (its variant's ``quantize_on_load`` changed while it lived) is not used. A group this
+        process holds was checked when it was found (``asked_before``: no call to the ranks)."""
+        if not asked_before or not hasattr(self, "quantize"):
+            found = {info.get("quantize") for info in (infos or self.info())}
+            self.quantize = found.pop() if len(found) == 1 else found
+        if self.quantize != quantize:
+            raise ValueError(f"group {self.name} loaded with quantize_on_load "
+                             f"{self.quantize!r}, asked {quantize!r}: its actors predate the "
+                             "variant's catalog entry; take the pool member down "
+                             "(workers.group.take_down_member) or restart the Ray cluster")
 
     def latents(self, request: dict, request_id: str | None = None, state=None):
         """Every rank runs the sampler; rank 0's latents (or handover state) come back."""
