@@ -192,6 +192,11 @@ def test_tp2_actor_group_renders_the_single_rank_quantized_latents(ray_head, tin
         sharded.kill()
         on_load = make(str(tiny_model), "tp2", quantize=mode)
         assert {i["quantize"] for i in on_load.info()} == {mode}
+        # The same group asked for without quantization is refused, not served quantized.
+        with pytest.raises(ValueError, match=rf"loaded with quantize_on_load '{mode}', "
+                                             r"asked None"):
+            ActorGroup.get_or_create(f"wan-tiny-{mode}", tier, str(tiny_model),
+                                     detached=False, plan="tp2")
         quantized_at_load = on_load.latents(REQUEST)
         events = list(on_load.render(REQUEST))
         assert sum(e["kind"] == "frames" for e in events) >= 1
