@@ -61,8 +61,11 @@ def test_bad_step_counts_name_the_option_and_value(steps):
 def test_bad_training_settings_name_the_setting():
     with pytest.raises(DeriveError, match="batch.*got 0"):
         DistillSteps(batch=0)
-    with pytest.raises(DeriveError, match="own_share.*got 1.5"):
-        DistillSteps(own_share=1.5)
+    with pytest.raises(DeriveError, match="lr must be positive, got -0.1"):
+        DistillSteps(lr=-0.1)
+    with pytest.raises(DeriveError, match=r"guidance.*got \(4.0, 3.0, 2.0\)"):
+        DistillSteps(guidance=(4.0, 3.0, 2.0))
+    assert DistillSteps(guidance=3).guidance == (3.0, 3.0)
 
 
 def test_student_sampler_is_euler_on_a_subset_of_the_teacher_grid():

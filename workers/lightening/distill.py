@@ -16,9 +16,8 @@ folded in because the targets are the guided teacher's; the student renders with
 
 Each expert learns only the student steps it runs at render time (WanT2V.expert_for on the
 student's timesteps: t >= boundary_ratio * 1000 is the high-noise expert), starting from the
-weights it has. A second phase (``own_share``) feeds part of each batch with the student's
-own latents (its rollout from the same noise, without gradient) against the same teacher
-targets, so the errors it makes at step k are the inputs it learns to correct at step k + 1.
+weights it has. (Feeding half of each batch from the student's own rollout, against the
+same targets, was tried on the toy: no gain at equal steps, so inputs are the teacher's.)
 """
 
 from __future__ import annotations
@@ -71,12 +70,11 @@ class DistillSteps:
     steps: int = 4  # the student's sampler steps (--distill-steps)
     teacher_steps: int = 20  # the base's default steps; the teacher's grid is a multiple of N
     guidance: tuple[float, float] = (4.0, 4.0)  # the teacher's CFG (high, low expert)
-    trajectories: int = 256  # teacher renders to learn from (seen captions only)
-    validation: int = 16  # more teacher renders, never trained on: the reported losses
-    train_steps: int = 400
+    trajectories: int = 512  # teacher renders to learn from (seen captions only)
+    validation: int = 32  # more teacher renders, never trained on: the reported losses
+    train_steps: int = 600
     batch: int = 16  # samples per expert per training step
     lr: float = 2e-4  # AdamW, 20 warm-up steps (fewer in short runs), cosine to lr / 10
-    own_share: float = 0.5  # after half the steps, share of a batch from the student's rollout
     frames: int = 17
     height: int = 32
     width: int = 32
@@ -97,8 +95,11 @@ class DistillSteps:
                                   f"got {value!r}")
         if not self.lr > 0:
             raise DeriveError(f"distill lr must be positive, got {self.lr!r}")
-        if not 0.0 <= self.own_share <= 1.0:
-            raise DeriveError(f"distill own_share must be in [0, 1], got {self.own_share!r}")
+        if isinstance(self.guidance, (int, float)):
+            self.guidance = (self.guidance, self.guidance)
+        if len(self.guidance) != 2 or not all(float(g) >= 1.0 for g in self.guidance):
+            raise DeriveError(f"distill guidance must be the teacher's CFG scale (>= 1), or "
+                              f"one per expert (high, low), got {self.guidance!r}")
         self.guidance = tuple(float(g) for g in self.guidance)
 
     def settings(self) -> dict:
@@ -221,8 +222,9 @@ def rollout(plan: Plan, x: torch.Tensor, cond: torch.Tensor, batch: int = 64) ->
 
 @torch.no_grad()
 def measure(plan: Plan, x: torch.Tensor, cond: torch.Tensor) -> dict:
-    """On held-back renders: each expert's velocity loss at the teacher's states, and the
-    mean squared distance of the student's final latent from the teacher's."""
+    """Over whole renders (held-back or trained ones): each expert's velocity loss at the
+    teacher's states, and the mean squared distance of the student's final latent (its own
+    N-step render from the same noise) from the teacher's."""
     losses = {}
     n = len(x)
     for name in plan.experts:
@@ -257,7 +259,7 @@ def train(op: DistillSteps, ctx: DeriveContext, plan: Plan, data: dict) -> dict:
     params = [p for e in plan.experts.values() for p in e.parameters()]
     optimizer = torch.optim.AdamW(params, lr=op.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(ctx.seed)
-    state = {"step": 0, "seconds": 0.0, "own": None, "log": []}
+    state = {"step": 0, "seconds": 0.0, "log": []}
     path = ctx.scratch / CHECKPOINT
     if ctx.resume and path.is_file():
         saved = torch.load(path, weights_only=False)
@@ -270,14 +272,11 @@ def train(op: DistillSteps, ctx: DeriveContext, plan: Plan, data: dict) -> dict:
         gen.set_state(saved["generator"])
         state = saved["state"]
         ctx.note(f"distill resumes at step {state['step']} of {op.train_steps}")
-    own_from = op.train_steps // 2 if op.own_share > 0 else op.train_steps
     steps_of = {name: plan.steps_of(name) for name in plan.experts}
     for e in plan.experts.values():
         e.train().requires_grad_(True)
     started = time.monotonic() - state["seconds"]
     for step in range(state["step"], op.train_steps):
-        if step >= own_from and (step - own_from) % 50 == 0:
-            state["own"] = rollout(plan, x, cond)  # the student's own states, refreshed
         for group in optimizer.param_groups:
             group["lr"] = op.lr * _lr_factor(step, op.train_steps)
         losses = {}
@@ -287,11 +286,7 @@ def train(op: DistillSteps, ctx: DeriveContext, plan: Plan, data: dict) -> dict:
                 continue
             idx = torch.randint(len(x), (op.batch,), generator=gen)
             k = ks[torch.randint(len(ks), (op.batch,), generator=gen)]
-            start = x[idx, k]
-            if state["own"] is not None:
-                own = torch.rand(op.batch, generator=gen) < op.own_share
-                start = torch.where(own.view(-1, 1, 1, 1, 1), state["own"][idx, k], start)
-            loss = expert_loss(plan, name, x, cond, idx, k, start)
+            loss = expert_loss(plan, name, x, cond, idx, k, x[idx, k])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(plan.experts[name].parameters(), 1.0)
             losses[name] = loss.item()
@@ -314,7 +309,7 @@ def train(op: DistillSteps, ctx: DeriveContext, plan: Plan, data: dict) -> dict:
 
 # ---- the operation --------------------------------------------------------------------------
 
-def _plan(op: DistillSteps, student: WanT2V, scheduler) -> Plan:
+def _plan(op: DistillSteps, student: WanT2V, scheduler, folder: Path) -> Plan:
     """The student's grid and experts; each expert must be plain float weights to train."""
     scheduler.set_timesteps(op.steps)
     student.scheduler = scheduler  # expert_for reads num_train_timesteps from it
@@ -323,12 +318,13 @@ def _plan(op: DistillSteps, student: WanT2V, scheduler) -> Plan:
     if student.transformer_2 is not None:
         experts["low"] = student.transformer_2
     for name, expert in experts.items():
-        odd = [n for n, p in expert.named_parameters()
+        odd = [(n, p) for n, p in expert.named_parameters()
                if type(p.data) is not torch.Tensor or not p.is_floating_point()]
         if odd:
             raise DeriveError(f"--distill-steps trains plain float weights; the {name}-noise "
-                              f"expert of {student!r} holds {odd[0]!r} as "
-                              f"{type(p.data).__name__} (distil before quantizing)")
+                              f"expert in {str(folder)!r} holds {odd[0][0]!r} as "
+                              f"{type(odd[0][1].data).__name__} {odd[0][1].dtype} "
+                              f"(distil before quantizing)")
         expert.float()
     return Plan(scheduler.sigmas.float().clone(), scheduler.timesteps.clone(), which, experts)
 
@@ -351,7 +347,7 @@ def _distill(op: DistillSteps, ctx: DeriveContext) -> dict:
     torch.manual_seed(ctx.seed)
     teacher = WanT2V.from_folder(ctx.base)
     scheduler = student_scheduler(teacher.scheduler)
-    plan = _plan(op, WanT2V.from_folder(ctx.work), scheduler)
+    plan = _plan(op, WanT2V.from_folder(ctx.work), scheduler, ctx.work)
     m, where = teacher_grid(teacher.scheduler, plan.sigmas, op.steps, op.teacher_steps)
     data = teacher_states(op, ctx, teacher, m, where)
     rendered = time.monotonic() - started
@@ -378,9 +374,9 @@ def _distill(op: DistillSteps, ctx: DeriveContext) -> dict:
                      else "the toy world's seen combinations (never the held-out ones)",
                      "seeds": f"{data['seeds'][0]}..{data['seeds'][-1]}",
                      "steps": op.train_steps, "batch_per_expert": op.batch, "lr": op.lr,
-                     "own_share": op.own_share, "threads": torch.get_num_threads(),
+                     "threads": torch.get_num_threads(),
                      "teacher_seconds": round(rendered, 1),
-                     "train_seconds": round(state["seconds"], 1)},
+                     "train_seconds": round(state["seconds"], 1)},  # all runs, resumed too
         "losses": {"train_final": final,  # mean of the last 50 steps' batches
                    "held_back_before": before[0], "held_back_after": after[0],
                    "trained_before": before[1], "trained_after": after[1]},
