@@ -81,6 +81,7 @@ class RenderWorker:
         # request id -> (time.monotonic() of the put, ObjectRef of the handed-over state)
         self._handovers: OrderedDict[str, tuple[float, ray.ObjectRef]] = OrderedDict()
         self._handover_lock = threading.Lock()
+        self._cache: dict | None = None  # the step cache the pipeline has on (a route's)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -211,10 +212,10 @@ class RenderWorker:
 
     def follow(self, request: dict, request_id: str, state: DenoiseState | None = None) -> None:
         """Ranks 1..N-1 of a group: the same loop as rank 0, whose latents are the result."""
-        self.load()
+        req = self._prepare(request)
         self._active.add(request_id)
         try:
-            for _ in self._denoise(RenderRequest(**request), request_id, self._on_device(state)):
+            for _ in self._denoise(req, request_id, self._on_device(state)):
                 pass
         finally:
             self._active.discard(request_id)
@@ -223,17 +224,34 @@ class RenderWorker:
     def latents(self, request: dict, request_id: str, state: DenoiseState | None = None):
         """Rank 0's latents after the sampler (this group's phase of it), for checks and
         benchmarks; the high-noise group of a split placement returns its handover state."""
-        self.load()
+        req = self._prepare(request)
         self._active.add(request_id)
         try:
-            state = self._on_device(state) or self.pipeline.start(RenderRequest(**request))
-            for _ in self._denoise(RenderRequest(**request), request_id, state):
+            state = self._on_device(state) or self.pipeline.start(req)
+            for _ in self._denoise(req, request_id, state):
                 pass
             state = state.to("cpu")
             return state if self.role == "high" else state.latents
         finally:
             self._active.discard(request_id)
             self._canceled.discard(request_id)
+
+    def _prepare(self, request: dict) -> RenderRequest:
+        """Load if needed, set the step cache this request's route asks for (its ``cache``:
+        workers/lightening/step_cache.py; None: every step runs) and build the request.
+        Renders run one at a time here, so switching between requests is safe."""
+        self.load()
+        request = dict(request)
+        cache = request.pop("cache", None)
+        if cache != self._cache:
+            from workers.lightening import step_cache
+
+            step_cache.disable(self.pipeline)
+            self._cache = None
+            if cache is not None:
+                step_cache.enable(self.pipeline, cache)
+                self._cache = cache
+        return RenderRequest(**request)
 
     def _on_device(self, state: DenoiseState | None) -> DenoiseState | None:
         """A state handed over through the object store, onto this actor's device."""
@@ -249,9 +267,8 @@ class RenderWorker:
         {"kind": "handover", "state"} instead of frames; the low-noise group's render starts
         from that ``state``, and the driver then calls `release_handover` on the high-noise
         rank 0."""
-        self.load()
         began = time.time()
-        req = RenderRequest(**request)
+        req = self._prepare(request)
         if self.role == "low" and state is None:
             raise ValueError("the low-noise group of a split placement needs the handed-over "
                              "state of the high-noise group")

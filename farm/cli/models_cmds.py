@@ -63,15 +63,17 @@ def derive_variant(
         out: Path = typer.Argument(..., help="the new variant's folder (diffusers layout)"),
         name: str = typer.Option(None, help="catalog name; default: OUT's folder name"),
         for_track: str = typer.Option(None, "--for-track",
-                                      help="the base renders this track (draft) with it"),
+                                      help="the base (the root of a chain of derived variants) renders this track (draft) with it"),
         quantize: str = typer.Option(None, help="int8-weight | int8-dynamic | fp8"),
         on_load: bool = typer.Option(False, "--on-load", help="quantize when loading: the "
                                      "variant keeps the base's folder (a 57 GB A14B is never "
                                      "rewritten); only with --quantize and nothing else"),
         prune_ffn: float = typer.Option(None, help="fraction of FFN channels removed"),
         prune_heads: float = typer.Option(None, help="fraction of attention heads removed"),
-        drop_blocks: int = typer.Option(None, help="transformer blocks removed"),
-        student_layers: int = typer.Option(None, help="blocks of a shallower student"),
+        drop_blocks: str = typer.Option(None, help="transformer blocks removed: K, or per "
+                                        "expert high=K,low=K"),
+        student_layers: str = typer.Option(None, help="blocks of a shallower student: K, or "
+                                           "per expert high=K,low=K"),
         distill_steps: int = typer.Option(None, help="steps of a few-step student"),
         low_expert: Path = typer.Option(None, help="folder whose low-noise expert replaces "
                                         "the base's (big-then-small)"),
@@ -87,6 +89,7 @@ def derive_variant(
     from farm.policy import get_policy
     from farm.settings import get_settings
     from farm.variants import entry_for, register
+    from scheduler.routing import base_of
     from workers.lightening.derive import derive, expert_shape
     from workers.lightening.manifest import write_manifest
     from workers.lightening.ops import DeriveError
@@ -121,7 +124,8 @@ def derive_variant(
         raise typer.Exit(2) from None
     entry = entry_for(variant, folder, shape, manifest, quantize if on_load else None)
     if register_it:
-        register(settings.variants_file, name, entry, base, for_track)
+        # A chain's track goes on its root, the variant rules match (scheduler/routing.py).
+        register(settings.variants_file, name, entry, base_of(base, catalog), for_track)
         get_policy.cache_clear()
         get_policy()  # the overlay must still load: fail here, not in the next job
         typer.echo(f"registered {name} in {settings.variants_file}")

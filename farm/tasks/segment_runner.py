@@ -96,7 +96,8 @@ def _actor_group(settings: Settings, job, replica: int) -> ActorGroup:
                                         detached=settings.ray_address != "local",
                                         plan=job.route.get("parallel", "single"),
                                         placement=job.route.get("placement", "resident"),
-                                        replica=replica, cpus=settings.actor_cpus)
+                                        replica=replica, cpus=settings.actor_cpus,
+                                        quantize=variant.quantize_on_load)
     except ACTOR_LOST as exc:
         raise WorkerLost(f"actor for {variant.name} on {job.route['tier']} is gone: {exc}") from exc
 
@@ -109,7 +110,8 @@ def _request(job, segment: Segment, storage: Storage) -> dict:
                 prompt=job.prompt, negative_prompt=job.negative_prompt,
                 frames=segment.render_frames, height=variant.native_height,
                 width=variant.native_width, steps=job.steps, guidance_high=job.guidance_high,
-                guidance_low=job.guidance_low, seed=segment.seed)
+                guidance_low=job.guidance_low, seed=segment.seed,
+                cache=job.route.get("cache"))  # the route's step caching (issue #12)
 
 
 def _report_progress(db: str, seg_id: int, task_id: str | None, event: dict) -> str | None:

@@ -100,7 +100,7 @@ def expert_shape(folder: Path) -> dict:
 
 def _parameter_count(expert_dir: Path) -> int:
     """Parameters of an expert folder's weights, counted from the tensors' shapes (a
-    quantized weight counts its logical elements, not its bytes)."""
+    quantized weight counts its logical elements, not its bytes or its scales)."""
     from workers.wan_pipeline import WanT2V  # noqa: F401  (torchao's tensors register here)
 
     total = 0
@@ -110,6 +110,10 @@ def _parameter_count(expert_dir: Path) -> int:
 
             with safe_open(str(path), "pt") as fh:
                 for key in fh.keys():
+                    # torchao's layout stores a weight as ._weight_qdata (its elements) with
+                    # ._weight_scale / ._weight_zero_point beside it: storage, not parameters.
+                    if key.endswith(("._weight_scale", "._weight_zero_point")):
+                        continue
                     total += _numel(fh.get_slice(key).get_shape())
         elif path.suffix == ".bin":
             state = torch.load(path, map_location="cpu", weights_only=False)
