@@ -47,8 +47,14 @@ def how_to_make(variant: ModelVariant, local: Path) -> str | None:
     """What a person runs or does to get ``variant``'s folder at ``local``; None if nothing."""
     if variant.name in TINY_LIKE:
         return f"run `farm models make-tiny {local} --like {TINY_LIKE[variant.name]}`"
+    if variant.bundled and variant.derived_from is not None:
+        return (f"it ships with the project; or derive it from {variant.derived_from} with "
+                f"`farm models derive` (the operations its derive.json lists)")
     if variant.bundled:
         return f"it ships with the project; or train it with `farm toy train {local}`"
+    if variant.quantize_on_load is not None and variant.folder in DOWNLOADS:
+        return (f"download {DOWNLOADS[variant.folder]} and put the folder at {local} (its "
+                f"base's weights, quantized {variant.quantize_on_load} at load time)")
     if variant.derived_from is not None:
         return (f"derive it again from {variant.derived_from} with `farm models derive "
                 f"{variant.derived_from} {local} ...` (the operations its derive.json lists)")

@@ -1,4 +1,4 @@
-"""`farm models list` and `farm models make-tiny --like` through the command line."""
+"""`farm models list`, `make-tiny --like` and `derive` through the command line."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import json
 import os
 
 import pytest
+import yaml
 
+from farm.policy import CONFIG_DIR
 from tests.e2e.test_cli import farm
+
+RULES = CONFIG_DIR / "rules.yaml"
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +34,14 @@ def test_list_shows_present_and_missing_variants_and_how_to_make_them(tmp_path):
     listed = farm("models", "list", env=env)
     assert listed.returncode == 0, listed.stderr
     before = rows(listed.stdout)
-    assert set(before) == {"wan-tiny", "wan-toy", "wan2.2-ti2v-5b", "wan2.2-t2v-a14b"}
+    assert set(before) == {"wan-tiny", "wan-toy", "wan2.2-ti2v-5b", "wan2.2-t2v-a14b",
+                           "wan-toy-int8", "wan-toy-pruned", "wan-toy-4step", "wan-toy-draft",
+                           "wan2.2-t2v-a14b-int8", "wan2.2-ti2v-5b-int8"}
+    for shipped in ("wan-toy-int8", "wan-toy-pruned", "wan-toy-4step", "wan-toy-draft"):
+        state, size, where = before[shipped]  # derived, and shipped beside the toy
+        assert state == "present" and where.endswith(shipped)
+        assert float(size.split()[0]) <= 20 and size.endswith("MB")
+    assert before["wan2.2-t2v-a14b-int8"][2].endswith("quantized int8-weight at load time)")
     assert before["wan-tiny"] == ["missing", "-", f"run `farm models make-tiny "
                                   f"{tmp_path / 'wan-tiny'} --like t2v-a14b`"]
     assert before["wan2.2-t2v-a14b"][0] == "missing"
@@ -57,3 +68,55 @@ def test_make_tiny_like_the_5b_and_a_bad_layout(tmp_path):
     bad = farm("models", "make-tiny", str(tmp_path / "x"), "--like", "sdxl")
     assert bad.returncode != 0 and "--like" in bad.stderr and "'sdxl'" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_derive_writes_a_variant_registers_it_and_the_rules_reach_it(tmp_path):
+    """`farm models derive` (issue #12): the quantized folder and its manifest, the entry in
+    the user's variants file (its track on wan-toy overriding the shipped one), and `farm
+    models list` / `farm rules check` reading it."""
+    from workers.lightening.manifest import weights_sha256
+    from workers.toy import BUNDLED_DIR
+
+    env = dict(os.environ, FARM_VARIANTS_FILE=str(tmp_path / "variants.yaml"),
+               FARM_MODELS_DIR=str(tmp_path))
+    out = tmp_path / "toy-q"
+    made = farm("models", "derive", "wan-toy", str(out), "--quantize", "int8-weight",
+                "--name", "toy-q", "--for-track", "draft", env=env)
+    assert made.returncode == 0, made.stderr
+    manifest = json.loads((out / "derive.json").read_text())
+    assert manifest["base"]["sha256"] == weights_sha256(BUNDLED_DIR / "wan-toy")
+    assert manifest["sha256"] == weights_sha256(out) != manifest["base"]["sha256"]
+    assert [op["operation"] for op in manifest["operations"]] == ["quantize"]
+    doc = yaml.safe_load((tmp_path / "variants.yaml").read_text())
+    entry = doc["models"]["toy-q"]
+    assert entry["derived_from"] == "wan-toy" and entry["folder"] == str(out)
+    assert 1.0 < entry["bytes_per_param"] < 1.5  # int8 data, fp32 scales and norms
+    assert doc["models"]["wan-toy"] == {"tracks": {"draft": "toy-q"}}
+    listed = rows(farm("models", "list", env=env).stdout)
+    assert listed["toy-q"][0] == "present" and listed["toy-q"][2] == str(out)
+    check = farm("rules", "check", str(RULES), env=env)
+    assert check.returncode == 0, check.stderr
+    assert "wan-toy draft track: toy-q on cpu x1" in check.stdout
+    assert f"toy-q: present at {out}" in check.stdout
+
+    on_load = farm("models", "derive", "wan-toy", str(tmp_path / "toy-ol"), "--quantize",
+                   "int8-dynamic", "--on-load", env=env)
+    assert on_load.returncode == 0, on_load.stderr
+    entry = yaml.safe_load((tmp_path / "variants.yaml").read_text())["models"]["toy-ol"]
+    assert entry["quantize_on_load"] == "int8-dynamic" and entry["bytes_per_param"] == 1.0
+    assert entry["folder"] == str(BUNDLED_DIR / "wan-toy")  # the base's weights, not copied
+    assert not (tmp_path / "toy-ol" / "transformer").exists()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--quantize", "int4"], "--quantize 'int4'"),
+    (["--prune-ffn", "1.5"], "--prune-ffn 1.5"),
+    (["--prune-heads", "0.25"], "--prune-heads 0.25"),
+    (["--distill-steps", "0"], "got 0"),
+    (["--quantize", "int8-weight", "--prune-ffn", "0.2", "--on-load"], "--on-load"),
+])
+def test_derive_refuses_bad_options_naming_them_and_writes_nothing(tmp_path, args, named):
+    env = dict(os.environ, FARM_VARIANTS_FILE=str(tmp_path / "variants.yaml"))
+    refused = farm("models", "derive", "wan-toy", str(tmp_path / "out"), *args, env=env)
+    assert refused.returncode == 2 and named in refused.stderr, refused.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "variants.yaml").exists()

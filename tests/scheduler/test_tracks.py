@@ -100,3 +100,26 @@ def test_a_rules_step_cache_travels_on_the_route_and_a_bad_one_is_named():
     bad = text.replace("first_block", "second_block")
     with pytest.raises(PolicyError, match=r"cache.kind 'second_block'"):
         parse_rules(bad, cat)
+
+
+def test_the_shipped_policy_sends_drafts_to_derived_variants_and_finals_to_their_bases():
+    """scheduler/config/variants.yaml over models.yaml: `--model auto` drafts reach the 5B's
+    int8 variant, toy drafts the shipped 4-step int8 student; finals keep the bases."""
+    from farm.policy import load_policy
+
+    policy = load_policy()
+    cat, rules = policy.catalog, policy.rules
+    auto = route(JobSpec(track="draft"), rules, cat)
+    assert (auto.variant, auto.track_of, auto.rule) == \
+        ("wan2.2-ti2v-5b-int8", "wan2.2-ti2v-5b", "drafts")
+    assert cat.models[auto.variant].quantize_on_load == "int8-weight"
+    assert cat.models[auto.variant].folder == cat.models["wan2.2-ti2v-5b"].folder
+    toy = route(JobSpec(track="draft", model="wan-toy", width=32, height=32, frames=17),
+                rules, cat)
+    assert (toy.variant, toy.track_of) == ("wan-toy-draft", "wan-toy")
+    assert cat.models["wan-toy-draft"].default_steps == 4
+    assert base_of("wan-toy-draft", cat) == "wan-toy"  # via wan-toy-4step
+    final = route(JobSpec(track="final"), rules, cat)
+    assert (final.variant, final.track_of) == ("wan2.2-t2v-a14b", None)
+    toy_final = route(JobSpec(track="final", model="wan-toy"), rules, cat)
+    assert (toy_final.variant, toy_final.track_of) == ("wan-toy", None)
