@@ -20,8 +20,10 @@ system-deps:
 install: $(STAMP) system-deps
 
 demo: install
-	# The toy model shipped in workers/toy/checkpoints: a 2-second clip at 1280x720.
-	$(BIN)/farm render "$(DEMO_PROMPT)" --model wan-toy --frames 17 --fps 8 --seed 1 -o demo.mp4
+	# The toy model shipped in workers/toy/checkpoints: a 2-second clip at 1280x720, the final
+	# (wan-toy, 20 steps) and the draft (its shipped 4-step int8 student) from the same seed.
+	$(BIN)/farm render "$(DEMO_PROMPT)" --model wan-toy --track final --frames 17 --fps 8 --seed 1 -o demo.mp4
+	$(BIN)/farm render "$(DEMO_PROMPT)" --model wan-toy --track draft --frames 17 --fps 8 --seed 1 -o demo-draft.mp4
 
 services:
 	scripts/services.sh
@@ -30,4 +32,4 @@ test: install services
 	$(BIN)/pytest
 
 clean:
-	rm -rf .farm demo.mp4
+	rm -rf .farm demo.mp4 demo-draft.mp4

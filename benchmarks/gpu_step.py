@@ -13,6 +13,12 @@ and unconditional) at 720P x 81 frames (75,600 tokens) and 480P x 81:
 Prints step time, achieved TFLOP/s and MFU against the bf16 matmul peak measured here, and
 the measured peak memory beside the router's estimate; the last line is stock over our best.
 
+Then the expert quantized (issue #12: workers/lightening/quantize.py, the code an actor runs
+for ``quantize_on_load``), int8-weight, int8-dynamic and fp8 in turn, each built afresh
+after the bf16 one is freed, timed the same way (compiled unless --no-compile) with its peak
+memory: per mode, its step time and peak against bf16's in this run. fp8 needs compute
+capability 8.9 (H100/H200); elsewhere its row says why it did not run.
+
 First, memory per placement (issue #11.3): a two-expert checkpoint at A14B's expert width
 (``--placement-layers`` blocks; tiny on CPU) is loaded the actor's way for each placement
 (workers/parallel/placement.py) and renders 4 steps; the peak device memory of the load and
@@ -261,6 +267,33 @@ def print_placements(rows: list[dict]) -> None:
               f"{r['tensors_gb']:>12.4f}{r['est_gb']:>10.4f}")
 
 
+QUANTIZED = ("int8-weight", "int8-dynamic", "fp8")
+
+
+def quantized_cases(config, size, device, peak, repeats, compile_it: bool) -> list[dict]:
+    """One row per quantization mode at ``size``: a fresh bf16 expert, quantized in place."""
+    from workers.lightening.ops import DeriveError
+    from workers.lightening.quantize import quantize_expert
+
+    rows = []
+    for mode in QUANTIZED:
+        label = f"{mode} {'compiled' if compile_it else 'eager'}"
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model = build(config, None, device, torch.bfloat16)
+        try:
+            quantize_expert(model, mode, option="--quantize")
+        except DeriveError as exc:  # fp8 without an sm_89 GPU
+            rows.append({"case": label, "size": f"{size[2]}x{size[1]}x{size[0]}",
+                         "error": str(exc)[:80]})
+            continue
+        runnable = torch.compile(model) if compile_it else model
+        rows.append(run_case(label, runnable, size, config, device, None, peak, repeats))
+        del model, runnable
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a small shape (CPU, CI)")
@@ -292,6 +325,12 @@ def main() -> None:
         for backend_name, backend in sdpa_backends(device).items():
             rows.append(run_case(f"{label} {backend_name}", compiled, size, config, device,
                                  backend, peak, args.repeats))
+    bf16 = next(r for r in rows if r["case"].startswith("ours") and "error" not in r
+                and r["size"] == f"{sizes[0][2]}x{sizes[0][1]}x{sizes[0][0]}")
+    del model, compiled
+    quantized = quantized_cases(config, sizes[0], device, peak, args.repeats,
+                                not args.no_compile)
+    rows += quantized
     print(f"{'case':<28}{'size':>16}{'step s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>9}"
           f"{'est GB':>8}")
     for r in rows:
@@ -300,10 +339,15 @@ def main() -> None:
             continue
         print(f"{r['case']:<28}{r['size']:>16}{r['step_s']:>10.3f}{r['tflops']:>10.2f}"
               f"{r['mfu']:>8.1%}{r['peak_gb']:>9.1f}{r['est_gb']:>8.1f}")
+    for r in quantized:
+        if "error" not in r:
+            print(f"{r['case']} / {bf16['case']} at {r['size']}: step "
+                  f"{r['step_s'] / bf16['step_s']:.2f}x, peak memory "
+                  f"{r['peak_gb'] / bf16['peak_gb']:.2f}x")
     first = sizes[0]
     tag = f"{first[2]}x{first[1]}x{first[0]}"
     stock = next(r for r in rows if r["case"] == "stock eager" and r["size"] == tag)
-    ours = min((r for r in rows if r["case"] != "stock eager" and r["size"] == tag
+    ours = min((r for r in rows if r["case"].startswith("ours") and r["size"] == tag
                 and "error" not in r), key=lambda r: r["step_s"])
     print(f"stock eager / {ours['case']} at {tag}: {stock['step_s'] / ours['step_s']:.2f}x")
 

@@ -22,6 +22,12 @@ def test_gpu_step_runs_at_a_tiny_shape():
     out = run("gpu_step.py", "--tiny", "--no-compile", "--repeats", "1")
     assert "bf16 vs fp32 relative error" in out
     assert out.strip().splitlines()[-1].startswith("stock eager / ours eager default")
+    # The quantized expert (issue #12) is timed beside bf16; fp8 says why it cannot run here.
+    int8 = [line.split() for line in out.splitlines() if line.startswith("int8-weight eager ")]
+    assert int8 and float(int8[0][3]) > 0, out
+    assert "int8-weight eager / ours eager default at 112x64x5: step" in out
+    fp8 = next(line for line in out.splitlines() if line.startswith("fp8 eager"))
+    assert "unsupported: --quantize 'fp8' needs a CUDA GPU" in fp8
 
 
 def test_gpu_step_reports_memory_per_placement():

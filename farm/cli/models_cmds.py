@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
@@ -94,6 +95,9 @@ def derive_variant(
     from workers.lightening.manifest import write_manifest
     from workers.lightening.ops import DeriveError
 
+    # Training runs for minutes: its progress notes (workers/lightening/ops.py) go to stderr.
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("workers.lightening").setLevel(logging.INFO)
     settings = get_settings()
     catalog = get_policy().catalog
     if base not in catalog.models:

@@ -100,5 +100,7 @@ def render(prompt: str, output: Path = typer.Option(Path("out.mp4"), "--output",
         raise typer.Exit(1)
     output.parent.mkdir(parents=True, exist_ok=True)
     Storage(settings.storage_url).get_file(job.output_key, output)
-    typer.echo(f"wrote {output.resolve()} ({job.width}x{job.height}, {job.frames} frames, "
+    typer.echo(f"wrote {output.resolve()} ({job.model}"
+               + (f", {job.track} track of {job.route['track_of']}" if job.route.get("track_of")
+                  else "") + f", {job.width}x{job.height}, {job.frames} frames, "
                f"{time.monotonic() - started:.1f}s, sha256 {job.output_sha256[:12]})")
