@@ -78,6 +78,8 @@ def derive_variant(
         distill_steps: int = typer.Option(None, help="steps of a few-step student"),
         low_expert: Path = typer.Option(None, help="folder whose low-noise expert replaces "
                                         "the base's (big-then-small)"),
+        light_decoder: float = typer.Option(None, help="a VAE decoder of this fraction of "
+                                            "the base's width, distilled from it"),
         seed: int = 0, resume: bool = typer.Option(False, help="continue stopped training"),
         prompts: Path = typer.Option(None, help="training captions, one per line; default: "
                                      "the toy world's (seen combinations only)"),
@@ -108,7 +110,7 @@ def derive_variant(
     name = name or out.name
     try:
         ops = operations(quantize, prune_ffn, prune_heads, drop_blocks, student_layers,
-                         distill_steps, low_expert)
+                         distill_steps, low_expert, light_decoder)
         if on_load:
             if quantize is None or len(ops) != 1:
                 raise DeriveError("--on-load quantizes at load time: give --quantize and no "
@@ -138,7 +140,7 @@ def derive_variant(
 
 
 def operations(quantize, prune_ffn, prune_heads, drop_blocks, student_layers, distill_steps,
-               low_expert) -> list:
+               low_expert, light_decoder=None) -> list:
     """The Operation objects the options ask for (workers/lightening/*.py)."""
     ops = []
     if quantize is not None:
@@ -162,4 +164,7 @@ def operations(quantize, prune_ffn, prune_heads, drop_blocks, student_layers, di
     if low_expert is not None:
         from workers.lightening.low_expert import LowExpert
         ops.append(LowExpert(low_expert))
+    if light_decoder is not None:
+        from workers.lightening.light_decoder import LightDecoder
+        ops.append(LightDecoder(light_decoder))
     return ops

@@ -2,8 +2,8 @@
 
 The operations run in a fixed order whatever the command line's: structure first (pruning,
 dropping blocks, a shallower student), then the few-step student, then a smaller low-noise
-expert, and quantization last (it is applied to the weights the others trained). Each
-operation gets its own scratch folder beside OUT (``OUT.scratch/N-name``) for training
+expert, then a narrower VAE decoder, and quantization last (it is applied to the weights
+the others trained). Each operation gets its own scratch folder beside OUT (``OUT.scratch/N-name``) for training
 checkpoints, so ``resume`` continues where a stopped run left off.
 """
 
@@ -21,7 +21,7 @@ from workers.lightening.manifest import MANIFEST, write_manifest
 from workers.lightening.ops import DeriveContext, DeriveError, Operation
 
 ORDER = ("prune-heads", "prune-ffn", "drop-blocks", "student-layers", "distill", "low-expert",
-         "quantize")
+         "light-decoder", "quantize")
 EXPERTS = ("transformer", "transformer_2")
 
 
@@ -51,7 +51,8 @@ def derive(base: Path, out: Path, operations: list[Operation], seed: int = 0,
         raise DeriveError(f"BASE {str(base)!r} is not a diffusers folder (no model_index.json)")
     if not operations:
         raise DeriveError("no operation given: pass at least one of --quantize, --prune-ffn, "
-                          "--drop-blocks, --student-layers, --distill-steps, --low-expert")
+                          "--drop-blocks, --student-layers, --distill-steps, --low-expert, "
+                          "--light-decoder")
     if out == base or base in out.parents:
         raise DeriveError(f"OUT {str(out)!r} must not be BASE or inside it")
     if out.exists() and not resume and any(out.iterdir()):
