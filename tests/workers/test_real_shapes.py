@@ -151,3 +151,29 @@ def test_a_continued_render_holds_its_first_frame_in_both_layouts(request, which
     free = pipe.denoise(RenderRequest(**fields))
     torch.testing.assert_close(held[:, :, :1], pipe.encode_frame(frame), rtol=0, atol=1e-6)
     assert not torch.allclose(held[:, :, 1:], free[:, :, 1:])
+
+
+@pytest.mark.parametrize("variant", ["wan-toy-pruned", "wan-toy-4step"])
+def test_shipped_derived_variants_render_in_diffusers_as_in_the_farm(variant):
+    """The toy's derived variants (issue #12) are plain diffusers folders: smaller experts,
+    students, a narrower decoder all load in `WanPipeline` and give the farm's frames."""
+    folder = BUNDLED_DIR / variant
+    ours, farm = _farm_frames(folder, 17, 32, 32)
+    theirs = _diffusers_frames(folder, farm, 17, 32, 32)
+    assert ours.std() > 5
+    assert int(np.abs(ours.astype(np.int16) - theirs).max()) <= 1
+
+
+@pytest.mark.parametrize("variant", ["wan-toy-int8", "wan-toy-draft"])
+def test_shipped_int8_variants_render_in_diffusers_close_to_the_farm(variant):
+    """diffusers loads a torchao int8 folder in bfloat16 whatever dtype it is asked for, so
+    the farm renders it in bfloat16 too; the two differ by bfloat16 rounding only."""
+    folder = BUNDLED_DIR / variant
+    farm = WanT2V.from_folder(folder, torch.device("cpu"), torch.bfloat16)
+    req = RenderRequest(CAPTION, "", frames=17, height=32, width=32, steps=4,
+                        guidance_high=4.0, guidance_low=3.0, seed=7)
+    ours = np.concatenate(list(farm.decode_chunks(farm.denoise(req)))).astype(np.float64)
+    theirs = _diffusers_frames(folder, farm, 17, 32, 32)
+    assert ours.std() > 5
+    mse = float(np.mean((ours - theirs) ** 2))
+    assert 10 * np.log10(255.0 ** 2 / max(mse, 1e-12)) > 35.0
