@@ -9,6 +9,7 @@ reads over models.yaml); ``for_track`` also makes it the base's variant for that
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -33,8 +34,11 @@ def entry_for(base: ModelVariant, folder: Path, shape: dict, manifest: dict,
         if "guidance" in render:
             entry["guidance"] = {"high": float(render["guidance"]),
                                  "low": float(render["guidance"])}
-        if op.get("operation") == "quantize":
+        if op.get("operation") == "quantize" and not op.get("on_load"):
             entry.pop("quantize_on_load", None)
+            entry["quantized"] = op["settings"]["mode"]
+    # A base quantized at load keeps being so (its derived folder holds float weights).
+    quantize_on_load = quantize_on_load or entry.get("quantize_on_load")
     if quantize_on_load:
         entry["quantize_on_load"] = quantize_on_load
         entry["bytes_per_param"] = QUANTIZED_BYTES[quantize_on_load]
@@ -42,9 +46,11 @@ def entry_for(base: ModelVariant, folder: Path, shape: dict, manifest: dict,
 
 
 def register(variants_file: Path, name: str, entry: dict, base: str,
-             for_track: str | None = None) -> None:
+             for_track: str | None = None,
+             validate: Callable[[Path], None] = lambda _path: None) -> None:
     """Add (or replace) ``name`` in the variants file; with ``for_track``, the base renders
-    that track with it. The file is validated by the next policy load."""
+    that track with it. The new file is written beside the old one and ``validate``d (a
+    policy load) before it replaces it: a bad entry never reaches the farm."""
     variants_file = Path(variants_file)
     doc = yaml.safe_load(variants_file.read_text()) if variants_file.is_file() else None
     doc = doc or {}
@@ -54,6 +60,13 @@ def register(variants_file: Path, name: str, entry: dict, base: str,
         tracks = models.setdefault(base, {}).setdefault("tracks", {})
         tracks[for_track] = name
     variants_file.parent.mkdir(parents=True, exist_ok=True)
-    variants_file.write_text(
+    new = variants_file.with_name(variants_file.name + ".new")
+    new.write_text(
         "# Variants registered by `farm models derive` (issue #12); read over models.yaml.\n"
         + yaml.safe_dump(doc, sort_keys=False))
+    try:
+        validate(new)
+    except Exception:
+        new.unlink()
+        raise
+    new.replace(variants_file)

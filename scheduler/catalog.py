@@ -113,6 +113,12 @@ class ModelVariant(_Strict):
     derived_from: str | None = None
     tracks: dict[str, str] = {}
     quantize_on_load: Literal["int8-weight", "int8-dynamic", "fp8"] | None = None
+    quantized: Literal["int8-weight", "int8-dynamic", "fp8"] | None = None  # saved so
+
+    @property
+    def is_quantized(self) -> bool:
+        """Quantized experts (saved or at load): the offload placement cannot hold them."""
+        return self.quantized is not None or self.quantize_on_load is not None
 
     @field_validator("native")
     @classmethod

@@ -209,17 +209,30 @@ def base_of(model: str | None, catalog: Catalog) -> str | None:
     return model
 
 
+def track_variant(catalog: Catalog, variant: str, track: str, placement: str) -> str | None:
+    """The lighter variant ``variant`` renders ``track`` with on this placement, or None.
+    A quantized one is skipped on an offload route (workers/actor.py refuses it there)."""
+    light = catalog.models[variant].tracks.get(track)
+    if light is None or light == variant:
+        return None
+    if placement == "offload" and catalog.models[light].is_quantized:
+        return None
+    return light
+
+
 def _on_track(choice: Choice, chosen: Route, rule: Rule, job: JobSpec,
               catalog: Catalog) -> Route:
-    light = catalog.models[chosen.variant].tracks.get(job.track)
-    if light is None or light == chosen.variant:
+    light = track_variant(catalog, chosen.variant, job.track, chosen.placement)
+    if light is None:
         return chosen
     try:
         on_track = build(choice.model_copy(update={"variant": light}), rule, job, catalog,
                          chosen.fallback)
     except RouteDoesNotFit:  # the light variant does not fit this tier: the rule's own
         return chosen
-    return replace(on_track, track_of=chosen.variant)
+    # The rule's step cache was chosen (and, for mag, calibrated) for its own variant, not
+    # for a few-step student whose every step counts.
+    return replace(on_track, track_of=chosen.variant, cache=None)
 
 
 def _no_route_message(job: JobSpec, rules: RuleSet) -> str:

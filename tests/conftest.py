@@ -199,10 +199,10 @@ def ray_head(settings):
 
     from workers import ray_cluster
 
-    # Room for the single-rank actors (wan-tiny, wan-toy; cpu-b) and groups of 2 and 4
-    # ranks (issue #5).
-    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "9", "--resources",
-                                '{"tier:cpu": 7, "tier:cpu-b": 1}'])
+    # Room for the single-rank pools (wan-tiny, wan-toy, wan-toy-draft: two groups each;
+    # cpu-b) and for groups of 2 and 4 ranks beside them (issue #5).
+    head = Service("ray-head", ["ray", "start", "--block", "--num-cpus", "11", "--resources",
+                                '{"tier:cpu": 9, "tier:cpu-b": 1}'])
     _wait_until(lambda: _ray_up(settings.ray_address), 60, "ray head", head.log)
     ray_cluster.connect(settings.ray_address)
     yield settings.ray_address

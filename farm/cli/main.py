@@ -118,17 +118,23 @@ def evaluate(model: str = typer.Option("wan-toy", help="catalog name"),
              model_dir: Path = typer.Option(None, help="a folder instead of a catalog model"),
              seeds: int = typer.Option(2, help="renders per combination and language"),
              combos: int = typer.Option(12, help="combinations per split (12 held out)"),
-             steps: int = 20, guidance: float = 4.0) -> None:
-    """Score a toy-world model: colour, shape, motion; seen vs held-out; English vs Chinese."""
+             steps: int = typer.Option(None, help="default: the variant's (20 for a folder)"),
+             guidance: float = typer.Option(None, help="default: the variant's (4.0 for a "
+                                            "folder)")) -> None:
+    """Score a toy-world model: colour, shape, motion; seen vs held-out; English vs Chinese.
+    A catalog variant renders as jobs render it: its steps, guidance and quantize_on_load."""
     from farm.model_dirs import resolve_model_dir
     from farm.policy import get_policy
     from workers.toy.evaluate import EvalSettings, format_table, run_eval, summarise
     from workers.wan_pipeline import WanT2V
 
-    folder = model_dir or resolve_model_dir(get_settings(), get_policy().catalog.model(model))
-    cfg = EvalSettings(seeds_per_combo=seeds, combos_per_split=combos, steps=steps,
-                       guidance=guidance)
-    scores = summarise(run_eval(WanT2V.from_folder(folder), cfg))
+    variant = None if model_dir else get_policy().catalog.model(model)
+    folder = model_dir or resolve_model_dir(get_settings(), variant)
+    cfg = EvalSettings(seeds_per_combo=seeds, combos_per_split=combos,
+                       steps=steps or (variant.default_steps if variant else 20),
+                       guidance=guidance or (variant.guidance.high if variant else 4.0))
+    quantize = variant.quantize_on_load if variant else None
+    scores = summarise(run_eval(WanT2V.from_folder(folder, quantize=quantize), cfg))
     typer.echo(f"model {folder}: {cfg}")
     typer.echo(format_table(scores))
 

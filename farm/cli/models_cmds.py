@@ -81,7 +81,8 @@ def derive_variant(
         light_decoder: float = typer.Option(None, help="a VAE decoder of this fraction of "
                                             "the base's width, distilled from it"),
         seed: int = 0, resume: bool = typer.Option(False, help="continue stopped training"),
-        prompts: Path = typer.Option(None, help="training captions, one per line; default: "
+        prompts: Path = typer.Option(None, exists=True, dir_okay=False, readable=True,
+                                     help="training captions, one per line; default: "
                                      "the toy world's (seen combinations only)"),
         threads: int = typer.Option(1, help="torch threads for training"),
         register_it: bool = typer.Option(True, "--register/--no-register",
@@ -89,9 +90,10 @@ def derive_variant(
     """Write a lighter variant of BASE to OUT with a derive.json manifest, and register it
     in the catalog so rules (and `--track`) can route to it (issue #12)."""
     from farm.model_dirs import resolve_model_dir
-    from farm.policy import get_policy
+    from farm.policy import get_policy, load_policy
     from farm.settings import get_settings
     from farm.variants import entry_for, register
+    from scheduler.catalog import PolicyError
     from scheduler.routing import base_of
     from workers.lightening.derive import derive, expert_shape
     from workers.lightening.manifest import write_manifest
@@ -108,19 +110,24 @@ def derive_variant(
     variant = catalog.models[base]
     base_dir = resolve_model_dir(settings, variant)
     name = name or out.name
+    check_name_and_track(catalog, base, name, for_track, register_it)
     try:
-        ops = operations(quantize, prune_ffn, prune_heads, drop_blocks, student_layers,
-                         distill_steps, low_expert, light_decoder)
         if on_load:
-            if quantize is None or len(ops) != 1:
+            others = operations(None, prune_ffn, prune_heads, drop_blocks, student_layers,
+                                distill_steps, low_expert, light_decoder)
+            if quantize is None or others:
                 raise DeriveError("--on-load quantizes at load time: give --quantize and no "
                                   "other operation")
-            ops[0].check()
+            check_not_quantized(variant, base_dir)
+            from workers.lightening.quantize import Quantize
+            op = Quantize(quantize, check_device=False)  # the workers' GPUs check fp8
             out.mkdir(parents=True, exist_ok=True)
             manifest = write_manifest(out, base_dir, seed, [
-                {"operation": "quantize", "settings": ops[0].settings(), "on_load": True}])
+                {"operation": "quantize", "settings": op.settings(), "on_load": True}])
             folder, shape = base_dir, expert_shape(base_dir)
         else:
+            ops = operations(quantize, prune_ffn, prune_heads, drop_blocks, student_layers,
+                             distill_steps, low_expert, light_decoder)
             lines = prompts.read_text().splitlines() if prompts else []
             derived = derive(base_dir, out, ops, seed, resume, [p for p in lines if p.strip()],
                              threads)
@@ -131,12 +138,49 @@ def derive_variant(
     entry = entry_for(variant, folder, shape, manifest, quantize if on_load else None)
     if register_it:
         # A chain's track goes on its root, the variant rules match (scheduler/routing.py).
-        register(settings.variants_file, name, entry, base_of(base, catalog), for_track)
+        try:  # the overlay must load: fail here, not in the next job
+            register(settings.variants_file, name, entry, base_of(base, catalog), for_track,
+                     validate=lambda path: load_policy(settings.tiers_file,
+                                                       settings.models_file,
+                                                       settings.rules_file, path))
+        except PolicyError as exc:
+            typer.echo(f"error: {folder} was written but not registered: {exc}", err=True)
+            raise typer.Exit(2) from None
         get_policy.cache_clear()
-        get_policy()  # the overlay must still load: fail here, not in the next job
         typer.echo(f"registered {name} in {settings.variants_file}")
     typer.echo(f"{name}: {folder} ({shape['layers']} layers, ffn {shape['ffn_dim']}, "
                f"{shape['bytes_per_param']} bytes/param)")
+
+
+TRACKS = ("draft", "final")  # farm/schemas.py JobCreate.track
+
+
+def check_name_and_track(catalog, base: str, name: str, for_track: str | None,
+                         register_it: bool) -> None:
+    """Before any training: the name must not be a base variant of models.yaml (the overlay
+    may only add tracks to those) and the track must be one jobs have."""
+    if for_track is not None and for_track not in TRACKS:
+        raise typer.BadParameter(f"{for_track!r}: jobs have the tracks {', '.join(TRACKS)}",
+                                 param_hint="--for-track")
+    if register_it and (name == base or (name in catalog.models
+                                         and catalog.models[name].derived_from is None)):
+        raise typer.BadParameter(f"{name!r} names a variant of the catalog that was not "
+                                 f"derived; choose another name (or OUT folder name)",
+                                 param_hint="--name")
+
+
+def check_not_quantized(variant, base_dir: Path) -> None:
+    """--on-load on a base whose experts are already quantized could never load."""
+    import json
+
+    from workers.lightening.ops import DeriveError
+
+    saved = any("quantization_config" in json.loads(config.read_text())
+                for config in (base_dir / "transformer" / "config.json",
+                               base_dir / "transformer_2" / "config.json") if config.is_file())
+    if variant.is_quantized or saved:
+        raise DeriveError(f"--on-load: {variant.name} is already quantized "
+                          f"({variant.quantized or variant.quantize_on_load or 'its folder'})")
 
 
 def operations(quantize, prune_ffn, prune_heads, drop_blocks, student_layers, distill_steps,

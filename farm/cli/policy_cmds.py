@@ -66,14 +66,20 @@ def _choice_line(catalog, rule, choice) -> str:
     """Each variant the choice renders, its tracks' light variants too (issue #12), with
     its plan and memory per GPU from its own bytes per parameter."""
     from scheduler.memory import NoFittingPlan, choose_plan
+    from scheduler.routing import track_variant
 
     names = [choice.variant] if choice.variant else list(rule.match.model)
     tier = catalog.tiers[choice.tier]
     parts = []
     for name in names:
-        for label, variant in [(name, name)] + [(f"{name} {track} track: {light}", light)
-                                                 for track, light in
-                                                 catalog.models[name].tracks.items()]:
+        for track, light in catalog.models[name].tracks.items():
+            if track_variant(catalog, name, track, choice.placement) is None:
+                parts.append(f"{name} {track} track: {light} is quantized, which the "
+                             f"offload placement cannot hold: {name} renders it")
+        for label, variant in [(name, name)] + [
+                (f"{name} {track} track: {light}", light)
+                for track, light in catalog.models[name].tracks.items()
+                if track_variant(catalog, name, track, choice.placement) is not None]:
             try:
                 plan, need = choose_plan(catalog, catalog.models[variant], tier, choice.degree,
                                          choice.placement, choice.parallel)

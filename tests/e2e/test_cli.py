@@ -35,12 +35,14 @@ def test_submit_wait_status_download_cancel(api_url, tmp_path):
     assert "succeeded" in waited.stdout
     status = json.loads(farm("status", job_id, env=env).stdout)
     assert status["state"] == "succeeded" and status["seed"] == 4
+    # A draft (the default track) of wan-toy renders its shipped draft variant (issue #12).
+    assert (status["model"], status["route"]["track_of"]) == ("wan-toy-draft", "wan-toy")
     logs = farm("logs", job_id, env=env)
     assert logs.returncode == 0, logs.stderr
     kinds = [line.split()[1] for line in logs.stdout.splitlines()]
     assert kinds == ["segment_started", "segment_rendered", "segment_done"]
     assert "segment 0 render-" in logs.stdout
-    assert re.search(r"on render:wan-toy:cpu:g[01]\b", logs.stdout), logs.stdout
+    assert re.search(r"on render:wan-toy-draft:cpu:g[01]\b", logs.stdout), logs.stdout
     out = tmp_path / "cli.mp4"
     assert farm("download", job_id, "-o", str(out), env=env).returncode == 0
     assert probe(out).frames == 9

@@ -120,3 +120,39 @@ def test_derive_refuses_bad_options_naming_them_and_writes_nothing(tmp_path, arg
     refused = farm("models", "derive", "wan-toy", str(tmp_path / "out"), *args, env=env)
     assert refused.returncode == 2 and named in refused.stderr, refused.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "variants.yaml").exists()
+
+
+def test_derive_refuses_a_name_or_track_that_would_break_the_catalog(tmp_path):
+    """A base variant's name would make the overlay unloadable (it may only add tracks to
+    models.yaml's variants): refused before any work, and the variants file stays as it was."""
+    env = dict(os.environ, FARM_VARIANTS_FILE=str(tmp_path / "variants.yaml"))
+    (tmp_path / "variants.yaml").write_text("models: {}\n")
+    for args, named in ((["--name", "wan-toy"], "--name"), (["--name", "wan-tiny"], "--name"),
+                        (["--for-track", "drafts"], "--for-track")):
+        refused = farm("models", "derive", "wan-toy", str(tmp_path / "out"), "--quantize",
+                       "int8-weight", *args, env=env)
+        assert refused.returncode == 2 and named in refused.stderr, refused.stderr
+        assert not (tmp_path / "out").exists()
+    assert (tmp_path / "variants.yaml").read_text() == "models: {}\n"
+    missing = farm("models", "derive", "wan-toy", str(tmp_path / "out"), "--distill-steps", "4",
+                   "--prompts", str(tmp_path / "nope.txt"), env=env)
+    assert missing.returncode == 2 and "--prompts" in missing.stderr
+    quantized = farm("models", "derive", "wan-toy-int8", str(tmp_path / "out"), "--quantize",
+                     "int8-weight", "--on-load", env=env)
+    assert quantized.returncode == 2 and "--on-load: wan-toy-int8 is already quantized" in \
+        quantized.stderr, quantized.stderr
+    # fp8 at load is checked by the workers' GPUs, not this machine's.
+    fp8 = farm("models", "derive", "wan-toy", str(tmp_path / "toy-fp8"), "--quantize", "fp8",
+               "--on-load", env=env)
+    assert fp8.returncode == 0, fp8.stderr
+    entry = yaml.safe_load((tmp_path / "variants.yaml").read_text())["models"]["toy-fp8"]
+    assert entry["quantize_on_load"] == "fp8"
+
+
+def test_eval_renders_a_variant_as_its_jobs_do():
+    """`farm eval --model` takes the variant's steps and guidance (a 4-step student at 20
+    steps with CFG 4 would be judged on renders no job makes)."""
+    out = farm("eval", "--model", "wan-toy-draft", "--seeds", "1", "--combos", "1")
+    assert out.returncode == 0, out.stderr
+    assert "wan-toy-draft" in out.stdout and "steps=4" in out.stdout
+    assert "guidance=1.0" in out.stdout

@@ -169,7 +169,8 @@ def test_a_tier_shared_by_two_pools_takes_idle_groups_down_to_make_room(project_
         except ValueError:
             return None
 
-    body = {"prompt": "a red circle moving left", "frames": 5, "steps": 2}
+    # Finals: a draft of wan-toy would render its draft variant, a third pool (issue #12).
+    body = {"prompt": "a red circle moving left", "frames": 5, "steps": 2, "track": "final"}
     pids = []
     with project_client("tier-b") as client:
         for model in ("wan-tiny", "wan-toy", "wan-tiny"):

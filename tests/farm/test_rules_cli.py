@@ -31,14 +31,20 @@ def test_check_passes_the_shipped_rules_and_lists_them(models_dir):
     # Each route with the plan routing picks and its memory, from the one memory model.
     assert ("  finals: wan2.2-t2v-a14b on a100 x2, sp2 (resident): 78.4 of 80 GB per GPU\n"
             "    fallback 0: wan2.2-ti2v-5b on a10 x1, single (resident): 22.9 of 24 GB per GPU"
-            in result.output)
+            "; wan2.2-ti2v-5b draft track: wan2.2-ti2v-5b-int8 on a10 x1, single (resident): "
+            "17.9 of 24 GB per GPU\n" in result.output)
     # Every variant the rules reach is here or can be made; the output says how.
     assert (f"  wan-tiny: missing at {models_dir / 'wan-tiny'}: run `farm models make-tiny "
             f"{models_dir / 'wan-tiny'} --like t2v-a14b`") in result.output
     assert "  wan-toy: present at " in result.output
     assert ("wan2.2-t2v-a14b: missing at " f"{models_dir / 'Wan2.2-T2V-A14B-Diffusers'}: "
             "download https://huggingface.co/Wan-AI/Wan2.2-T2V-A14B-Diffusers") in result.output
-    assert "int8" not in result.output
+    # The 5B's draft track (scheduler/config/variants.yaml, issue #12) is its own folder,
+    # quantized at load; nothing routes to the int8 A14B.
+    assert (f"  wan2.2-ti2v-5b-int8: missing at {models_dir / 'Wan2.2-TI2V-5B-Diffusers'}: "
+            "download https://huggingface.co/Wan-AI/Wan2.2-TI2V-5B-Diffusers") in result.output
+    assert "quantized int8-weight at load time" in result.output
+    assert "wan2.2-t2v-a14b-int8" not in result.output
 
 
 def test_check_flags_a_variant_nothing_makes(tmp_path, models_dir):

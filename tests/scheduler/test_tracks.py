@@ -123,3 +123,32 @@ def test_the_shipped_policy_sends_drafts_to_derived_variants_and_finals_to_their
     assert (final.variant, final.track_of) == ("wan2.2-t2v-a14b", None)
     toy_final = route(JobSpec(track="final", model="wan-toy"), rules, cat)
     assert (toy_final.variant, toy_final.track_of) == ("wan-toy", None)
+
+
+def test_a_quantized_light_variant_is_skipped_on_an_offload_route():
+    """The actor refuses quantized experts in the offload placement (workers/actor.py), so
+    routing keeps the rule's own variant there rather than send a job that must fail."""
+    for quantized in ({"quantized": "int8-weight"}, {"quantize_on_load": "int8-dynamic"}):
+        cat = catalog_with({"models": {"light": toy_derivative(**quantized),
+                                       "wan-toy": {"tracks": {"draft": "light"}}}})
+        offload = RULES.replace("route: {tier: cpu, degree: 1}",
+                                "route: {tier: cpu, degree: 1, placement: offload}")
+        assert offload != RULES
+        chosen = route(JobSpec(track="draft", model="wan-toy"), parse_rules(offload, cat), cat)
+        assert (chosen.variant, chosen.track_of, chosen.placement) == ("wan-toy", None, "offload")
+        resident = route(JobSpec(track="draft", model="wan-toy"), parse_rules(RULES, cat), cat)
+        assert (resident.variant, resident.track_of) == ("light", "wan-toy")
+
+
+def test_the_rules_step_cache_stays_with_the_rules_own_variant():
+    """A cache tuned for the 20-step base is not applied to its 4-step draft student."""
+    cat = catalog_with({"models": {"wan-toy-4step": toy_derivative(),
+                                   "wan-toy": {"tracks": {"draft": "wan-toy-4step"}}}})
+    text = RULES.replace("route: {tier: cpu, degree: 1}",
+                         "route: {tier: cpu, degree: 1, cache: {kind: first_block, "
+                         "threshold: 0.1}}")
+    rules = parse_rules(text, cat)
+    draft = route(JobSpec(track="draft", model="wan-toy"), rules, cat)
+    final = route(JobSpec(track="final", model="wan-toy"), rules, cat)
+    assert (draft.variant, draft.cache) == ("wan-toy-4step", None)
+    assert (final.variant, final.cache) == ("wan-toy", {"kind": "first_block", "threshold": 0.1})

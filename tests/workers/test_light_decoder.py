@@ -38,6 +38,15 @@ class Stopped(Exception):
     pass
 
 
+class Recording(DeriveContext):
+    """Keeps the run's progress notes."""
+
+    notes: list = []
+
+    def note(self, message: str) -> None:
+        Recording.notes.append(message)
+
+
 class StopAt(DeriveContext):
     """Stops the run when it reports its first checkpoint."""
 
@@ -73,6 +82,12 @@ def test_the_variant_has_a_narrower_decoder_the_bases_encoder_and_renders(tmp_pa
                         4.0, 4.0, 1)
     frames = next(pipe.decode_chunks(pipe.denoise(req)))
     assert frames.shape[1:] == (32, 32, 3) and frames.dtype == np.uint8
+    # diffusers' own WanPipeline builds the narrower decoder from the same config.json.
+    from tests.workers.test_real_shapes import _diffusers_frames, _farm_frames
+
+    ours, farm = _farm_frames(work, 9, 32, 32)
+    theirs = _diffusers_frames(work, farm, 9, 32, 32)
+    assert ours.shape == theirs.shape and int(np.abs(ours.astype(np.int16) - theirs).max()) <= 1
 
 
 def test_decode_raw_is_the_pipelines_decode_before_the_clamp():
@@ -89,7 +104,14 @@ def test_a_stopped_run_resumes_to_the_same_decoder(tmp_path):
     whole, _ = derive_with(quick(), tmp_path / "whole")
     with pytest.raises(Stopped):
         derive_with(quick(), tmp_path / "stopped", ctx_cls=StopAt)
-    resumed, entry = derive_with(quick(), tmp_path / "stopped", resume=True)
+    Recording.notes = []
+    resumed, entry = derive_with(quick(), tmp_path / "stopped", resume=True,
+                                 ctx_cls=Recording)
+    # It continued from the checkpoint: the seeded run from scratch would end the same.
+    # ... from its saved data: no "rendering" note.
+    assert Recording.notes[0] == "--light-decoder resumes at step 10 of 30", Recording.notes
+    assert [n.split(" loss")[0] for n in Recording.notes[1:]] == \
+        ["--light-decoder step 20/30", "--light-decoder step 30/30"]
     a = AutoencoderKLWan.from_pretrained(whole / "vae").state_dict()
     b = AutoencoderKLWan.from_pretrained(resumed / "vae").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

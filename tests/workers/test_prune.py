@@ -204,7 +204,16 @@ def test_a_stopped_prune_resumes_to_the_same_weights(tmp_path):
         derive_with(op(), tmp_path / "stopped", ctx_cls=StopInLastStage)
     saved = torch.load(tmp_path / "stopped" / "scratch" / "high.pt", weights_only=False)
     assert (saved["stage"], saved["step"]) == (1, 2)  # final stage, checkpoint_every=2
-    resumed, entry = derive_with(op(), tmp_path / "stopped", resume=True)
+    notes = []
+
+    class Recording(DeriveContext):
+        def note(self, message: str) -> None:
+            notes.append(message)
+
+    resumed, entry = derive_with(op(), tmp_path / "stopped", resume=True, ctx_cls=Recording)
+    # It continued inside the last stage (the seeded run from scratch would end the same).
+    assert any(n.endswith("resuming stage 2/2 at step 2") for n in notes), notes
+    assert not any("stage 1/2:" in n for n in notes), notes
     a = WanTransformer3DModel.from_pretrained(whole / "transformer").state_dict()
     b = WanTransformer3DModel.from_pretrained(resumed / "transformer").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

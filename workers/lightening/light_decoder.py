@@ -14,7 +14,8 @@ on, the base's), and as targets the base decoder's output for exactly those late
 decoder learns the base's decoding, not a dataset's pixels. The loss is the mean squared
 error of the raw decoder output (before the clamp to [-1, 1], so saturated pixels still
 pass gradients); held-back renders give the reported PSNR. Checkpointed every
-``checkpoint_every`` steps into the operation's scratch folder; ``--resume`` continues.
+``checkpoint_every`` steps into the operation's scratch folder, with the training data;
+``--resume`` continues from there without rendering again.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from workers.lightening.teacher import training_captions, trajectories
 from workers.wan_pipeline import WanT2V
 
 CHECKPOINT = "light-decoder.pt"
+DATA = "light-decoder-data.pt"  # the base's latents and decodes, reused by --resume
 
 
 def decode_raw(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,7 @@ class LightDecoder:
         kept = {k: v for k, v in teacher.state_dict().items() if not k.startswith("decoder.")}
         missing, unexpected = student.load_state_dict(kept, strict=False)
         assert not unexpected and all(k.startswith("decoder.") for k in missing)
-        data = self._data(base, ctx)
+        data = self._cached_data(base, ctx)
         state = self._train(student, data, ctx)
         student.eval().requires_grad_(False)
         with torch.no_grad():
@@ -132,6 +134,20 @@ class LightDecoder:
                 "seconds": round(time.monotonic() - started, 1)}
 
     # ---- data --------------------------------------------------------------------------------
+
+    def _cached_data(self, base: WanT2V, ctx: DeriveContext) -> dict:
+        """``_data``, saved in the scratch folder; a resumed run with the same seed, settings
+        and prompts reads it back instead of rendering again."""
+        path = ctx.scratch / DATA
+        key = {"seed": ctx.seed, "settings": self.settings(), "prompts": ctx.prompts}
+        if ctx.resume and path.is_file():
+            saved = torch.load(path, weights_only=False)
+            if saved["key"] == key:
+                return saved["data"]
+        data = self._data(base, ctx)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "data": data}, path)
+        return data
 
     @torch.no_grad()
     def _data(self, base: WanT2V, ctx: DeriveContext) -> dict:

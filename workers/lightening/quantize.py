@@ -157,8 +157,14 @@ class Quantize:
 
     name = "quantize"
 
-    def __init__(self, mode: str):
-        check_mode(mode, "cpu" if mode != "fp8" else None)  # the name now; fp8's GPU too
+    def __init__(self, mode: str, check_device: bool = True):
+        """``check_device=False``: the name only (a variant quantized when the workers load
+        it is registered from a machine that need not have their GPUs)."""
+        if mode not in MODES:
+            raise DeriveError(f"--quantize {mode!r} is not a quantization mode; expected one "
+                              f"of {', '.join(MODES)}")
+        if check_device:
+            check_mode(mode, "cpu" if mode != "fp8" else None)  # fp8: this machine's GPU
         self.mode = mode
 
     def check(self, device: str | torch.device | None = None) -> None:
