@@ -103,3 +103,32 @@ def thumbnail(video: str | Path, path: str | Path, width: int = 320,
               .output(str(path), vframes=1).overwrite_output())
     _run(stream)
     return Path(path)
+
+
+def contact_sheet(video: str | Path, path: str | Path, frames: int, columns: int = 4,
+                  rows: int = 3, width: int = 160) -> Path:
+    """A JPEG grid of up to ``columns`` x ``rows`` frames spread evenly over the clip
+    (``frames`` long, first and last included), each ``width`` pixels wide, left to right
+    then down (ffmpeg's tile filter); a clip shorter than the grid fills fewer rows."""
+    count = max(1, min(columns * rows, frames))
+    picked = sorted({round(i * (frames - 1) / max(1, count - 1)) for i in range(count)})
+    rows = -(-len(picked) // columns)
+    stream = (ffmpeg.input(str(video))
+              # ffmpeg-python escapes the commas of the expression for the filter graph.
+              .filter("select", "+".join(f"eq(n,{i})" for i in picked))
+              .filter("scale", width, -2)
+              .filter("tile", f"{columns}x{rows}")
+              .output(str(path), vframes=1, fps_mode="vfr").overwrite_output())
+    _run(stream)
+    return Path(path)
+
+
+def animated_preview(video: str | Path, path: str | Path, width: int = 320,
+                     fps: int = 8) -> Path:
+    """An animated WebP of the whole clip at ``fps`` frames a second, ``width`` wide, looping."""
+    stream = (ffmpeg.input(str(video)).filter("fps", fps).filter("scale", width, -2)
+              .output(str(path), vcodec="libwebp_anim", loop=0, quality=70, an=None)
+              .overwrite_output())
+    _run(stream)
+    return Path(path)
+

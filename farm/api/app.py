@@ -7,7 +7,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from farm.api import batch_routes, routes
+from farm.api import batch_routes, picture_routes, routes
 from farm.api.limits import BodyLimit
 from farm.api.errors import database_unavailable_handler, validation_error_handler
 from farm.db.session import DATABASE_OUTAGE
@@ -36,4 +36,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(error, database_unavailable_handler)
     app.include_router(routes.router)
     app.include_router(batch_routes.router)
+    app.include_router(picture_routes.router)
     return app

@@ -1,4 +1,5 @@
-"""A batch's report, stored when its last job ends: HTML (a thumbnail per job) and CSV.
+"""A batch's report, stored when its last job ends: HTML (a thumbnail per job, linked, not
+inlined: farm/api/picture_routes.py serves it with a contact sheet and a preview) and CSV.
 
 Stored at ``batches/{id}/report.html`` and ``report.csv``. Thumbnails are inlined, so the
 page is whole wherever it is read; video links are relative to the storage root
@@ -7,7 +8,6 @@ page is whole wherever it is read; video links are relative to the storage root
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -40,12 +40,13 @@ def _row(job: Job) -> dict:
     }
 
 
-def _thumbnail_uri(storage: Storage, job_id: str, scratch: Path) -> str | None:
-    key = f"jobs/{job_id}/thumbnail.jpg"
-    if not storage.exists(key):
+def _pictures(storage: Storage, job_id: str) -> str | None:
+    """Links to the job's pictures, relative to the report (``batches/ID/report.html`` in
+    storage, ``/v1/batches/ID/report.html`` over the API: both resolve ``../../jobs/...``),
+    or None when the job has no thumbnail (no video)."""
+    if not storage.exists(f"jobs/{job_id}/thumbnail.jpg"):
         return None
-    data = storage.get_file(key, scratch / f"{job_id}.jpg").read_bytes()
-    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    return f"../../jobs/{job_id}"
 
 
 def render_csv(rows: list[dict]) -> str:
@@ -60,8 +61,10 @@ def render_html(batch: Batch, rows: list[dict], thumbs: dict[str, str | None]) -
     e = html.escape
     cells = []
     for r in rows:
-        thumb = thumbs.get(r["job_id"])
-        img = f'<img src="{thumb}" width="160" alt="thumbnail">' if thumb else "no video"
+        base = thumbs.get(r["job_id"])
+        img = (f'<a href="{base}/contact-sheet.jpg"><img src="{base}/thumbnail.jpg" '
+               f'width="160" alt="thumbnail"></a> <a href="{base}/preview.webp">preview</a>'
+               if base else "no video")
         video = (f'<a href="../../{e(r["video"])}">video</a>' if r["video"] else "")
         cells.append(
             f"<tr><td>{img}</td><td>{e(r['prompt'])}</td><td>{r['seed']}</td>"
@@ -95,7 +98,7 @@ def write_report(settings: Settings, batch_id: str) -> dict[str, str]:
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix=f"report-{batch_id}-") as tmp:
         tmp = Path(tmp)
-        thumbs = {r["job_id"]: _thumbnail_uri(storage, r["job_id"], tmp) for r in rows}
+        thumbs = {r["job_id"]: _pictures(storage, r["job_id"]) for r in rows}
         (tmp / "report.html").write_text(render_html(batch, rows, thumbs), encoding="utf-8")
         (tmp / "report.csv").write_text(render_csv(rows), encoding="utf-8")
         storage.put_file(tmp / "report.html", keys["html"])

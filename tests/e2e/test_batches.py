@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
 from datetime import datetime, timedelta, timezone
+from urllib.parse import urljoin
 
 import pytest
 
@@ -62,7 +64,14 @@ def test_batch_waits_for_its_window_then_beat_releases_it(client):
     for job in jobs:  # nothing ran before the window opened
         assert datetime.fromisoformat(job["dispatched_at"]) >= opens - timedelta(seconds=1)
     html = client.get(done["report_urls"]["html"])
-    assert html.status_code == 200 and html.text.count('src="data:image/jpeg;base64,') == 3
+    assert html.status_code == 200 and "base64" not in html.text
+    # Each job's pictures are linked relative to the report's own URL (issue #13, item 9).
+    thumbs = re.findall(r'<img src="([^"]+)"', html.text)
+    assert len(thumbs) == 3
+    for src in thumbs:
+        picture = client.get(urljoin(done["report_urls"]["html"], src))
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
+        assert picture.content[:2] == b"\xff\xd8"
     assert "a blue square" in html.text and "night" in html.text
     rows = list(csv.DictReader(io.StringIO(client.get(done["report_urls"]["csv"]).text)))
     assert sorted(r["job_id"] for r in rows) == sorted(done["job_ids"])

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
@@ -88,8 +90,20 @@ def test_fuzz_batch_submissions(client, body):
     check(client.post("/v1/batches", json=body))
 
 
+@hyp_settings(max_examples=100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+@given(job_id=st.text(min_size=1, max_size=40).filter(lambda t: "/" not in t and t not in
+                                                      (".", "..")),
+       picture=st.sampled_from(["thumbnail.jpg", "contact-sheet.jpg", "preview.webp"]))
+def test_fuzz_picture_paths(client, job_id, picture):
+    """The picture routes (issue #13, item 9) with any job id: never a 5xx."""
+    resp = client.get(f"/v1/jobs/{quote(job_id, safe='')}/{picture}")
+    check(resp)
+    assert resp.status_code in (404, 409), (job_id, resp.status_code)
+
+
 def test_the_fuzzers_sent_over_a_thousand_requests_and_some_were_accepted():
-    """Runs after the three above (file order): the sample is as large as promised, and not
+    """Runs after the four above (file order): the sample is as large as promised, and not
     all of it bounced off validation."""
     print(f"fuzzed: {SENT}")
     assert SENT["requests"] >= 1000, SENT
