@@ -324,20 +324,30 @@ class WanT2V:
         """
         vae = self.vae
         z = self._denormalise(latents.to(self.device, vae.dtype))
-        vae.clear_cache()
-        x = vae.post_quant_conv(z)
-        pending = []
+        frames, pending = decoded_frames(vae, z), []
         try:
-            for i in range(x.shape[2]):
-                vae._conv_idx = [0]
-                out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map,
-                                  feat_idx=vae._conv_idx, first_chunk=(i == 0))
+            for i, out in enumerate(frames):
                 pending.append(out)
-                if len(pending) == latent_frames_per_chunk or i == x.shape[2] - 1:
+                if len(pending) == latent_frames_per_chunk or i == z.shape[2] - 1:
                     yield _to_uint8(torch.cat(pending, dim=2), vae.config.patch_size)
                     pending = []
         finally:
-            vae.clear_cache()
+            frames.close()  # a consumer that stops early empties the VAE's cache too
+
+
+def decoded_frames(vae, z: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Diffusers' causal decode, one latent frame at a time with the VAE's feature cache:
+    denormalised latents (B, z_dim, F, h, w) -> decoder output per latent frame
+    (B, 3, T_f, H, W), unclamped (also what workers/lightening/light_decoder.py trains on)."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    try:
+        for i in range(x.shape[2]):
+            vae._conv_idx = [0]
+            yield vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map,
+                              feat_idx=vae._conv_idx, first_chunk=(i == 0))
+    finally:
+        vae.clear_cache()
 
 
 def _to_uint8(video: torch.Tensor, patch_size) -> np.ndarray:

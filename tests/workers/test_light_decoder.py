@@ -26,12 +26,7 @@ def quick(**changes) -> LightDecoder:
                                   checkpoint_every=10, steps=4), **changes})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/workers/conftest.py
 
 
 class Stopped(Exception):

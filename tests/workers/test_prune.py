@@ -34,13 +34,7 @@ RENDER = RenderRequest("a red circle moving right on a black background", "", 5,
                        4.0, 4.0, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As derive runs (ctx.threads): on a shared 2-core machine more threads only thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/workers/conftest.py
 
 
 @pytest.fixture(scope="module")

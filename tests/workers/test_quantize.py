@@ -32,12 +32,7 @@ CASES = [("a red circle moving right on a black background", 11),
          ("棕色背景上一个黄色圆形向下移动", 14)]  # held out, in Chinese
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/workers/conftest.py
 
 
 def request(prompt: str, seed: int, frames: int = 17, steps: int = 20) -> RenderRequest:

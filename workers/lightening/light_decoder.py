@@ -33,27 +33,16 @@ from diffusers import AutoencoderKLWan
 
 from workers.lightening.ops import DeriveContext, DeriveError
 from workers.lightening.teacher import training_captions, trajectories
-from workers.wan_pipeline import WanT2V
+from workers.wan_pipeline import WanT2V, decoded_frames
 
 CHECKPOINT = "light-decoder.pt"
 DATA = "light-decoder-data.pt"  # the base's latents and decodes, reused by --resume
 
 
 def decode_raw(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
-    """(B, z_dim, F, h, w) denormalised latents -> (B, 3, T, H, W) decoder output, unclamped:
-    diffusers' causal loop (one latent frame at a time with the feature cache), as
-    workers/wan_pipeline.py decodes."""
-    vae.clear_cache()
-    x = vae.post_quant_conv(z)
-    frames = []
-    try:
-        for i in range(x.shape[2]):
-            vae._conv_idx = [0]
-            frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map,
-                                      feat_idx=vae._conv_idx, first_chunk=(i == 0)))
-    finally:
-        vae.clear_cache()
-    return torch.cat(frames, dim=2)
+    """(B, z_dim, F, h, w) denormalised latents -> (B, 3, T, H, W) decoder output, unclamped,
+    as workers/wan_pipeline.py decodes (with gradients when they are on)."""
+    return torch.cat(list(decoded_frames(vae, z)), dim=2)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ import json
 import math
 import shutil
 import time
+from abc import ABC, abstractmethod
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -234,7 +235,7 @@ def save_expert(model, folder, which: str, origin, teacher_sha: str) -> None:
 
 # ---- operations ------------------------------------------------------------------------------
 
-class _Staged:
+class _Staged(ABC):
     """Shared by the operations: load, plan (validated for every expert before any training),
     stage and recover each expert from the base, save; the manifest entry."""
 
@@ -246,8 +247,18 @@ class _Staged:
         self.experts = check_experts(f"--{self.name}", experts)
         self.recovery = recovery
 
-    def stages(self, student, which: str) -> list:  # [(shrink, steps)]; raises DeriveError
-        raise NotImplementedError
+    @abstractmethod
+    def stages(self, student, which: str) -> list:
+        """[(shrink, recovery steps)] for this expert; DeriveError when it cannot be done."""
+
+    def _only_experts_in(self, counts) -> None:
+        """Per-expert counts ({"high": K}) name the experts the operation changes."""
+        if isinstance(counts, dict):
+            self.experts = tuple(w for w in ("high", "low") if w in counts)
+
+    @staticmethod
+    def _count_for(counts, which: str) -> int:
+        return counts[which] if isinstance(counts, dict) else counts
 
     def apply(self, ctx: DeriveContext) -> dict:
         threads = torch.get_num_threads()
@@ -361,15 +372,14 @@ class DropBlocks(_Staged):
         self.stage_steps, self.final_steps = stage_steps, final_steps
         self.option = f"--drop-blocks {count}"
         super().__init__(experts, recovery)
-        if isinstance(self.count, dict):
-            self.experts = tuple(w for w in ("high", "low") if w in self.count)
+        self._only_experts_in(self.count)
 
     def settings(self) -> dict:
         return {"count": self.count, "experts": list(self.experts),
                 "stage_steps": self.stage_steps, "final_steps": self.final_steps}
 
     def stages(self, student, which: str) -> list:
-        count = self.count[which] if isinstance(self.count, dict) else self.count
+        count = self._count_for(self.count, which)
         layers = student.config.num_layers
         if count >= layers:
             raise DeriveError(f"{self.option}: the {which}-noise expert has {layers} blocks; "
@@ -396,15 +406,14 @@ class StudentLayers(_Staged):
         self.init, self.steps = init, steps
         self.option = f"--student-layers {layers}"
         super().__init__(experts, recovery)
-        if isinstance(self.layers, dict):
-            self.experts = tuple(w for w in ("high", "low") if w in self.layers)
+        self._only_experts_in(self.layers)
 
     def settings(self) -> dict:
         return {"layers": self.layers, "init": self.init, "steps": self.steps,
                 "experts": list(self.experts)}
 
     def stages(self, student, which: str) -> list:
-        want = self.layers[which] if isinstance(self.layers, dict) else self.layers
+        want = self._count_for(self.layers, which)
         layers = student.config.num_layers
         if want >= layers:
             raise DeriveError(f"{self.option}: the {which}-noise expert has {layers} blocks; "
