@@ -14,6 +14,21 @@ PROJECT_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 Project = Annotated[str, Field(pattern=PROJECT_PATTERN)]
 
 
+WebhookEvent = Literal["start", "progress", "completed"]
+
+
+def check_webhook_url(value: str | None) -> str | None:
+    """An absolute http(s) URL with a host, or None."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"webhook must be an http(s) URL with a host, got {value!r}")
+    return value
+
+
 class JobCreate(BaseModel):
     """A render request. Every bound is checked here, before anything reaches a worker."""
 
@@ -36,6 +51,19 @@ class JobCreate(BaseModel):
     # A long video's segments continue each other (no cuts; rendered one after another);
     # False: independent clips, rendered at once.
     continuous: bool = True
+    # Issue #13. False: render even when the result cache holds this exact request.
+    cache: bool = True
+    hold: bool = False  # submitted held: admission passes it over until released
+    timeout_s: Annotated[float | None, Field(gt=0, le=7 * 86400)] = None  # from admission
+    queue_ttl_s: Annotated[float | None, Field(gt=0, le=30 * 86400)] = None  # never admitted: expired
+    retain_days: Annotated[int | None, Field(ge=1, le=3650)] = None  # None: FARM_RETAIN_DAYS
+    webhook: Annotated[str | None, Field(max_length=2048)] = None  # http(s) URL
+    webhook_events: list[WebhookEvent] = ["completed"]
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return check_webhook_url(value)
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -116,6 +144,20 @@ class JobPublic(BaseModel):
     queued_seconds: float | None
     run_seconds: float | None
     segments: list[SegmentPublic]
+    # Issue #13.
+    cached: bool = False  # answered from the result cache, no GPU used
+    cached_from: str | None = None  # the job whose video answered it
+    held: bool = False
+    timeout_s: float | None = None
+    queue_ttl_s: float | None = None
+    retain_days: int | None = None
+    deleted_at: datetime | None = None
+    webhook: str | None = None
+    webhook_events: list[str] = []
+    queue_position: int | None = None  # 1: next to be admitted on its tier; None: not waiting
+    eta_s: float | None = None  # seconds until it should finish, from the route's estimate
+    stage_times: dict[str, float] = {}  # queue_wait, load, denoise, decode, encode, stitch
+    peak_memory_bytes: int | None = None
 
 
 class JobEventPublic(BaseModel):
@@ -156,6 +198,13 @@ class BatchCreate(BaseModel):
     window: Annotated[str | None, Field(max_length=32)] = None  # e.g. "22:00-06:00"
     on_window_close: Literal["wait", "cancel"] = "wait"  # what is not started when it closes
     defaults: dict = {}  # job fields applied under every line
+    webhook: Annotated[str | None, Field(max_length=2048)] = None  # the batch's events
+    webhook_events: list[WebhookEvent] = ["completed"]
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return check_webhook_url(value)
 
     @field_validator("window")
     @classmethod

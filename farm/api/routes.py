@@ -49,6 +49,10 @@ def to_public(job: Job, request: Request) -> JobPublic:
         dispatched_at=job.dispatched_at, resends=job.resends, continuous=job.continuous,
         started_at=job.started_at, finished_at=job.finished_at, queued_seconds=queued,
         run_seconds=run, segments=[SegmentPublic.model_validate(s) for s in job.segments],
+        cached=job.cached_from is not None, cached_from=job.cached_from, held=job.held,
+        timeout_s=job.timeout_s, queue_ttl_s=job.queue_ttl_s, retain_days=job.retain_days,
+        deleted_at=job.deleted_at, webhook=job.webhook, webhook_events=job.webhook_events or [],
+        stage_times=job.stage_times or {}, peak_memory_bytes=job.peak_memory_bytes,
     )
 
 

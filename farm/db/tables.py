@@ -1,7 +1,9 @@
 """SQLAlchemy 2 models of jobs and segments. The same code runs on PostgreSQL and SQLite.
 
 States (README.md "When things break"): job queued -> waiting -> running -> stitching -> succeeded | failed |
-canceled; segment pending -> running -> done | failed. Only `farm.jobs.service` changes them.
+canceled | expired (never admitted within its queue_ttl_s); any ended job -> deleted (its files
+removed, its row and log kept); segment pending -> running -> done | failed. Only the job service
+(`farm.jobs`) changes them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class JobState(str, enum.Enum):
     succeeded = "succeeded"
     failed = "failed"
     canceled = "canceled"
+    expired = "expired"  # not admitted within its queue_ttl_s (issue #13)
+    deleted = "deleted"  # its files removed by DELETE or retention; row and log kept
 
 
 class SegmentState(str, enum.Enum):
@@ -37,7 +41,8 @@ class SegmentState(str, enum.Enum):
     failed = "failed"
 
 
-FINAL_JOB_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.canceled})
+FINAL_JOB_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.canceled,
+                              JobState.expired, JobState.deleted})
 
 
 class UTCDateTime(TypeDecorator):
@@ -94,9 +99,24 @@ class Job(Base):
     # not this one (sent before the reconciler re-sent the job) does nothing.
     celery_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     resends: Mapped[int] = mapped_column(Integer, default=0)  # times farm.tasks.reconcile re-sent it
+    # Issue #13. The result cache's content key (farm.jobs.result_cache); None: the client
+    # opted out. ``cached_from``: the job whose stored video answered this one.
+    cache_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    cached_from: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    held: Mapped[bool] = mapped_column(Boolean, default=False)  # admission passes it over
+    timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # from admission
+    queue_ttl_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # from creation
+    retain_days: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: project's
+    webhook: Mapped[str | None] = mapped_column(String(2048), nullable=True)  # URL
+    webhook_events: Mapped[list] = mapped_column(JSON, default=list)  # start|progress|completed
+    # Seconds per stage: queue_wait, load, denoise, decode, encode, stitch (summed over
+    # segments); peak memory of the render in bytes (device memory, else the process's RSS).
+    stage_times: Mapped[dict] = mapped_column(JSON, default=dict)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(nullable=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     segments: Mapped[list["Segment"]] = relationship(
@@ -117,6 +137,8 @@ class Batch(Base):
     on_window_close: Mapped[str] = mapped_column(String(16), default="wait")  # wait | cancel
     state: Mapped[str] = mapped_column(String(16), default="open", index=True)  # open | done
     report_keys: Mapped[dict] = mapped_column(JSON, default=dict)  # {"html": key, "csv": key}
+    webhook: Mapped[str | None] = mapped_column(String(2048), nullable=True)  # issue #13
+    webhook_events: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
@@ -142,6 +164,10 @@ class Segment(Base):
     # Written every few seconds while a task renders it; stale means its worker vanished.
     heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
     chunk_keys: Mapped[list] = mapped_column(JSON, default=list)  # storage keys, in order
+    # The segment's content key (farm.jobs.result_cache): its chunks answer a later job's
+    # segment with the same key without rendering it.
+    cache_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    cached_from: Mapped[str | None] = mapped_column(String(32), nullable=True)  # job id
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -187,4 +213,54 @@ class JobEvent(Base):
     kind: Mapped[str] = mapped_column(String(32))  # farm.jobs.events: RESENT, SEGMENT_FAILED, ...
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     message: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CacheEntry(Base):
+    """A stored result the result cache may answer with (issue #13): a whole video
+    (``kind`` video: ``keys`` is [the mp4]) or one segment's chunks (``kind`` segment).
+    Retention never deletes a file an entry names; evicting the entry lets it go."""
+
+    __tablename__ = "cache_entries"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # content hash
+    kind: Mapped[str] = mapped_column(String(16))  # video | segment
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[str] = mapped_column(String(32))  # the job that rendered it
+    segment_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    keys: Mapped[list] = mapped_column(JSON, default=list)  # storage keys, in order
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the video's
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    hits: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_hit_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ProjectSecret(Base):
+    """A project's webhook signing secret (issue #13), shown once when made."""
+
+    __tablename__ = "project_secrets"
+
+    project: Mapped[str] = mapped_column(String(64), primary_key=True)
+    webhook_secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """The webhook outbox (issue #13): one row per event to deliver, written in the same
+    transaction as the state change it reports, sent and retried with backoff by a beat task."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    batch_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    event: Mapped[str] = mapped_column(String(32))  # start | progress | completed | ...
+    url: Mapped[str] = mapped_column(String(2048))
+    body: Mapped[str] = mapped_column(Text)  # the JSON sent, byte for byte
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

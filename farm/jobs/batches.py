@@ -63,7 +63,8 @@ def create_batch(settings: Settings, body: BatchCreate,
     requests = [(line, _line_request(line, body)) for line in lines]
     batch = Batch(id=uuid.uuid4().hex, name=body.name, project=body.project, window=body.window,
                   timezone=body.timezone, on_window_close=body.on_window_close, state="open",
-                  report_keys={}, created_at=utcnow())
+                  report_keys={}, webhook=body.webhook,
+                  webhook_events=list(body.webhook_events), created_at=utcnow())
     loads = admit.queue_loads(settings.database_url)
     rules_sha = get_policy().rules.sha256
     now, new = utcnow(), []

@@ -42,7 +42,9 @@ def new_job(request: JobCreate, route: Route, rules_sha256: str, batch_id: str |
         steps=request.steps or variant.default_steps, guidance_high=guidance_high,
         guidance_low=guidance_low, seed=seed, priority=request.priority,
         project=request.project, track=request.track, batch_id=batch_id,
-        continuous=request.continuous,
+        continuous=request.continuous, held=request.hold, timeout_s=request.timeout_s,
+        queue_ttl_s=request.queue_ttl_s, retain_days=request.retain_days,
+        webhook=request.webhook, webhook_events=list(request.webhook_events), stage_times={},
         route=route.as_dict(), rules_sha256=rules_sha256, progress=0.0, created_at=utcnow(),
     )
     job.segments = [
