@@ -82,3 +82,12 @@ class OverLimit(FarmError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class JobStateConflict(FarmError):
+    """A job control (retry, hold, priority; issue #13) asked of a job in a state that does
+    not allow it: HTTP 409, the message naming the job's state."""
+
+    def __init__(self, job_id: str, state: str, message: str):
+        super().__init__(message)
+        self.job_id, self.state = job_id, state

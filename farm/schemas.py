@@ -46,6 +46,9 @@ class JobCreate(BaseModel):
     fps: Annotated[int, Field(ge=1, le=60)] = 16
     steps: Annotated[int | None, Field(ge=1, le=200)] = None  # None: the model's default
     guidance: Annotated[float | None, Field(ge=0.0, le=20.0)] = None  # None: the model's own
+    # The low-noise expert's scale (Wan2.2's guidance_scale_2, issue #13 item 8); None:
+    # ``guidance`` if given, else the model's own.
+    guidance_low: Annotated[float | None, Field(ge=0.0, le=20.0)] = None
     seed: Annotated[int | None, Field(ge=0, le=MAX_SEED)] = None  # None: drawn at submission
     priority: Annotated[int, Field(ge=0, le=100)] = 50
     # A long video's segments continue each other (no cuts; rendered one after another);

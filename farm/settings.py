@@ -78,6 +78,39 @@ class Settings(BaseSettings):
     # over the catalog; default {home}/variants.yaml.
     variants_file: Path | None = None
     tick_seconds: float = 5.0  # Celery beat: batch windows opened/closed, waiting jobs released
+    # The result cache (issue #13): entries not hit for this many days are dropped (0: never),
+    # and the least recently hit videos beyond this many bytes (0: no cap), checked every
+    # cache_evict_every_s (the total is a sum over the table: not on every tick).
+    cache_max_age_days: float = Field(30.0, ge=0)
+    cache_max_bytes: int = Field(200 * 1024**3, ge=0)
+    cache_evict_every_s: float = Field(600.0, gt=0)
+
+    # S3 storage (FARM_STORAGE_URL s3://bucket/prefix, issue #13): the server, its keys, and
+    # the part size of multipart uploads (S3's minimum is 5 MiB): files of at least two parts
+    # go up in parts; downloads answer with a URL signed for presign_expiry_s.
+    s3_endpoint_url: str = ""  # empty: AWS's own endpoints
+    s3_key: str = ""
+    s3_secret: SecretStr = SecretStr("")
+    s3_region: str = "us-east-1"
+    s3_part_bytes: int = Field(32 * 1024**2, ge=5 * 1024**2)
+    presign_expiry_s: int = Field(3600, ge=1, le=7 * 86400)
+    # Retention (farm/jobs/retention.py): days an ended job's files are kept (0: forever),
+    # per project over that ({"proj": days} as JSON), chunks kept after the stitch,
+    # days idempotency keys are kept, jobs settled or expired per tick, and videos re-hashed
+    # per tick by the integrity check.
+    retain_days: int = Field(30, ge=0)
+    retain_days_by_project: dict[str, int] = Field(default_factory=dict)
+    keep_chunks: bool = False
+    idempotency_days: int = Field(7, ge=1)
+    retention_batch: int = Field(200, ge=1)
+    verify_per_tick: int = Field(2, ge=0)
+    # Webhooks (farm/jobs/webhook_delivery.py, issue #13): a failed delivery is tried again
+    # after base * 2**(attempt-1) seconds, at most cap apart, max_attempts in all; seconds
+    # a receiver may take to answer.
+    webhook_retry_base_s: float = Field(2.0, gt=0)
+    webhook_retry_cap_s: float = Field(600.0, gt=0)
+    webhook_max_attempts: int = Field(20, ge=1)
+    webhook_timeout_s: float = Field(5.0, gt=0)
 
     encode_chunk_frames: int = 16  # frames per H.264 chunk
     x264_preset: str = "veryfast"

@@ -297,3 +297,6 @@ def api_url(celery_workers, api_key) -> str:
 @pytest.fixture(scope="session")
 def flower_url(celery_workers) -> str:
     yield from _http_service("flower", "/healthcheck")
+
+
+from tests.s3_server import s3_server  # noqa: E402,F401  (a SeaweedFS, issue #13)

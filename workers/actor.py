@@ -24,6 +24,7 @@ from workers.parallel.plan import (
     agree_on_request, agree_to_stop, apply_after_load, init_groups, pipeline_options,
 )
 from workers.parallel.placement import NotOnThisGroup, apply_placement, expert_loader
+from workers.peak_memory import peak_bytes, reset_peak
 from workers.wan_pipeline import DenoiseState, RenderRequest, WanT2V
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,7 @@ class RenderWorker:
         from that ``state``, and the driver then calls `release_handover` on the high-noise
         rank 0."""
         began = time.time()
+        reset_peak(self.device)
         req = self._prepare(request)
         if self.role == "low" and state is None:
             raise ValueError("the low-noise group of a split placement needs the handed-over "
@@ -275,18 +277,26 @@ class RenderWorker:
         self._active.add(request_id)
         try:
             state = self._on_device(state) or self.pipeline.start(req)
+            # Stage times (issue #13): ``loaded`` ends the load stage (model, step cache, the
+            # start state); ``decode_s`` is the seconds spent decoding each chunk of frames.
+            loaded = time.time()
             latents = state.latents
             for step, steps, expert, latents in self._denoise(req, request_id, state):
                 yield {"kind": "progress", "step": step, "steps": steps, "expert": expert,
-                       "at": time.time(), "began": began}
+                       "at": time.time(), "began": began, "loaded": loaded,
+                       "peak_memory_bytes": peak_bytes(self.device)}
             if self.role == "high":  # by reference: the driver never unpickles GPU state
                 ref = ray.put(state.to("cpu"))
                 self._keep_handover(request_id, ref)
                 yield {"kind": "handover", "state": ref, "at": time.time(), "began": began}
                 return
+            decoding = time.monotonic()
             for frames in self.pipeline.decode_chunks(latents, latent_frames_per_chunk):
                 self._check_canceled(request_id, "while decoding")
-                yield {"kind": "frames", "frames": frames}
+                decode_s = time.monotonic() - decoding
+                yield {"kind": "frames", "frames": frames, "decode_s": decode_s,
+                       "peak_memory_bytes": peak_bytes(self.device)}
+                decoding = time.monotonic()  # the consumer's time is not decoding
             self.renders += 1
         finally:
             self._active.discard(request_id)

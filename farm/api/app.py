@@ -8,6 +8,10 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from farm.api import batch_routes, picture_routes, routes
+from farm.api import metrics, videos_routes
+from farm.api import control_routes
+from farm.api import stream_routes
+from farm.api import retention_routes
 from farm.api.limits import BodyLimit
 from farm.api.errors import database_unavailable_handler, validation_error_handler
 from farm.db.session import DATABASE_OUTAGE
@@ -37,4 +41,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(batch_routes.router)
     app.include_router(picture_routes.router)
+    app.include_router(retention_routes.router)  # DELETE /v1/jobs/{id}
+    app.include_router(videos_routes.router)  # OpenAI-style /v1/videos (issue #13)
+    app.include_router(metrics.router)  # /metrics for Prometheus (issue #13)
+    app.include_router(control_routes.router)
+    app.include_router(stream_routes.router)  # progress streams, webhook secret
     return app

@@ -6,11 +6,14 @@ import logging
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi.responses import (
+    FileResponse, JSONResponse, RedirectResponse, StreamingResponse,
+)
 from sqlalchemy import text
 
-from farm.jobs import admit, events, service as jobs, submit
+from farm.jobs import admit, events, integrity, service as jobs, stage_times, submit
+from farm.jobs.controls import queue_estimate
 from farm.db.tables import Job, JobState
 from farm.db.session import get_engine
 from farm.api import limits
@@ -113,8 +116,14 @@ def list_jobs(request: Request, project: Project, state: JobState | None = None,
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic, name="get_job")
-def get_job(job_id: str, request: Request, project: Project) -> JobPublic:
-    return to_public(_get_or_404(_settings(request).database_url, job_id, project), request)
+def get_job(job_id: str, request: Request, response: Response, project: Project) -> JobPublic:
+    db = _settings(request).database_url
+    job = _get_or_404(db, job_id, project)
+    if job.stage_times:  # where its time went, in ms (issue #13)
+        response.headers["Server-Timing"] = stage_times.server_timing(job.stage_times)
+    public = to_public(job, request)  # the list leaves these two None (one query each)
+    public.queue_position, public.eta_s = queue_estimate(db, job)
+    return public
 
 
 @router.get("/v1/jobs/{job_id}/events", response_model=list[JobEventPublic])
@@ -132,26 +141,31 @@ def cancel_job(job_id: str, request: Request, project: Project) -> JobPublic:
     if not jobs.cancel_job(db, job_id):
         job = jobs.get_job(db, job_id)
         raise HTTPException(409, f"job {job_id} has already ended: {job.state}")
+    events.record(db, job_id, events.CANCELED, "canceled by request")  # issue #13
     admit.release_soon(_settings(request))  # the GPUs it held, if any, are free
     return to_public(jobs.get_job(db, job_id), request)
 
 
 @router.get("/v1/jobs/{job_id}/video", name="download_video")
-def download_video(job_id: str, request: Request, project: Project):
+def download_video(job_id: str, request: Request, project: Project, redirect: bool = True):
+    """The video: served from a local folder; on S3 a 307 to a presigned URL, or with
+    ``?redirect=false`` JSON {url, sha256, expires_at}. Not re-hashed here: its sha256 was
+    taken when stored and is re-checked on a schedule (farm/jobs/integrity.py)."""
     settings = _settings(request)
     job = _get_or_404(settings.database_url, job_id, project)
     if job.state != JobState.succeeded.value or not job.output_key:
         raise HTTPException(409, f"job {job_id} has no video: it is {job.state}")
+    if integrity.is_corrupt(job):
+        raise HTTPException(500, f"job {job_id}: {job.error}")
     storage = Storage(settings.storage_url)
     headers = {"ETag": f'"{job.output_sha256}"', "X-Content-SHA256": job.output_sha256 or ""}
+    if storage.is_s3:
+        url, expires = storage.signed_url(job.output_key, settings.presign_expiry_s)
+        if not redirect:
+            return JSONResponse({"url": url, "sha256": job.output_sha256,
+                                 "expires_at": expires.isoformat()}, headers=headers)
+        return RedirectResponse(url, status_code=307, headers=headers)
     local = storage.local_path(job.output_key)
-    # Checked on every serve: a file changed or damaged since it was stored is never sent.
-    stored = storage.sha256(job.output_key)
-    if stored != job.output_sha256:
-        log.error("job %s: stored video %s has sha256 %s, recorded %s", job_id,
-                  job.output_key, stored, job.output_sha256)
-        raise HTTPException(500, f"job {job_id}'s stored video does not match its recorded "
-                                 "sha256; it is not served")
     if local is not None:
         return FileResponse(local, media_type="video/mp4", filename=f"{job_id}.mp4",
                             headers=headers)

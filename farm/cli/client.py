@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from farm.settings import get_settings
 
-FINAL = {"succeeded", "failed", "canceled"}
+FINAL = {"succeeded", "failed", "canceled", "expired", "deleted"}
 
 
 def api_key() -> str:
@@ -63,12 +63,14 @@ def submit(prompt: str,
            height: int = 720, fps: int = 16, steps: int = typer.Option(None),
            seed: int = typer.Option(None), priority: int = typer.Option(50, help="0..100"),
            deadline: float = typer.Option(None, help="seconds: wanted within"),
-           negative_prompt: str = "") -> None:
+           negative_prompt: str = "",
+           cache: bool = typer.Option(True, help="--no-cache: render even when the result "
+                                                 "cache holds this exact request")) -> None:
     """Submit a render job; prints its id."""
     body = dict(prompt=prompt, model=None if model == "auto" else model, track=track,
                 project=project, frames=frames, width=width, height=height, fps=fps,
                 steps=steps, seed=seed, priority=priority, deadline_s=deadline,
-                negative_prompt=negative_prompt)
+                negative_prompt=negative_prompt, cache=cache)
     with client() as http:
         job = check(http.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None}))
     typer.echo(job["id"])
@@ -80,19 +82,31 @@ def status(job_id: str) -> None:
         typer.echo(json.dumps(check(http.get(f"/v1/jobs/{job_id}")), indent=2))
 
 
-def wait(job_id: str, timeout: float = typer.Option(3600.0, help="seconds")) -> None:
-    """Follow a job with a progress bar until it ends; exit 1 unless it succeeded."""
-    deadline = time.monotonic() + timeout
-    with client() as http, Progress(TextColumn("{task.description}"), BarColumn(),
-                                       TextColumn("{task.percentage:>5.1f}%"),
-                                       TimeElapsedColumn()) as bar:
+def _poll_job(http: httpx.Client, job_id: str, deadline: float) -> dict:
+    """Follow a job by polling (an API without the stream route), one bar for the job."""
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn()) as bar:
         task = bar.add_task(job_id[:8], total=1.0)
         while True:
             job = check(http.get(f"/v1/jobs/{job_id}"))
             bar.update(task, completed=job["progress"], description=f"{job_id[:8]} {job['state']}")
             if job["state"] in FINAL or time.monotonic() > deadline:
-                break
+                return job
             time.sleep(0.5)
+
+
+def wait(job_id: str, timeout: float = typer.Option(3600.0, help="seconds")) -> None:
+    """Follow a job with a live progress bar per segment until it ends (the API's event
+    stream); exit 1 unless it succeeded."""
+    from farm.cli import watch
+
+    deadline = time.monotonic() + timeout
+    with client() as http:
+        result, job = watch.wait_job(http, job_id, deadline)
+        if isinstance(result, httpx.Response):
+            check(result)  # 403, 404: says why, exit 1
+        if result is watch.NO_STREAM:
+            job = _poll_job(http, job_id, deadline)
     if job["state"] != "succeeded":
         typer.echo(f"job {job_id} {job['state']}: {job.get('error') or ''}", err=True)
         raise typer.Exit(1)
@@ -121,11 +135,15 @@ def download(job_id: str, output: Path = typer.Option(..., "--output", "-o")) ->
     """Save a succeeded job's MP4, checked against its recorded sha256."""
     digest = hashlib.sha256()
     partial = output.with_name(output.name + ".part")
-    with client() as http, http.stream("GET", f"/v1/jobs/{job_id}/video") as resp:
+    # S3 storage answers with a 307 to a presigned URL (httpx drops the API key when the
+    # redirect leaves the API's host); the sha256 comes from the API's own answer.
+    with client() as http, http.stream("GET", f"/v1/jobs/{job_id}/video",
+                                       follow_redirects=True) as resp:
         if resp.status_code >= 400:
             resp.read()
             check(resp)
-        expected = resp.headers.get("X-Content-SHA256")
+        first = resp.history[0] if resp.history else resp
+        expected = first.headers.get("X-Content-SHA256")
         with open(partial, "wb") as fh:
             for block in resp.iter_bytes():
                 digest.update(block)
@@ -137,3 +155,10 @@ def download(job_id: str, output: Path = typer.Option(..., "--output", "-o")) ->
         raise typer.Exit(1)
     partial.replace(output)
     typer.echo(str(output))
+
+
+def delete(job_id: str) -> None:
+    """Delete an ended job's files (video, chunks, pictures); its record and log stay."""
+    with client() as http:
+        job = check(http.delete(f"/v1/jobs/{job_id}"))
+    typer.echo(f"job {job_id}: {job['state']}")

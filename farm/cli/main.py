@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-from farm.cli import client, models_cmds, policy_cmds, render, services
+from farm.cli import cache_cmds, client, models_cmds, policy_cmds, render, services
+from farm.cli import control_cmds
+from farm.cli import exporter
 from farm.settings import get_settings
 
 app = typer.Typer(help="Render farm for Wan2.2-class text-to-video models.",
@@ -19,6 +21,7 @@ app.add_typer(toy_app, name="toy")
 app.add_typer(services.ray_app, name="ray")
 app.add_typer(policy_cmds.rules_app, name="rules")
 app.add_typer(policy_cmds.batch_app, name="batch")
+app.add_typer(cache_cmds.cache_app, name="cache")
 keys_app = typer.Typer(help="Projects' API keys (run where FARM_DATABASE_URL points).")
 app.add_typer(keys_app, name="keys")
 
@@ -60,10 +63,31 @@ def keys_revoke(key_id: str) -> None:
         raise typer.Exit(1)
     typer.echo(f"key {key_id} revoked")
 
+
+@keys_app.command("webhook-secret")
+def keys_webhook_secret(project: str = typer.Option(..., help="the project whose webhooks "
+                                                               "it signs")) -> None:
+    """Make the project a new webhook signing secret and print it (shown this once; it
+    replaces the old one). Receivers check Farm-Signature with it (README: Webhooks)."""
+    import re
+
+    from farm.jobs import webhooks
+    from farm.schemas import PROJECT_PATTERN
+
+    if not re.match(PROJECT_PATTERN, project):
+        typer.echo(f"error: --project: got {project!r}: lower-case letters, digits, . _ -",
+                   err=True)
+        raise typer.Exit(2)
+    secret = webhooks.rotate_secret(get_settings().database_url, project)
+    typer.echo(f"webhook secret for project {project}:\n{secret}")
+
 for command in (render.render, client.submit, client.status, client.wait, client.logs,
-                client.cancel, client.download, services.up, services.api, services.worker, services.beat,
+                client.cancel, client.download, client.delete, services.up, services.api, services.worker, services.beat,
                 services.flower):
     app.command()(command)
+for command in control_cmds.COMMANDS:  # retry, hold, release, priority (issue #13)
+    app.command()(command)
+app.command()(exporter.exporter)  # Prometheus metrics (issue #13)
 
 
 @db_app.command("upgrade")

@@ -193,3 +193,31 @@ def batch_status(batch_id: str) -> None:
     """A batch's jobs counted by state, its window and its report."""
     with client() as http:
         typer.echo(json.dumps(check(http.get(f"/v1/batches/{batch_id}")), indent=2))
+
+
+@batch_app.command("wait")
+def batch_wait(batch_id: str, timeout: float = typer.Option(86400.0, help="seconds")) -> None:
+    """Follow a batch (the API's event stream) with a bar of its jobs ended until it is
+    done; exit 1 unless every job succeeded."""
+    import time
+
+    import httpx
+
+    from farm.cli import watch
+
+    deadline = time.monotonic() + timeout
+    with client() as http:
+        result, last = watch.wait_batch(http, batch_id, deadline)
+        if isinstance(result, httpx.Response):
+            check(result)  # 403, 404: says why, exit 1
+        while result is watch.NO_STREAM and time.monotonic() <= deadline:  # an older API
+            batch = check(http.get(f"/v1/batches/{batch_id}"))
+            last, result = batch, (True if batch["state"] == "done" else watch.NO_STREAM)
+            time.sleep(0 if result is True else 1.0)
+    counts = last.get("counts", {})
+    summary = ", ".join(f"{state} {n}" for state, n in sorted(counts.items()))
+    if result is not True or set(counts) != {"succeeded"}:
+        typer.echo(f"batch {batch_id} {'done' if result is True else 'not done'}: {summary}",
+                   err=True)
+        raise typer.Exit(1)
+    typer.echo(f"batch {batch_id} done: {summary}")

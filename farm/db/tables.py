@@ -12,7 +12,7 @@ import enum
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
+    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
     TypeDecorator, UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -63,6 +63,8 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_expires_at", "state", "expires_at"),
+                      Index("ix_jobs_state_verified_at", "state", "verified_at"))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex
     state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.queued.value)
@@ -102,7 +104,7 @@ class Job(Base):
     # Issue #13. The result cache's content key (farm.jobs.result_cache); None: the client
     # opted out. ``cached_from``: the job whose stored video answered this one.
     cache_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
-    cached_from: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    cached_from: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     held: Mapped[bool] = mapped_column(Boolean, default=False)  # admission passes it over
     timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # from admission
     queue_ttl_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # from creation
@@ -115,8 +117,12 @@ class Job(Base):
     peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)  # metrics
     deleted_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Retention (farm/jobs/retention.py, migration 0008): when an ended job's files go,
+    # stamped when the sweep first sees it ended; when its video's sha256 was last checked.
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    verified_at: Mapped[datetime | None] = mapped_column(nullable=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     segments: Mapped[list["Segment"]] = relationship(
@@ -167,7 +173,8 @@ class Segment(Base):
     # The segment's content key (farm.jobs.result_cache): its chunks answer a later job's
     # segment with the same key without rendering it.
     cache_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
-    cached_from: Mapped[str | None] = mapped_column(String(32), nullable=True)  # job id
+    cached_from: Mapped[str | None] = mapped_column(String(32), nullable=True,
+                                                    index=True)  # job id
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -197,7 +204,7 @@ class IdempotencyRecord(Base):
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     body_sha256: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class JobEvent(Base):
@@ -226,9 +233,12 @@ class CacheEntry(Base):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)  # content hash
     kind: Mapped[str] = mapped_column(String(16))  # video | segment
     project: Mapped[str] = mapped_column(String(64), index=True)
-    job_id: Mapped[str] = mapped_column(String(32))  # the job that rendered it
+    job_id: Mapped[str] = mapped_column(String(32), index=True)  # the job that rendered it
     segment_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     keys: Mapped[list] = mapped_column(JSON, default=list)  # storage keys, in order
+    # A segment's last frame (farm/tasks/seams.py), which the next segment of a continuous
+    # job starts from; None for a video or a segment that ended its job.
+    seam_key: Mapped[str | None] = mapped_column(String(512), nullable=True)
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the video's
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     hits: Mapped[int] = mapped_column(Integer, default=0)
@@ -261,6 +271,6 @@ class WebhookDelivery(Base):
     body: Mapped[str] = mapped_column(Text)  # the JSON sent, byte for byte
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
-    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -95,7 +95,7 @@ def _choose(session) -> tuple[list[str], dict[str, str]]:
     now = utcnow()
     rows = session.execute(
         select(Job.id, Job.project, Job.route, Job.priority, Job.created_at, Job.dispatched_at)
-        .where(Job.state.in_(ON_GPUS))
+        .where(Job.state.in_(ON_GPUS), Job.held.is_(False))  # a held job waits unseen (#13)
     ).all()
     policy = get_policy()
     runnable = runnable_segments(session, [r.id for r in rows])

@@ -17,7 +17,7 @@ from datetime import datetime
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from farm.jobs import admit, service as jobs
+from farm.jobs import admit, result_cache, service as jobs, webhooks
 from farm.db.tables import FINAL_JOB_STATES, Batch, Job, JobState, utcnow
 from farm.db.session import session_scope
 from farm.errors import BadBatch, BatchNotFound, PromptTooLong, Unroutable
@@ -67,7 +67,7 @@ def create_batch(settings: Settings, body: BatchCreate,
                   webhook_events=list(body.webhook_events), created_at=utcnow())
     loads = admit.queue_loads(settings.database_url)
     rules_sha = get_policy().rules.sha256
-    now, new = utcnow(), []
+    now, new, answers = utcnow(), [], []
     for line, request in requests:
         try:
             chosen = route_request(request, loads, batch=True)
@@ -80,13 +80,17 @@ def create_batch(settings: Settings, body: BatchCreate,
             chosen = dataclasses.replace(chosen, window=body.window, timezone=body.timezone)
         new.append(jobs.new_job(request, chosen, rules_sha, batch.id,
                                 waiting=must_wait(chosen.as_dict(), now)))
+        if request.cache:  # a repeat of a rendered request is answered at once (issue #13)
+            answers.append(result_cache.answer_from_cache(settings, new[-1]))
         # The batch's own jobs count in the queues the next lines see (fallbacks spill).
         load = loads.get(chosen.queue, QueueLoad())
         loads[chosen.queue] = QueueLoad(load.waiting_jobs + 1,
                                         load.backlog_gpu_s + (chosen.gpu_seconds or 0.0))
     if count_jobs is not None:
         count_jobs(len(new))
-    jobs.add_jobs(settings.database_url, new, batch)
+    jobs.add_jobs(settings.database_url, new, batch,
+                  extra=tuple(e for a in answers for e in a.log),
+                  statements=tuple(u for a in answers for u in a.updates))
     log.info("batch %s: %d jobs, window %s", batch.id, len(new), body.window or "none")
     release_or_defer(settings)
     return batch, new
@@ -150,9 +154,11 @@ def finish_batches(settings: Settings) -> list[str]:
             log.exception("batch %s: report failed; the next tick tries again", batch_id)
             continue
         with session_scope(db) as session:
-            batch = session.get(Batch, batch_id)
+            # Locked: of two ticks, one marks it done and writes its webhook (issue #13).
+            batch = session.get(Batch, batch_id, with_for_update=True)
             if batch.state == "open":
                 batch.state, batch.report_keys, batch.finished_at = "done", keys, utcnow()
+                webhooks.batch_completed(session, batch)
                 finished.append(batch_id)
                 log.info("batch %s done; report at %s", batch_id, keys)
     return finished

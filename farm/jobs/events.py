@@ -27,6 +27,15 @@ SEGMENT_LOST = "segment_lost"  # its worker stopped heartbeating mid-segment
 SEGMENT_HANDED_ON = "segment_handed_on"  # a blocklisted worker passed it to another
 BLOCKLISTED = "blocklisted"  # a worker will not run this job's segments again
 JOB_FAILED = "job_failed"
+# Job controls (farm.jobs.controls, issue #13): what a person or the timeout sweep did.
+CANCELED = "canceled"
+RETRIED = "retried"  # failures before it no longer count (farm.tasks.failure_policy)
+HELD = "held"
+RELEASED = "released"  # a held job given back to admission
+PRIORITY_CHANGED = "priority_changed"
+TIMED_OUT = "timed_out"
+EXPIRED = "expired"
+CACHE_HIT = "cache_hit"  # answered (or some segments) from the result cache, issue #13
 FAILURE_KINDS = (SEGMENT_FAILED, SEGMENT_LOST)
 
 
@@ -50,12 +59,20 @@ def list_events(db_url: str, job_id: str) -> list[JobEvent]:
                                     .order_by(JobEvent.id)))
 
 
+def _since_retry(job_id: str):
+    """SQL condition: the event came after the job's last retry (issue #13): a retried job
+    starts with a clean slate for the failure policy; the log itself keeps everything."""
+    last = (select(func.coalesce(func.max(JobEvent.id), 0))
+            .where(JobEvent.job_id == job_id, JobEvent.kind == RETRIED).scalar_subquery())
+    return JobEvent.id > last
+
+
 def failures(db_url: str, job_id: str) -> list[JobEvent]:
-    """The job's failure events, oldest first."""
+    """The job's failure events since its last retry, oldest first."""
     with session_scope(db_url) as session:
         return list(session.scalars(
-            select(JobEvent).where(JobEvent.job_id == job_id,
-                                   JobEvent.kind.in_(FAILURE_KINDS)).order_by(JobEvent.id)))
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind.in_(FAILURE_KINDS),
+                                   _since_retry(job_id)).order_by(JobEvent.id)))
 
 
 def failures_by_worker(events: list[JobEvent]) -> Counter:
@@ -66,4 +83,4 @@ def count(db_url: str, job_id: str, kind: str, segment_index: int) -> int:
     with session_scope(db_url) as session:
         return session.scalar(select(func.count()).select_from(JobEvent).where(
             JobEvent.job_id == job_id, JobEvent.kind == kind,
-            JobEvent.segment_index == segment_index))
+            JobEvent.segment_index == segment_index, _since_retry(job_id)))

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 from farm.db.tables import FINAL_JOB_STATES, Job, JobState, Segment, SegmentState, utcnow
 from farm.db.session import session_scope
 from farm.errors import JobNotFound, SegmentExhausted
+from farm.jobs import webhooks
 from farm.policy import get_policy
 from farm.schemas import MAX_SEED, JobCreate
 from scheduler.planner import plan_segments
@@ -34,7 +35,8 @@ def new_job(request: JobCreate, route: Route, rules_sha256: str, batch_id: str |
     variant = get_policy().catalog.model(route.variant)
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED)
     guidance_high = request.guidance if request.guidance is not None else variant.guidance_high
-    guidance_low = request.guidance if request.guidance is not None else variant.guidance_low
+    guidance_low = next((g for g in (request.guidance_low, request.guidance) if g is not None),
+                        variant.guidance_low)
     job = Job(
         id=uuid.uuid4().hex, state=(JobState.waiting if waiting else JobState.queued).value,
         prompt=request.prompt, negative_prompt=request.negative_prompt, model=variant.name,
@@ -56,14 +58,21 @@ def new_job(request: JobCreate, route: Route, rules_sha256: str, batch_id: str |
     return job
 
 
-def add_jobs(db_url: str, new: list[Job], batch=None, extra: tuple = ()) -> None:
-    """Write the jobs (and their batch, and ``extra`` rows) in one transaction."""
+def add_jobs(db_url: str, new: list[Job], batch=None, extra: tuple = (),
+             statements: tuple = ()) -> None:
+    """Write the jobs (and their batch, and ``extra`` rows), and run ``statements`` (the
+    result cache's hit counts), in one transaction."""
     with session_scope(db_url) as session:
         if batch is not None:
             session.add(batch)
         session.add_all(new)
         session.flush()  # the jobs first: ``extra`` rows may point at them
         session.add_all(extra)
+        for statement in statements:
+            session.execute(statement)
+        for job in new:  # answered from the result cache: ended at birth (issue #13)
+            if job.state in webhooks.COMPLETED_STATES:
+                webhooks.job_ended(session, job.id)
     for job in new:
         log.info("job %s created: model=%s frames=%d segments=%d rule=%s tier=%s",
                  job.id, job.model, job.frames, len(job.segments), job.route["rule"],
@@ -128,6 +137,8 @@ def _cas_job(session: Session, job_id: str, from_states: Iterable[str], *conditi
         update(Job).where(Job.id == job_id, Job.state.in_(list(from_states)), *conditions)
         .values(updated_at=utcnow(), **values)
     )
+    if result.rowcount == 1 and values.get("state") in webhooks.COMPLETED_STATES:
+        webhooks.job_ended(session, job_id)  # its outbox row, in this transaction (issue #13)
     return result.rowcount == 1
 
 
@@ -167,10 +178,13 @@ def start_segment(db_url: str, seg_id: int, worker: str, max_attempts: int = 4,
             return False
         now = utcnow()
         # Only a job admission has sent (never one waiting for its window).
-        session.execute(update(Job).where(Job.id == seg.job_id,
-                                          Job.state == JobState.queued.value,
-                                          Job.dispatched_at.is_not(None))
-                        .values(state=JobState.running.value, started_at=now, updated_at=now))
+        started = session.execute(update(Job).where(Job.id == seg.job_id,
+                                                    Job.state == JobState.queued.value,
+                                                    Job.dispatched_at.is_not(None))
+                                  .values(state=JobState.running.value, started_at=now,
+                                          updated_at=now))
+        if started.rowcount == 1:
+            webhooks.job_started(session, seg.job_id)  # issue #13
         job_state = session.scalar(select(Job.state).where(Job.id == seg.job_id))
         if job_state != JobState.running.value:
             return False
@@ -219,8 +233,9 @@ def record_progress(session: Session, seg_id: int, fraction: float,
     if _cas_segment(session, seg_id, [SegmentState.running.value], *_fenced(task_id),
                     progress=fraction):
         mean = select(func.avg(Segment.progress)).where(Segment.job_id == job_id)
-        _cas_job(session, job_id, [JobState.running.value],
-                 progress=RENDER_SHARE * mean.scalar_subquery())
+        if _cas_job(session, job_id, [JobState.running.value],
+                    progress=RENDER_SHARE * mean.scalar_subquery()):
+            webhooks.job_progressed(session, job_id)  # each tenth, once (issue #13)
     return session.scalar(select(Job.state).where(Job.id == job_id))
 
 
@@ -393,7 +408,10 @@ def park_jobs(db_url: str, job_ids: list[str], cancel: bool) -> int:
     values = (dict(state=JobState.canceled.value, error="the batch window closed first",
                    finished_at=utcnow()) if cancel else dict(state=JobState.waiting.value))
     with session_scope(db_url) as session:
-        return session.execute(
+        parked = session.scalars(
             update(Job).where(Job.id.in_(job_ids), Job.state == JobState.queued.value,
                               Job.dispatched_at.is_(None))
-            .values(updated_at=utcnow(), **values)).rowcount
+            .values(updated_at=utcnow(), **values).returning(Job.id)).all()
+        for job_id in parked if cancel else ():
+            webhooks.job_ended(session, job_id)  # issue #13
+        return len(parked)

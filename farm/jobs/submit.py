@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from sqlalchemy.exc import IntegrityError
 
-from farm.jobs import admit, service as jobs
+from farm.jobs import admit, result_cache, service as jobs
 from farm.db.tables import IdempotencyRecord, Job, utcnow
 from farm.db.session import session_scope
 from farm.errors import (
@@ -66,18 +66,21 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
     check_prompt_length(settings, request, chosen.variant)
     job = jobs.new_job(request, chosen, get_policy().rules.sha256,
                        waiting=must_wait(chosen.as_dict(), utcnow()))
-    extra = ()
+    answer = (result_cache.answer_from_cache(settings, job) if request.cache
+              else result_cache.Answer())
+    extra = tuple(answer.log)
     if idempotency_key:
-        extra = (IdempotencyRecord(project=request.project, key=idempotency_key,
-                                   body_sha256=body_sha, job_id=job.id, created_at=utcnow()),)
+        extra += (IdempotencyRecord(project=request.project, key=idempotency_key,
+                                    body_sha256=body_sha, job_id=job.id, created_at=utcnow()),)
     try:
-        jobs.add_jobs(db, [job], extra=extra)
+        jobs.add_jobs(db, [job], extra=extra, statements=answer.updates)
     except IntegrityError:  # the same key, submitted at the same moment: the first one won
         if idempotency_key and (earlier := _replay(db, request.project, idempotency_key,
                                                    body_sha)):
             return earlier
         raise
-    release_or_defer(settings)
+    if not answer.whole:  # a cached answer holds no GPU: nothing to release
+        release_or_defer(settings)
     return job
 
 

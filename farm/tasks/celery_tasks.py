@@ -13,7 +13,9 @@ import logging
 
 from celery.exceptions import Ignore, Retry
 
-from farm.jobs import admit, batches, service as jobs
+from farm.jobs import admit, batches, result_cache, service as jobs
+from farm.jobs import controls, webhook_delivery
+from farm.jobs import retention
 from farm.tasks import reconcile, failure_handling, segment_runner, stitcher
 from farm.celery_app import BROKER_OUTAGE, TICK_TASK, app
 from farm.db.session import DATABASE_OUTAGE
@@ -88,4 +90,10 @@ def tick() -> dict:
     close batch windows, release what admission allows, write finished batches' reports."""
     settings = get_settings()
     resent = reconcile.reconcile(settings)
-    return {"resent": len(resent), **batches.tick(settings)}
+    swept = controls.sweep(settings)  # timeout_s and queue_ttl_s (issue #13)
+    result_cache.evict(settings)
+    retention.sweep(settings)  # expired files, chunks, scratch, integrity (issue #13)
+    return {"resent": len(resent), **{k: len(v) for k, v in swept.items()},
+            **batches.tick(settings),
+            # last: this tick's events (a batch just done) go out now (issue #13)
+            "webhooks": webhook_delivery.deliver_due(settings)}

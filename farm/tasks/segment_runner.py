@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 from ray.exceptions import RayError
 
-from farm.jobs import admit, events, service as jobs
+from farm.jobs import admit, events, service as jobs, stage_times
 from farm.db.tables import Segment
 from farm.db.session import DATABASE_OUTAGE, retry_through_outage
 from farm.errors import WorkerLost
 from farm.tasks.heartbeat import Heartbeat
+from farm.tasks.stage_clock import StageClock
 from farm.model_dirs import resolve_model_dir
 from farm.settings import Settings
 from farm.storage import Storage
@@ -47,8 +48,10 @@ PROGRESS_EVERY_S = 0.25  # how often a render's progress is written (and a cance
 class ChunkEncoder:
     """Buffers frames, drops the segment's leading skip frames, encodes every N to H.264."""
 
-    def __init__(self, job, segment: Segment, settings: Settings, storage: Storage, work: Path):
+    def __init__(self, job, segment: Segment, settings: Settings, storage: Storage, work: Path,
+                 clock: StageClock | None = None):
         self.job, self.segment, self.settings = job, segment, settings
+        self.clock = clock or StageClock()  # its encode time (issue #13)
         self.storage, self.work = storage, work
         self.to_skip = segment.skip_frames
         self.buffer: list[np.ndarray] = []
@@ -71,6 +74,10 @@ class ChunkEncoder:
         return self.keys
 
     def _encode(self, count: int) -> None:
+        with self.clock.timing("encode"):
+            self._encode_and_store(count)
+
+    def _encode_and_store(self, count: int) -> None:
         frames, self.buffer = np.stack(self.buffer[:count]), self.buffer[count:]
         # Named by attempt: a superseded attempt still writing never overwrites this one's.
         name = f"s{self.segment.index:04d}_a{self.segment.attempts:02d}_c{len(self.keys):04d}.mp4"
@@ -157,22 +164,37 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
                 return _stopped(db, job_id, seg_id, segment.index, superseded.is_set())
             events.record(db, job_id, events.SEGMENT_STARTED,
                           f"attempt {segment.attempts} on {held.name}", segment.index, worker)
+            clock = StageClock()
             keys = _render_and_encode(settings, job, segment, task_id, superseded, on_progress,
-                                      held)
+                                      held, clock)
     if keys is None:
         return _stopped(db, job_id, seg_id, segment.index, superseded.is_set())
     if not retry_through_outage(lambda: jobs.finish_segment(db, seg_id, keys, task_id),
                                 attempts=settings.db_outage_retries):
         log.info("job %s segment %d rendered after the job ended or by a superseded task; "
                  "chunks kept", job_id, segment.index)
+        # The job ended (canceled, timed out): the segment must not stay running, or a retry
+        # waits a lease for it (issue #13). Fenced: a superseded task's is left to its successor.
+        jobs.fail_segment(db, seg_id, f"job ended while rendering: {jobs.job_state(db, job_id)}",
+                          task_id)
         return {"segment_id": seg_id, "finished": False}
     events.record(db, job_id, events.SEGMENT_DONE, f"{len(keys)} chunk(s)", segment.index, worker)
+    _record_stages(db, job_id, clock)
     return {"segment_id": seg_id, "chunks": keys}
+
+
+def _record_stages(db: str, job_id: str, clock: StageClock) -> None:
+    """The segment's stage times into the job's (advisory: a database outage loses them)."""
+    try:
+        stage_times.add_stages(db, job_id, clock.seconds(), clock.peak_memory_bytes)
+    except DATABASE_OUTAGE as exc:
+        log.warning("job %s: stage times not recorded, database unavailable: %s", job_id,
+                    type(exc).__name__)
 
 
 def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str | None,
                        superseded: threading.Event, on_progress: ProgressFn | None,
-                       held: segment_lease.Held) -> list[str] | None:
+                       held: segment_lease.Held, clock: StageClock) -> list[str] | None:
     """The segment's chunk keys; None when the render was stopped (job ended, superseded).
     An error of the group (an actor dying, a rank failing) names the group in ``where``: the
     failure policy then avoids that group, not this Celery worker (issue #11)."""
@@ -180,15 +202,16 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
     work = Path(tempfile.mkdtemp(prefix=f"{job.id}-s{segment.index}-", dir=settings.work_dir))
     try:
         storage = Storage(settings.storage_url)
-        encoder = ChunkEncoder(job, segment, settings, storage, work)
+        encoder = ChunkEncoder(job, segment, settings, storage, work, clock)
         request = _request(job, segment, storage)
         try:
-            group = _actor_group(settings, job, held.lease.replica)
+            with clock.timing("group"):
+                group = _actor_group(settings, job, held.lease.replica)
             stream = group.render(request)
             window = RenderWindow()
             report = partial(_report_progress, settings.database_url, segment.id, task_id)
             keys = _consume(stream, encoder, report, lambda: superseded.is_set() or held.lost,
-                            on_progress, window.track,
+                            on_progress, _tracker(window, clock),
                             lambda: (window.end(), held.release(), admit.release_soon(settings)))
         except RenderCanceled:
             keys = None
@@ -209,6 +232,15 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
         return keys
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _tracker(window: "RenderWindow", clock: StageClock) -> Callable[[dict], None]:
+    """Every event to the stage clock; progress events to the render window too."""
+    def track(event: dict) -> None:
+        clock.track(event)
+        if event["kind"] == "progress":
+            window.track(event)
+    return track
 
 
 class RenderWindow:
@@ -256,6 +288,7 @@ def _consume(stream, encoder: ChunkEncoder, report: Callable[[dict], str | None]
                 if stop() or (state and state not in jobs.LIVE_JOB_STATES):
                     stream.cancel()  # canceled, failed by a sibling, superseded, lease lost
             else:
+                on_event(event)  # the stage clock reads decode time and peak memory
                 encoder.add(event["frames"])
         on_stream_end()
         keys = encoder.finish()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 
-from farm.jobs import events, service as jobs
+from farm.jobs import events, result_cache, service as jobs, stage_times
 from farm.db.tables import SegmentState
 from farm.errors import OutputInvalid
 from farm.tasks.heartbeat import Heartbeat
@@ -56,6 +57,7 @@ def _stitch(settings: Settings, job_id: str, chord_id: str | None) -> dict:
         return {"job_id": job_id, "stitched": False, "not_done": not_done}
     storage = Storage(settings.storage_url)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()  # the stitch stage's time (issue #13)
     with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix=f"stitch-{job_id}-") as tmp:
         tmp = Path(tmp)
         chunks = [storage.get_file(key, tmp / Path(key).name)
@@ -71,10 +73,15 @@ def _stitch(settings: Settings, job_id: str, chord_id: str | None) -> dict:
         storage.put_file(thumb, f"jobs/{job_id}/thumbnail.jpg")
         key = video_key(job_id, chord_id)
         sha256, size = storage.put_file(video, key)
+    stage_times.add_stages(db, job_id, {"stitch": time.monotonic() - began})
     if not jobs.succeed_job(db, job_id, key, sha256, size, chord_id):
         # Canceled while stitching, or replaced: this file must not stand as a result.
         storage.remove(key)
         return {"job_id": job_id, "stitched": False}
     log.info("job %s succeeded: %d frames, %d bytes, sha256 %s", job_id, info.frames, size,
              sha256)
+    try:  # the cache is an optimisation: a failure here must not fail a rendered job
+        result_cache.remember(settings, job_id)
+    except Exception:
+        log.exception("job %s: could not record it in the result cache", job_id)
     return {"job_id": job_id, "stitched": True, "sha256": sha256}

@@ -49,6 +49,7 @@ def upgrade() -> None:
         sa.Column('job_id', sa.String(32), nullable=False),
         sa.Column('segment_index', sa.Integer(), nullable=True),
         sa.Column('keys', sa.JSON(), nullable=False),
+        sa.Column('seam_key', sa.String(512), nullable=True),
         sa.Column('sha256', sa.String(64), nullable=True),
         sa.Column('bytes', sa.BigInteger(), nullable=False),
         sa.Column('hits', sa.Integer(), nullable=False),

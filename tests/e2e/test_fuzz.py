@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from urllib.parse import quote
 
 import pytest
@@ -100,6 +101,82 @@ def test_fuzz_picture_paths(client, job_id, picture):
     resp = client.get(f"/v1/jobs/{quote(job_id, safe='')}/{picture}")
     check(resp)
     assert resp.status_code in (404, 409), (job_id, resp.status_code)
+
+
+@hyp_settings(max_examples=50, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+@given(job_id=st.text(min_size=1, max_size=40).filter(lambda t: "/" not in t and t not in
+                                                      (".", "..")))
+def test_fuzz_job_deletion(client, job_id):
+    """DELETE /v1/jobs/{id} (issue #13, item 3) with any job id: never a 5xx."""
+    resp = client.delete(f"/v1/jobs/{quote(job_id, safe='')}")
+    check(resp)
+    assert resp.status_code == 404, (job_id, resp.status_code)
+
+
+@pytest.fixture(scope="module")
+def held_job(client) -> str:
+    return client.post("/v1/jobs", json=VALID | {"hold": True}).json()["id"]
+
+
+@hyp_settings(max_examples=100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(
+    st.none(), ANY, st.dictionaries(st.text(min_size=1, max_size=8), ANY, max_size=3),
+    st.fixed_dictionaries({}, optional={"priority": ANY | st.integers(-5, 120),
+                                        "hold": ANY | st.booleans()})))
+def test_fuzz_job_patches(client, held_job, body):
+    """PATCH /v1/jobs/{id} (issue #13, job controls) with any body: never a 5xx."""
+    resp = client.patch(f"/v1/jobs/{held_job}", json=body)
+    check(resp)
+    assert resp.status_code in (200, 409, 422), (body, resp.text)
+
+
+@hyp_settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+@given(some_id=st.text(min_size=1, max_size=40).filter(lambda t: "/" not in t and t not in
+                                                       (".", "..")),
+       kind=st.sampled_from(["jobs", "batches"]))
+def test_fuzz_stream_paths(client, some_id, kind):
+    """The event streams (issue #13, item 4) with any id: a 404 before any stream starts."""
+    resp = client.get(f"/v1/{kind}/{quote(some_id, safe='')}/stream")
+    check(resp)
+    assert resp.status_code == 404, (some_id, resp.status_code)
+
+
+@hyp_settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+@given(webhook=ANY | st.sampled_from(["http://127.0.0.1:9/h", "ftp://127.0.0.1/h", "http://",
+                                      "https://127.0.0.1/" + "p" * 2048]),
+       events=ANY | st.lists(st.sampled_from(["start", "progress", "completed", "done"]),
+                             max_size=4))
+def test_fuzz_webhook_fields(client, webhook, events):
+    """A job's webhook and webhook_events (issue #13, item 5): accepted or a named 422."""
+    resp = client.post("/v1/jobs", json=VALID | {"webhook": webhook, "webhook_events": events})
+    check(resp)
+    assert resp.status_code in (202, 422), resp.text
+    if resp.status_code == 422:
+        assert {d["field"] for d in resp.json()["detail"]} <= {"webhook", "webhook_events"} | \
+            {f"webhook_events.{i}" for i in range(4)}, resp.text
+
+
+VIDEO_FIELDS = ["prompt", "model", "seconds", "size", "input_reference", "negative_prompt",
+                "fps", "num_inference_steps", "guidance_scale", "guidance_scale_2", "seed",
+                "priority", "track"]
+VIDEO = {"prompt": "a red circle", "model": "wan-tiny", "size": "64x64", "seconds": "0.3"}
+
+
+@hyp_settings(max_examples=100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+@given(change=st.dictionaries(st.sampled_from(VIDEO_FIELDS) | st.text(min_size=1, max_size=8),
+                              ANY | st.sampled_from(["64x64", "1280x720", "0x0", "64", "12"]),
+                              max_size=3))
+def test_fuzz_video_submissions(client, change):
+    """POST /v1/videos (issue #13, item 8), JSON or multipart as the openai package sends:
+    never a 5xx, and a 422 names the field."""
+    check(client.post("/v1/videos", json=VIDEO | change))
+    form = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (VIDEO | change).items()}
+    check(client.post("/v1/videos", data=form, files={"_": ("", b"")}))
 
 
 def test_the_fuzzers_sent_over_a_thousand_requests_and_some_were_accepted():
