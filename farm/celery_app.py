@@ -16,6 +16,10 @@ from farm.settings import Settings, get_settings, is_redis_url
 from scheduler.routing import STITCH_QUEUE
 
 TICK_TASK = "farm.tick"
+# Issue #13: slow upkeep (retention, integrity re-hashes, cache eviction) and webhook
+# deliveries run as beat tasks of their own, so neither delays admission's tick.
+HOUSEKEEPING_TASK = "farm.housekeeping"
+WEBHOOKS_TASK = "farm.deliver_webhooks"
 # The broker or result backend is unreachable (Redis restarting): nothing can be sent.
 BROKER_OUTAGE = (KombuOperationalError, redis.exceptions.ConnectionError,
                  redis.exceptions.TimeoutError)
@@ -56,10 +60,15 @@ def make_celery(settings: Settings) -> Celery:
         task_eager_propagates=True,
         # Celery beat: batch windows, admission and batch reports (farm.jobs.batches.tick). A tick
         # that waited longer than one period is dropped: the next one does the same work.
-        beat_schedule={"farm-tick": {
-            "task": TICK_TASK, "schedule": settings.tick_seconds,
-            "options": {"queue": STITCH_QUEUE, "expires": settings.tick_seconds},
-        }},
+        beat_schedule={
+            name: {"task": task, "schedule": every,
+                   "options": {"queue": STITCH_QUEUE, "expires": every}}
+            for name, task, every in (
+                ("farm-tick", TICK_TASK, settings.tick_seconds),
+                ("farm-webhooks", WEBHOOKS_TASK, settings.tick_seconds),
+                ("farm-housekeeping", HOUSEKEEPING_TASK,
+                 max(settings.tick_seconds, settings.housekeeping_seconds)))
+        },
     )
     return app
 

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_user: str = "admin"
     flower_password: SecretStr = SecretStr("")
+    # The API's /metrics answers only with this bearer token (issue #13); unset: not served
+    # by the API (`farm exporter` serves it on its own loopback port).
+    metrics_token: SecretStr = SecretStr("")
 
     # Ray start-up (see RUNBOOK: loopback only, no usage stats, bounded memory).
     ray_head_port: int = 6380
@@ -78,6 +81,8 @@ class Settings(BaseSettings):
     # over the catalog; default {home}/variants.yaml.
     variants_file: Path | None = None
     tick_seconds: float = 5.0  # Celery beat: batch windows opened/closed, waiting jobs released
+    # Celery beat: retention, integrity re-hashes and cache eviction (issue #13).
+    housekeeping_seconds: float = Field(30.0, gt=0)
     # The result cache (issue #13): entries not hit for this many days are dropped (0: never),
     # and the least recently hit videos beyond this many bytes (0: no cap), checked every
     # cache_evict_every_s (the total is a sum over the table: not on every tick).
@@ -103,7 +108,11 @@ class Settings(BaseSettings):
     keep_chunks: bool = False
     idempotency_days: int = Field(7, ge=1)
     retention_batch: int = Field(200, ge=1)
-    verify_per_tick: int = Field(2, ge=0)
+    # Integrity (farm/jobs/integrity.py): to re-hash each video once a day, per tick >=
+    # jobs a day x the tick's seconds / 86400: at 100,000 jobs a day that is >= 6 on a 5 s
+    # tick and >= 35 on the 30 s housekeeping tick that runs retention; 40 covers that
+    # (jobs sharing one file, cached ones, are re-hashed once for all).
+    verify_per_tick: int = Field(40, ge=0)
     # Webhooks (farm/jobs/webhook_delivery.py, issue #13): a failed delivery is tried again
     # after base * 2**(attempt-1) seconds, at most cap apart, max_attempts in all; seconds
     # a receiver may take to answer.
@@ -111,6 +120,12 @@ class Settings(BaseSettings):
     webhook_retry_cap_s: float = Field(600.0, gt=0)
     webhook_max_attempts: int = Field(20, ge=1)
     webhook_timeout_s: float = Field(5.0, gt=0)
+    # Days delivered or given-up deliveries are kept in the outbox before retention drops
+    # them (issue #13).
+    webhook_keep_days: int = Field(7, ge=1)
+    # The API's public base URL (e.g. https://farm.example.com): webhook bodies then carry
+    # an absolute output_url; empty: the path alone (/v1/jobs/{id}/video).
+    public_url: str = ""
 
     encode_chunk_frames: int = 16  # frames per H.264 chunk
     x264_preset: str = "veryfast"

@@ -77,6 +77,7 @@ os.environ.update({
     "FARM_RAY_TEMP_DIR": f"/tmp/rf-{RUN_ID}",
     "FARM_RAY_OBJECT_STORE_BYTES": str(256 * 1024 * 1024),
     "FARM_FLOWER_PASSWORD": f"pw-{RUN_ID}",
+    "FARM_METRICS_TOKEN": f"metrics-{RUN_ID}",
     "FARM_TICK_SECONDS": "1",
     # A lost task is noticed within seconds (issue #6's fault suite), not a minute.
     "FARM_HEARTBEAT_S": "0.5",

@@ -18,12 +18,13 @@ Scrape one process for them: `farm exporter`, or the API when it runs one proces
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections import defaultdict
 from datetime import datetime, timedelta
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
@@ -273,10 +274,25 @@ def serve_exporter(db_url: str, port: int, host: str = "127.0.0.1") -> None:
 router = APIRouter()
 
 
+def check_metrics_token(request: Request) -> None:
+    token = request.app.state.settings.metrics_token.get_secret_value()
+    if not token:
+        raise HTTPException(404, "metrics are not served by the API: set FARM_METRICS_TOKEN, "
+                                 "or run `farm exporter`")
+    sent = request.headers.get("authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        raise HTTPException(401, "metrics need Authorization: Bearer $FARM_METRICS_TOKEN",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
-    """Farm-wide aggregates only (counts per tier, track, state and project; no job, prompt
-    or key): served without an API key, as Prometheus scrapes, on the API's private address."""
+    """Farm-wide aggregates (counts per tier, track, state and project; no job, prompt or
+    key). They name every project, so the API serves them only with
+    ``Authorization: Bearer $FARM_METRICS_TOKEN`` (not a project's key: any project could
+    read the others' usage), and not at all while no token is set; `farm exporter` serves
+    them without one on its own loopback port."""
+    check_metrics_token(request)
     state = request.app.state
     if getattr(state, "metrics_registry", None) is None:
         state.metrics_registry = registry_for(state.settings.database_url)

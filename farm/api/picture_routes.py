@@ -3,7 +3,9 @@ animated preview, for galleries and batch reports that should not fetch whole vi
 
 The thumbnail is made when the job is stitched (farm/tasks/stitcher.py); the contact sheet
 and the preview are made from the stored video the first time someone asks (most jobs are
-never looked at this way) and stored beside it, so later requests only read them.
+never looked at this way) and stored beside it, so later requests only read them. A job
+answered from the result cache has no stitch: all three of its pictures are made this way
+from the video it shares, under its own prefix (farm/jobs/pictures.py).
 """
 
 from __future__ import annotations
@@ -17,25 +19,12 @@ from fastapi.responses import FileResponse, Response
 
 from farm.api.routes import Project, _get_or_404, _settings
 from farm.db.tables import Job, JobState
+from farm.jobs.pictures import PICTURES, make, picture_key
 from farm.storage import Storage
 from workers import video
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-# name -> (media type, how it is made from the job's video in a scratch folder)
-PICTURES = {
-    "thumbnail.jpg": ("image/jpeg", lambda job, mp4, out: video.thumbnail(mp4, out)),
-    "contact-sheet.jpg": ("image/jpeg",
-                          lambda job, mp4, out: video.contact_sheet(mp4, out, job.frames)),
-    "preview.webp": ("image/webp",
-                     lambda job, mp4, out: video.animated_preview(mp4, out,
-                                                                  fps=min(job.fps, 12))),
-}
-
-
-def picture_key(job_id: str, name: str) -> str:
-    return f"jobs/{job_id}/{name}"
 
 
 def _picture(request: Request, project: str, job_id: str, name: str) -> Response:
@@ -45,7 +34,7 @@ def _picture(request: Request, project: str, job_id: str, name: str) -> Response
         raise HTTPException(409, f"job {job_id} has no video to picture: it is {job.state}")
     storage = Storage(settings.storage_url)
     key = picture_key(job_id, name)
-    media_type, _ = PICTURES[name]
+    media_type = PICTURES[name]
     if not storage.exists(key):
         _make(storage, job, name, key)
     headers = {"Cache-Control": "private, max-age=86400"}  # a finished job's never change
@@ -57,14 +46,15 @@ def _picture(request: Request, project: str, job_id: str, name: str) -> Response
 
 
 def _make(storage: Storage, job: Job, name: str, key: str) -> None:
-    """Make ``name`` from the job's stored video and store it (two requests at once both
-    make it; the store is atomic, so either copy is whole)."""
-    _, make = PICTURES[name]
+    """Make ``name`` from the job's stored video and store it under the job's own prefix
+    (two requests at once both make it; the store is atomic, so either copy is whole). A
+    job answered from the cache shares its source's video, so its pictures are made from
+    that file and kept by retention as this job's (farm/jobs/retention.py)."""
     with tempfile.TemporaryDirectory(prefix="farm-picture-") as tmp:
         mp4 = storage.local_path(job.output_key) or storage.get_file(
             job.output_key, Path(tmp) / "video.mp4")
         try:
-            made = make(job, mp4, Path(tmp) / name)
+            made = make(name, Path(mp4), Path(tmp) / name, job.frames, job.fps)
         except video.VideoError as exc:
             log.error("job %s: could not make %s: %s", job.id, name, exc)
             raise HTTPException(500, f"job {job.id}: could not make {name} from its "

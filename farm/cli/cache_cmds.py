@@ -15,9 +15,9 @@ cache_app = typer.Typer(help="The result cache: repeats answered without a GPU."
 def cache_stats(project: str = typer.Option(None, help="one project (default: all)"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Entries, bytes of video they name, and hits, per kind (video, segment)."""
-    from farm.jobs import result_cache
+    from farm.jobs import cache_upkeep
 
-    table = result_cache.stats(get_settings().database_url, project)
+    table = cache_upkeep.stats(get_settings().database_url, project)
     if as_json:
         typer.echo(json.dumps(table, indent=2))
         return
@@ -35,12 +35,12 @@ def cache_purge(project: str = typer.Option(None, help="one project (default: al
                 yes: bool = typer.Option(False, "--yes", help="purge everything without asking")
                 ) -> None:
     """Drop entries: later repeats render again. Videos stay with their jobs; files no job
-    and no entry names go at the next retention sweep."""
-    from farm.jobs import result_cache
+    and no other entry names are deleted."""
+    from farm.jobs import cache_upkeep
 
     if project is None and older_than_days is None and not yes:
         typer.echo("error: this drops every entry of every project; add --yes, or narrow it "
                    "with --project or --older-than-days", err=True)
         raise typer.Exit(2)
-    dropped = result_cache.purge(get_settings().database_url, project, older_than_days)
+    dropped = cache_upkeep.purge(get_settings(), project, older_than_days)
     typer.echo(f"purged {dropped} entries")

@@ -65,12 +65,26 @@ def submit(prompt: str,
            deadline: float = typer.Option(None, help="seconds: wanted within"),
            negative_prompt: str = "",
            cache: bool = typer.Option(True, help="--no-cache: render even when the result "
-                                                 "cache holds this exact request")) -> None:
+                                                 "cache holds this exact request"),
+           hold: bool = typer.Option(False, help="submit held: not admitted until "
+                                                 "`farm release`"),
+           timeout: float = typer.Option(None, help="seconds from admission: then failed "
+                                                    "(timeout)"),
+           queue_ttl: float = typer.Option(None, help="seconds: never admitted by then, "
+                                                      "expired"),
+           retain_days: int = typer.Option(None, help="days the video is kept (default: "
+                                                      "the farm's)"),
+           webhook: str = typer.Option(None, help="URL for signed events"),
+           webhook_event: list[str] = typer.Option(
+               None, help="start | progress | completed (repeatable; default completed)")
+           ) -> None:
     """Submit a render job; prints its id."""
     body = dict(prompt=prompt, model=None if model == "auto" else model, track=track,
                 project=project, frames=frames, width=width, height=height, fps=fps,
                 steps=steps, seed=seed, priority=priority, deadline_s=deadline,
-                negative_prompt=negative_prompt, cache=cache)
+                negative_prompt=negative_prompt, cache=cache, hold=hold, timeout_s=timeout,
+                queue_ttl_s=queue_ttl, retain_days=retain_days, webhook=webhook,
+                webhook_events=webhook_event or None)
     with client() as http:
         job = check(http.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None}))
     typer.echo(job["id"])

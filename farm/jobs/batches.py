@@ -88,9 +88,14 @@ def create_batch(settings: Settings, body: BatchCreate,
                                         load.backlog_gpu_s + (chosen.gpu_seconds or 0.0))
     if count_jobs is not None:
         count_jobs(len(new))
-    jobs.add_jobs(settings.database_url, new, batch,
-                  extra=tuple(e for a in answers for e in a.log),
-                  statements=tuple(u for a in answers for u in a.updates))
+    try:
+        jobs.add_jobs(settings.database_url, new, batch,
+                      extra=tuple(e for a in answers for e in a.log),
+                      statements=tuple(u for a in answers for u in a.updates))
+    except Exception:
+        for answer in answers:  # no job rows: no file of theirs may stay
+            answer.undo(settings)
+        raise
     log.info("batch %s: %d jobs, window %s", batch.id, len(new), body.window or "none")
     release_or_defer(settings)
     return batch, new

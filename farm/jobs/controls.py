@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 
 from farm.db.session import session_scope
-from farm.db.tables import Batch, Job, JobState, Segment, SegmentState, utcnow
+from farm.db.tables import Batch, Job, JobEvent, JobState, Segment, SegmentState, utcnow
 from farm.errors import BatchNotFound, JobNotFound, JobStateConflict
 from farm.jobs import admit, events, webhooks
 from farm.jobs.service import LIVE_JOB_STATES, RENDER_SHARE, _cas_job, _cas_segment
@@ -73,18 +73,20 @@ def _retry_in(session, job: Job, now: datetime, lease_s: float, reason: str) -> 
                                f"segment(s) {stopping} are still stopping; retry in a few seconds")
     kept, was = _kept(job), job.state  # the updates below refresh ``job`` in the session
     state = JobState.waiting.value if must_wait(job.route, now) else JobState.queued.value
-    ttl = None if job.queue_ttl_s is None else \
-        job.queue_ttl_s + (now - job.created_at).total_seconds()  # counted from the retry
+    # A new run: its TTL counts from now, its retention and integrity stamps, stage times
+    # and peak memory start afresh (retention settles it again once it ends).
     if not _cas_job(session, job.id, [was], state=state, celery_id=None,
                     dispatched_at=None, started_at=None, finished_at=None, error=None,
-                    queue_ttl_s=ttl, progress=RENDER_SHARE * len(kept) / len(job.segments)):
+                    queue_ttl_s=_ttl_from(session, job, now), expires_at=None,
+                    verified_at=None, stage_times={}, peak_memory_bytes=None,
+                    progress=RENDER_SHARE * len(kept) / len(job.segments)):
         raise JobStateConflict(job.id, was, f"job {job.id} changed while being retried")
     for seg in job.segments:  # a segment changed since the read: all rolled back
         if seg.index not in kept and not _cas_segment(
                 session, seg.id, [seg.state], Segment.celery_id.is_not_distinct_from(seg.celery_id),
                 state=SegmentState.pending.value, celery_id=None, attempts=0, progress=0.0,
                 chunk_keys=[], error=None, worker=None, heartbeat_at=None, started_at=None,
-                finished_at=None):
+                finished_at=None, cached_from=None):
             raise JobStateConflict(job.id, was, f"job {job.id}'s segment {seg.index} "
                                    "changed while being retried; try again")
     if job.batch_id:  # its batch reports again once this job ends
@@ -93,6 +95,18 @@ def _retry_in(session, job: Job, now: datetime, lease_s: float, reason: str) -> 
     events.add(session, job.id, events.RETRIED,
                f"{reason}: was {was}; segments kept {sorted(kept)}, rendered again "
                f"{sorted(set(range(len(job.segments))) - kept)}")
+
+
+def _ttl_from(session, job: Job, now: datetime) -> float | None:
+    """``queue_ttl_s`` so that the sweep's ``created_at + queue_ttl_s`` falls the job's own
+    TTL after this retry: the TTL asked for is what the last run had, counted from its
+    start (the creation, or the last retry)."""
+    if job.queue_ttl_s is None:
+        return None
+    last_run = session.scalar(select(func.max(JobEvent.created_at)).where(
+        JobEvent.job_id == job.id, JobEvent.kind == events.RETRIED)) or job.created_at
+    asked = job.queue_ttl_s - (last_run - job.created_at).total_seconds()
+    return asked + (now - job.created_at).total_seconds()
 
 
 def retry_job(settings: Settings, job_id: str) -> None:

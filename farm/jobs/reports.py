@@ -1,9 +1,9 @@
 """A batch's report, stored when its last job ends: HTML (a thumbnail per job, linked, not
 inlined: farm/api/picture_routes.py serves it with a contact sheet and a preview) and CSV.
 
-Stored at ``batches/{id}/report.html`` and ``report.csv``. Thumbnails are inlined, so the
-page is whole wherever it is read; video links are relative to the storage root
-(``../../jobs/{id}/video-{stitch task}.mp4``), so they work on local files and on a bucket served as is.
+Stored at ``batches/{id}/report.html`` and ``report.csv``. Picture and video links are
+relative (``../../jobs/{id}/...``), so they work on local files, on a bucket served as is
+and over the API; a job answered from the result cache links its source's pictures.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from farm.db.tables import Batch, Job
 from farm.db.session import session_scope
+from farm.jobs.pictures import THUMBNAIL, picture_key
 from farm.settings import Settings
 from farm.storage import Storage
 
@@ -40,13 +41,16 @@ def _row(job: Job) -> dict:
     }
 
 
-def _pictures(storage: Storage, job_id: str) -> str | None:
+def _pictures(storage: Storage, job_id: str, cached_from: str | None) -> str | None:
     """Links to the job's pictures, relative to the report (``batches/ID/report.html`` in
     storage, ``/v1/batches/ID/report.html`` over the API: both resolve ``../../jobs/...``),
-    or None when the job has no thumbnail (no video)."""
-    if not storage.exists(f"jobs/{job_id}/thumbnail.jpg"):
-        return None
-    return f"../../jobs/{job_id}"
+    or None when there is no thumbnail (no video). A job answered from the result cache
+    (``cached_from``) was never stitched: unless its own were made since, its source's
+    pictures stand for it (the same video)."""
+    for owner in (job_id, cached_from):
+        if owner and storage.exists(picture_key(owner, THUMBNAIL)):
+            return f"../../jobs/{owner}"
+    return None
 
 
 def render_csv(rows: list[dict]) -> str:
@@ -93,12 +97,14 @@ def write_report(settings: Settings, batch_id: str) -> dict[str, str]:
         job_rows = session.scalars(select(Job).where(Job.batch_id == batch_id)
                                    .order_by(Job.created_at, Job.id)).all()
         rows = [_row(j) for j in job_rows]
+        sources = {j.id: j.cached_from for j in job_rows}
     storage = Storage(settings.storage_url)
     keys = {"html": f"batches/{batch_id}/report.html", "csv": f"batches/{batch_id}/report.csv"}
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix=f"report-{batch_id}-") as tmp:
         tmp = Path(tmp)
-        thumbs = {r["job_id"]: _pictures(storage, r["job_id"]) for r in rows}
+        thumbs = {r["job_id"]: _pictures(storage, r["job_id"], sources[r["job_id"]])
+                  for r in rows}
         (tmp / "report.html").write_text(render_html(batch, rows, thumbs), encoding="utf-8")
         (tmp / "report.csv").write_text(render_csv(rows), encoding="utf-8")
         storage.put_file(tmp / "report.html", keys["html"])

@@ -13,9 +13,9 @@ Entries are per project: a project never learns from timing or ``cached_from`` w
 rendered. A video entry names the source job's mp4 (checked against its sha256 when stored,
 and on a schedule by the integrity sweep); a hit is served only while that job is still
 ``succeeded`` and the file is in storage. Segment entries are kept for jobs of more than
-one segment (a one-segment job is answered by its video entry). Eviction (``evict``) drops
-the least recently hit entries past an age or a total size; a file is deleted by retention
-only once no job and no entry names it.
+one segment (a one-segment job is answered by its video entry). Eviction and purging
+(farm.jobs.cache_upkeep) drop entries; a file is deleted only once no job and no entry
+names it (farm.jobs.retention).
 """
 
 from __future__ import annotations
@@ -27,15 +27,14 @@ import tempfile
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 
 from farm.db.tables import CacheEntry, Job, JobEvent, JobState, SegmentState, utcnow
 from farm.db.session import session_scope
 from farm.errors import ModelUnavailable
-from farm.jobs import events
+from farm.jobs import events, integrity
 from farm.model_dirs import resolve_model_dir
 from farm.policy import get_policy
 from farm.settings import Settings
@@ -44,9 +43,7 @@ from farm.tasks.seams import last_frame_key
 
 log = logging.getLogger(__name__)
 
-EVICT_BATCH = 1000  # entries dropped per beat tick at most
 KEY_VERSION = 1  # bump when what a key covers changes: every older entry stops matching
-_size_checked_at = float("-inf")  # when this process last summed the entries' bytes
 _fingerprints: dict[tuple, str] = {}  # (folder, files' (name, size, mtime_ns)) -> sha256
 _recent: dict[Path, tuple[float, str]] = {}  # folder -> (monotonic time listed, sha256)
 RELIST_S = 5.0
@@ -129,11 +126,18 @@ def job_keys(settings: Settings, job: Job) -> tuple[str, list[str]]:
 @dataclass
 class Answer:
     """What the cache answered for one unsaved job: written with the job, in its
-    transaction (farm.jobs.service.add_jobs): the hit counts and the job's log lines."""
+    transaction (farm.jobs.service.add_jobs): the hit counts and the job's log lines.
+    ``copied``: last frames copied under the job's prefix before it is saved; ``undo``
+    removes them when the save fails, so no file is left that no row names."""
 
     whole: bool = False  # the job is succeeded from a stored video
     hit_keys: list[str] = field(default_factory=list)
     log: list[JobEvent] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+
+    def undo(self, settings: Settings) -> None:
+        if self.copied:
+            Storage(settings.storage_url).remove_many(self.copied)
 
     @property
     def updates(self) -> tuple:
@@ -158,13 +162,20 @@ def answer_from_cache(settings: Settings, job: Job) -> Answer:
     found = {entry.key: (entry, source) for entry, source in rows}
     if job.cache_key in found and _video_servable(*found[job.cache_key], storage):
         return _answer_whole(job, *found[job.cache_key])
-    return _answer_prefix(job, {k: entry for k, (entry, _) in found.items()}, storage)
+    return _answer_prefix(job, {k: entry for k, (entry, source) in found.items()
+                                if _source_stands(source)}, storage)
 
 
 def _video_servable(entry: CacheEntry, source: Job | None, storage: Storage) -> bool:
+    """The source job still stands by the video: succeeded (not deleted), the same file and
+    sha256, not marked corrupt by the integrity check, and the file is there."""
+    return (_source_stands(source) and source.output_key == entry.keys[0]
+            and source.output_sha256 == entry.sha256 and storage.exists(entry.keys[0]))
+
+
+def _source_stands(source: Job | None) -> bool:
     return (source is not None and source.state == JobState.succeeded.value
-            and source.output_key == entry.keys[0] and source.output_sha256 == entry.sha256
-            and storage.exists(entry.keys[0]))
+            and integrity.servable(source))
 
 
 def _answer_whole(job: Job, entry: CacheEntry, source: Job) -> Answer:
@@ -192,7 +203,8 @@ def _answer_prefix(job: Job, found: dict[str, CacheEntry], storage: Storage) -> 
                 or not all(storage.exists(k) for k in entry.keys):
             break
         if job.continuous and not last:  # where the next segment looks (attempt 0)
-            _copy(storage, entry.seam_key, last_frame_key(job.id, seg.index, 0))
+            answer.copied.append(last_frame_key(job.id, seg.index, 0))
+            _copy(storage, entry.seam_key, answer.copied[-1])
         seg.state, seg.progress, seg.cached_from = SegmentState.done.value, 1.0, entry.job_id
         seg.chunk_keys = list(entry.keys)
         answer.hit_keys.append(entry.key)
@@ -230,66 +242,11 @@ def remember(settings: Settings, job_id: str) -> int:
                                   job_id=job.id, segment_index=seg.index,
                                   keys=list(seg.chunk_keys), seam_key=seam, bytes=0, hits=0,
                                   created_at=now, last_hit_at=now))
-        taken = set(session.scalars(select(CacheEntry.key)
-                                    .where(CacheEntry.key.in_([e.key for e in new]))))
+        taken = {entry.key for entry, source in session.execute(
+            select(CacheEntry, Job).outerjoin(Job, Job.id == CacheEntry.job_id)
+            .where(CacheEntry.key.in_([e.key for e in new]))) if _source_stands(source)}
         fresh = [e for e in new if e.key not in taken]
+        # An entry whose source was deleted or found corrupt gives way to this one.
+        session.execute(delete(CacheEntry).where(CacheEntry.key.in_([e.key for e in fresh])))
         session.add_all(fresh)
     return len(fresh)
-
-
-def stats(db_url: str, project: str | None = None) -> dict:
-    """Entries, bytes named and hits, per kind (all projects unless ``project``)."""
-    query = select(CacheEntry.kind, func.count(), func.coalesce(func.sum(CacheEntry.bytes), 0),
-                   func.coalesce(func.sum(CacheEntry.hits), 0)).group_by(CacheEntry.kind)
-    if project:
-        query = query.where(CacheEntry.project == project)
-    with session_scope(db_url) as session:
-        rows = session.execute(query).all()
-    return {kind: {"entries": n, "bytes": int(size), "hits": int(hits)}
-            for kind, n, size, hits in rows}
-
-
-def purge(db_url: str, project: str | None = None, older_than_days: float | None = None) -> int:
-    """Drop entries (the files go with retention once nothing names them). Returns how many."""
-    query = delete(CacheEntry)
-    if project:
-        query = query.where(CacheEntry.project == project)
-    if older_than_days is not None:
-        query = query.where(CacheEntry.last_hit_at < utcnow() - timedelta(days=older_than_days))
-    with session_scope(db_url) as session:
-        return session.execute(query).rowcount
-
-
-def evict(settings: Settings) -> int:
-    """The beat's eviction: entries not hit for FARM_CACHE_MAX_AGE_DAYS, then the least
-    recently hit video entries until the videos named total FARM_CACHE_MAX_BYTES (summed
-    every FARM_CACHE_EVICT_EVERY_S, not every tick). Bounded: at most EVICT_BATCH rows per
-    tick, read through the last_hit_at index."""
-    db, dropped = settings.database_url, 0
-    if settings.cache_max_age_days > 0:
-        cutoff = utcnow() - timedelta(days=settings.cache_max_age_days)
-        with session_scope(db) as session:
-            old = session.scalars(select(CacheEntry.key).where(CacheEntry.last_hit_at < cutoff)
-                                  .order_by(CacheEntry.last_hit_at).limit(EVICT_BATCH)).all()
-            dropped += session.execute(delete(CacheEntry).where(CacheEntry.key.in_(old))).rowcount
-    global _size_checked_at
-    if settings.cache_max_bytes > 0 and \
-            time.monotonic() - _size_checked_at >= settings.cache_evict_every_s:
-        _size_checked_at = time.monotonic()
-        with session_scope(db) as session:
-            total = session.scalar(select(func.coalesce(func.sum(CacheEntry.bytes), 0)))
-            over = int(total) - settings.cache_max_bytes
-            oldest = session.execute(select(CacheEntry.key, CacheEntry.bytes)
-                                     .where(CacheEntry.bytes > 0)
-                                     .order_by(CacheEntry.last_hit_at)
-                                     .limit(EVICT_BATCH)).all() if over > 0 else []
-            doomed = []
-            for key, size in oldest:
-                if over <= 0:
-                    break
-                doomed.append(key)
-                over -= size
-            dropped += session.execute(delete(CacheEntry).where(CacheEntry.key.in_(doomed))).rowcount
-    if dropped:
-        log.info("result cache: evicted %d entries", dropped)
-    return dropped

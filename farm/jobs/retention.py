@@ -3,19 +3,23 @@ that deletes the rest.
 
 A job's files live under ``jobs/{id}/``. What the database names there (``named_under``):
 - while the job is live: everything (a render may be writing);
-- succeeded: its video, its pictures (thumbnail, contact sheet, preview), and its chunks
-  only until the sweep settles it (FARM_KEEP_CHUNKS keeps them);
+- succeeded: its video, its pictures (thumbnail, contact sheet, preview; farm/jobs/pictures.py),
+  and the chunks its segments still list (settling empties those lists unless
+  FARM_KEEP_CHUNKS);
 - failed / canceled / expired: its done segments' chunks and last frames (a retry continues
   from them);
-- deleted: nothing;
-- and whatever another job borrowed from it through the result cache (``cached_from``) or a
-  ``cache_entries`` row names: retention never deletes those; evicting entries is the cache's.
+- deleted: nothing (its ``cache_entries`` rows go in the transaction that deletes it);
+- and whatever another job borrowed from it through the result cache (``cached_from``: a
+  cached job's video, a reused segment's chunks) or a ``cache_entries`` row names: those stay
+  until that job is deleted too (its deletion sweeps the lender's prefix again) or the
+  cache drops the entry (eviction calls ``prune_files`` with the entries' jobs).
 
 Each tick (``sweep``), in bounded batches by index: ended jobs not yet settled get
 ``expires_at`` (finished + FARM_RETAIN_DAYS, the project's or the job's ``retain_days``;
 0 keeps forever) and lose every file not named (chunks of a stitched job, stray attempts,
 seams); jobs past ``expires_at`` become ``deleted``; idempotency keys past
-FARM_IDEMPOTENCY_DAYS go; scratch folders no task can still own go.
+FARM_IDEMPOTENCY_DAYS and finished webhook deliveries past FARM_WEBHOOK_KEEP_DAYS go;
+scratch folders no task can still own go.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from farm.db.session import session_scope
 from farm.db.tables import (
     FINAL_JOB_STATES, CacheEntry, IdempotencyRecord, Job, JobState, Segment, SegmentState, utcnow,
 )
-from farm.jobs import events, integrity
+from farm.jobs import events, integrity, webhook_delivery
+from farm.jobs.pictures import PICTURES
 from farm.settings import Settings
 from farm.storage import Storage
 from farm.tasks.seams import last_frame_key
@@ -40,7 +45,6 @@ from farm.tasks.seams import last_frame_key
 log = logging.getLogger(__name__)
 
 DELETED = "deleted"  # the job-log event
-PICTURES = ("thumbnail.jpg", "contact-sheet.jpg", "preview.webp")  # farm/api/picture_routes.py
 ENDED = [s.value for s in FINAL_JOB_STATES if s != JobState.deleted]
 SETTLED = [*ENDED, JobState.deleted.value]  # a deleted job is swept once more, then stamped
 FOREVER = datetime(9999, 12, 31, tzinfo=timezone.utc)  # expires_at of a job kept forever
@@ -51,16 +55,15 @@ def prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 
 
-def _job_names(job: Job, keep_chunks: bool, settled: bool) -> set[str]:
-    """What ``job`` itself names (any prefix); ``settled``: a succeeded job's chunks gone."""
+def _job_names(job: Job) -> set[str]:
+    """What ``job`` itself names (any prefix: a cached job names its source's files)."""
     if job.state == JobState.deleted.value:
         return set()
     segments = job.segments
     if job.state in ENDED and job.state != JobState.succeeded.value:
         segments = [s for s in segments if s.state == SegmentState.done.value]
-    names = set()
-    if job.state != JobState.succeeded.value or keep_chunks or not settled:
-        names |= {k for s in segments for k in s.chunk_keys}
+    # A succeeded job's lists are emptied by ``settle`` when its chunks are to go.
+    names = {k for s in segments for k in s.chunk_keys}
     if job.state in ENDED and job.state != JobState.succeeded.value:
         names |= {last_frame_key(job.id, s.index, s.attempts) for s in segments}
     if job.state == JobState.succeeded.value:
@@ -68,11 +71,12 @@ def _job_names(job: Job, keep_chunks: bool, settled: bool) -> set[str]:
     return names - {None}
 
 
-def named_under(session: Session, job: Job, keep_chunks: bool) -> set[str] | None:
-    """Keys under ``jobs/{job.id}/`` the database names; None while the job is live (all)."""
+def named_under(session: Session, job: Job) -> set[str] | None:
+    """Keys under ``jobs/{job.id}/`` the database names; None while the job is live (all).
+    Reads through indexes: jobs.cached_from, segments.cached_from, cache_entries.job_id."""
     if job.state not in FINAL_JOB_STATES:
         return None
-    names = _job_names(job, keep_chunks, settled=True)
+    names = _job_names(job)
     borrowers = session.scalars(select(Job).where(Job.cached_from == job.id,
                                                   Job.state != JobState.deleted.value))
     names |= {b.output_key for b in borrowers if b.output_key}
@@ -90,12 +94,16 @@ def lenders(job: Job) -> set[str]:
 
 
 def prune_files(settings: Settings, storage: Storage, job_ids: set[str]) -> int:
-    """Delete every file under these jobs' prefixes the database no longer names."""
+    """Delete every file under these jobs' prefixes the database no longer names. Safe for
+    any job at any time (the cache's eviction calls it with the jobs of the entries it
+    dropped): a live job's prefix is left whole, a succeeded job keeps its video, pictures
+    and listed chunks, an unknown or deleted job keeps only what another job or an entry
+    names. Returns the files removed."""
     removed = 0
     for job_id in job_ids:
         with session_scope(settings.database_url) as session:
             job = session.get(Job, job_id)
-            named = named_under(session, job, settings.keep_chunks) if job else set()
+            named = named_under(session, job) if job else set()
         if named is None:
             continue
         gone = [k for k in storage.list_keys(prefix(job_id)) if k not in named]
@@ -141,12 +149,16 @@ def settle(settings: Settings, storage: Storage, now: datetime) -> int:
 
 
 def mark_deleted(session: Session, job_id: str, now: datetime) -> Job | None:
-    """Compare-and-set an ended job to ``deleted``; None when it is live or already deleted."""
+    """Compare-and-set an ended job to ``deleted``; None when it is live or already deleted.
+    In the same transaction its ``cache_entries`` go (a deleted job's files answer no one),
+    and its segments stop naming their chunks: what is left named under its prefix is only
+    what a live job borrowed (``cached_from``)."""
     done = session.execute(update(Job).where(Job.id == job_id, Job.state.in_(ENDED))
                            .values(state=JobState.deleted.value, deleted_at=now,
                                    expires_at=None))  # the next settle sweeps it again
     if done.rowcount != 1:
         return None
+    session.execute(delete(CacheEntry).where(CacheEntry.job_id == job_id))
     job = session.get(Job, job_id)
     session.refresh(job)
     for seg in job.segments:
@@ -246,6 +258,7 @@ def sweep(settings: Settings) -> dict:
     parts = {"settled": lambda: settle(settings, storage, now),
              "expired_files": lambda: expire(settings, now),
              "idempotency_pruned": lambda: prune_idempotency(settings, now),
+             "webhooks_pruned": lambda: webhook_delivery.prune(settings, now),
              "scratch_removed": lambda: len(sweep_scratch(settings)),
              "corrupt_found": lambda: len(integrity.verify_outputs(settings))}
     done = {}

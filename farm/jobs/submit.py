@@ -75,9 +75,13 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
     try:
         jobs.add_jobs(db, [job], extra=extra, statements=answer.updates)
     except IntegrityError:  # the same key, submitted at the same moment: the first one won
+        answer.undo(settings)
         if idempotency_key and (earlier := _replay(db, request.project, idempotency_key,
                                                    body_sha)):
             return earlier
+        raise
+    except Exception:
+        answer.undo(settings)  # no job row: no file of its may stay
         raise
     if not answer.whole:  # a cached answer holds no GPU: nothing to release
         release_or_defer(settings)

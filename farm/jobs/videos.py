@@ -16,6 +16,7 @@ from sqlalchemy.orm import selectinload
 
 from farm.db.session import session_scope
 from farm.db.tables import Job, JobState
+from farm.jobs.retention import FOREVER
 from farm.schemas import MAX_PROMPT_CHARS, MAX_SEED, JobCreate
 
 # OpenAI status of each job state; a deleted job is gone (404), as a deleted video is.
@@ -104,6 +105,14 @@ def parse_form(body: bytes, content_type: str) -> dict[str, str]:
     return fields
 
 
+def expires_at(job: Job) -> int | None:
+    """When retention deletes the job's files (unix seconds); None until retention has
+    stamped the ended job (minutes after it ends), or when it is kept forever."""
+    if job.expires_at is None or job.expires_at >= FOREVER:
+        return None
+    return int(job.expires_at.timestamp())
+
+
 def to_video(job: Job) -> dict:
     """The OpenAI Video object of a job (times: unix seconds)."""
     status = STATUS.get(job.state, "failed")
@@ -115,7 +124,7 @@ def to_video(job: Job) -> dict:
         "progress": 100 if status == "completed" else int(job.progress * 100),
         "created_at": int(job.created_at.timestamp()),
         "completed_at": int(job.finished_at.timestamp()) if job.finished_at else None,
-        "expires_at": None, "prompt": job.prompt, "seconds": f"{job.frames / job.fps:g}",
+        "expires_at": expires_at(job), "prompt": job.prompt, "seconds": f"{job.frames / job.fps:g}",
         "size": f"{job.width}x{job.height}", "error": error, "remixed_from_video_id": None,
     }
 
@@ -123,12 +132,14 @@ def to_video(job: Job) -> dict:
 def list_page(db_url: str, project: str, after: str | None, limit: int,
               order: str) -> tuple[list[Job], bool]:
     """A page of the project's videos by creation time (``order`` asc | desc), after the
-    video ``after`` (a cursor: (created_at, id)); deleted ones are left out. (jobs, more)."""
+    video ``after`` (a cursor: (created_at, id), looked up in the project only: another
+    project's id is no cursor, as an unknown one is not); deleted ones are left out.
+    (jobs, more)."""
     with session_scope(db_url) as session:
         query = (select(Job).options(selectinload(Job.segments))
                  .where(Job.project == project, Job.state != JobState.deleted.value))
         if after is not None:
-            mark = session.get(Job, after)
+            mark = session.scalar(select(Job).where(Job.id == after, Job.project == project))
             if mark is not None:
                 newer = Job.created_at > mark.created_at if order == "asc" else \
                     Job.created_at < mark.created_at

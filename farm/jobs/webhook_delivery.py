@@ -8,6 +8,9 @@ transaction and records each outcome: delivered (a 2xx), or a retry after
 attempt and the outcome are written to the job's log. Delivery is at least once: a tick
 that dies between sending and recording sends again after the lease; a receiver drops
 repeats by the ``Farm-Delivery`` header (the row's id).
+
+Finished rows (delivered, or given up) older than FARM_WEBHOOK_KEEP_DAYS are deleted by
+retention's tick (``prune``), a bounded batch per tick.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from farm.db.session import session_scope
 from farm.db.tables import WebhookDelivery, utcnow
@@ -124,3 +127,29 @@ def deliver_due(settings: Settings, now: datetime | None = None) -> dict[str, in
         kind = record(settings, due, error, utcnow())
         outcomes[kind] = outcomes.get(kind, 0) + 1
     return outcomes
+
+
+def prune(settings: Settings, now: datetime) -> int:
+    """Delete finished deliveries created more than FARM_WEBHOOK_KEEP_DAYS ago, at most
+    FARM_RETENTION_BATCH of each kind per tick. Delivered rows are found through the
+    ``delivered_at`` index. Given-up rows (both stamps NULL) have no index of their own, so
+    they are looked for only among the oldest rows by primary key (ids grow with
+    ``created_at``): a bounded read that reaches every old row, since what keeps an old row
+    (a delivery still being retried) ends within max_attempts x the retry cap."""
+    cutoff = now - timedelta(days=settings.webhook_keep_days)
+    batch = settings.retention_batch
+    with session_scope(settings.database_url) as session:
+        delivered = session.scalars(
+            select(WebhookDelivery.id).where(WebhookDelivery.delivered_at < cutoff)
+            .order_by(WebhookDelivery.delivered_at).limit(batch)).all()
+        oldest = select(WebhookDelivery.id).order_by(WebhookDelivery.id).limit(batch) \
+            .subquery()
+        gave_up = session.scalars(
+            select(WebhookDelivery.id).where(WebhookDelivery.id.in_(select(oldest.c.id)),
+                                             WebhookDelivery.created_at < cutoff,
+                                             WebhookDelivery.delivered_at.is_(None),
+                                             WebhookDelivery.next_attempt_at.is_(None))).all()
+        doomed = set(delivered) | set(gave_up)
+        if doomed:
+            session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(doomed)))
+    return len(doomed)

@@ -8,7 +8,12 @@ once. farm.jobs.webhook_delivery sends due rows from the beat tick and retries f
 with capped exponential backoff.
 
 Events: ``start`` (the job began running), ``progress`` (at most one per 10% of the job's
-progress), ``completed`` (the job ended: succeeded, failed, canceled or expired). A batch's
+progress, counted afresh in each run: a retried job reports its tenths again),
+``completed`` (the job ended: succeeded, failed, canceled or expired). A job's body carries
+``run``: how many times it was retried before this event (0 the first time), so a retried
+job's second ``completed`` is told from a repeat of the first (which has the same
+``Farm-Delivery`` id); and ``output_url``: absolute under FARM_PUBLIC_URL when that is set,
+else the API path ``/v1/jobs/{id}/video``. A batch's
 webhook gets ``completed`` once when the whole batch is done, and its jobs' ``start`` and
 ``progress`` events when its ``webhook_events`` list them.
 
@@ -24,12 +29,16 @@ import json
 import secrets
 import time
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from farm.db.session import session_scope
-from farm.db.tables import Batch, Job, JobState, ProjectSecret, WebhookDelivery, utcnow
+from farm.db.tables import (
+    Batch, Job, JobEvent, JobState, ProjectSecret, WebhookDelivery, utcnow,
+)
+from farm.jobs.events import RETRIED
+from farm.settings import get_settings
 
 START, PROGRESS, COMPLETED = "start", "progress", "completed"
 SIGNATURE_HEADER = "Farm-Signature"
@@ -106,7 +115,8 @@ def _job_row(session: Session, job_id: str):
     caller's UPDATE."""
     return session.execute(
         select(Job.id, Job.project, Job.batch_id, Job.state, Job.progress, Job.error,
-               Job.webhook, Job.webhook_events, Job.finished_at).where(Job.id == job_id)
+               Job.webhook, Job.webhook_events, Job.started_at, Job.finished_at)
+        .where(Job.id == job_id)
     ).one_or_none()
 
 
@@ -123,11 +133,25 @@ def _urls(session: Session, job, kind: str) -> list[str]:
     return urls
 
 
-def _job_body(job, kind: str) -> dict:
+def output_url(job_id: str, public_url: str) -> str:
+    """Where the job's video is downloaded: absolute under ``public_url`` (FARM_PUBLIC_URL)
+    when set, else the API path, which the receiver resolves against the farm it called."""
+    path = f"/v1/jobs/{job_id}/video"
+    return public_url.rstrip("/") + path if public_url else path
+
+
+def _runs_before(session: Session, job_id: str) -> int:
+    """Times the job was retried: its ``retried`` log events (index on job_events.job_id)."""
+    return session.scalar(select(func.count()).where(JobEvent.job_id == job_id,
+                                                     JobEvent.kind == RETRIED)) or 0
+
+
+def _job_body(session: Session, job, kind: str) -> dict:
     succeeded = job.state == JobState.succeeded.value
     return {"event": kind, "job_id": job.id, "project": job.project, "batch_id": job.batch_id,
             "state": job.state, "progress": round(job.progress or 0.0, 4), "error": job.error,
-            "output_url": f"/v1/jobs/{job.id}/video" if succeeded else None,
+            "run": _runs_before(session, job.id),
+            "output_url": output_url(job.id, get_settings().public_url) if succeeded else None,
             "sent_for": utcnow().isoformat()}
 
 
@@ -145,7 +169,7 @@ def job_started(session: Session, job_id: str) -> int:
     """After the job's queued -> running compare-and-set succeeded. Rows written."""
     job = _job_row(session, job_id)
     urls = _urls(session, job, START) if job else []
-    return _enqueue(session, job.project, START, urls, _job_body(job, START), job_id,
+    return _enqueue(session, job.project, START, urls, _job_body(session, job, START), job_id,
                     job.batch_id) if urls else 0
 
 
@@ -155,7 +179,7 @@ def job_ended(session: Session, job_id: str) -> int:
     if job is None or job.state not in COMPLETED_STATES:
         return 0
     urls = _urls(session, job, COMPLETED)
-    return _enqueue(session, job.project, COMPLETED, urls, _job_body(job, COMPLETED),
+    return _enqueue(session, job.project, COMPLETED, urls, _job_body(session, job, COMPLETED),
                     job_id, job.batch_id) if urls else 0
 
 
@@ -165,8 +189,10 @@ def _tenths(progress: float) -> int:
 
 def job_progressed(session: Session, job_id: str) -> int:
     """After the job's progress was updated: a ``progress`` event when it crossed into a new
-    tenth since the last one sent. Concurrent reports of one job are serialised by the row
-    lock of their UPDATE of the job, so a tenth is written once."""
+    tenth since the last one sent in this run (rows written at or after the job's
+    ``started_at``: a retry clears it and the next start sets it anew). Concurrent reports of
+    one job are serialised by the row lock of their UPDATE of the job, so a tenth is written
+    once."""
     job = _job_row(session, job_id)
     if job is None or job.state != JobState.running.value or _tenths(job.progress) == 0:
         return 0
@@ -174,12 +200,13 @@ def job_progressed(session: Session, job_id: str) -> int:
     if not urls:
         return 0
     last = session.scalar(select(WebhookDelivery.body).where(
-        WebhookDelivery.job_id == job_id, WebhookDelivery.event == PROGRESS)
+        WebhookDelivery.job_id == job_id, WebhookDelivery.event == PROGRESS,
+        WebhookDelivery.created_at >= job.started_at if job.started_at else true())
         .order_by(WebhookDelivery.id.desc()).limit(1))
     if last is not None and _tenths(json.loads(last)["progress"]) >= _tenths(job.progress):
         return 0
-    return _enqueue(session, job.project, PROGRESS, urls, _job_body(job, PROGRESS), job_id,
-                    job.batch_id)
+    return _enqueue(session, job.project, PROGRESS, urls, _job_body(session, job, PROGRESS),
+                    job_id, job.batch_id)
 
 
 def batch_completed(session: Session, batch: Batch) -> int:

@@ -13,11 +13,13 @@ import logging
 
 from celery.exceptions import Ignore, Retry
 
-from farm.jobs import admit, batches, result_cache, service as jobs
+from farm.jobs import admit, batches, cache_upkeep, service as jobs
 from farm.jobs import controls, webhook_delivery
 from farm.jobs import retention
 from farm.tasks import reconcile, failure_handling, segment_runner, stitcher
-from farm.celery_app import BROKER_OUTAGE, TICK_TASK, app
+from farm.celery_app import (
+    BROKER_OUTAGE, HOUSEKEEPING_TASK, TICK_TASK, WEBHOOKS_TASK, app,
+)
 from farm.db.session import DATABASE_OUTAGE
 from farm.jobs.dispatch import RENDER_TASK, SEGMENT_FAILED_TASK, STITCH_TASK
 from farm.settings import get_settings
@@ -86,14 +88,36 @@ def stitch_job(self, segment_results: list, job_id: str) -> dict:
 
 @app.task(name=TICK_TASK)
 def tick() -> dict:
-    """Celery beat, every FARM_TICK_SECONDS: re-send jobs whose tasks were lost, open and
-    close batch windows, release what admission allows, write finished batches' reports."""
+    """Celery beat, every FARM_TICK_SECONDS: re-send jobs whose tasks were lost, time out and
+    expire jobs (issue #13), open and close batch windows, release what admission allows,
+    write finished batches' reports. Each step runs whatever the one before did: a failing
+    step is logged and the next tick tries it again."""
     settings = get_settings()
-    resent = reconcile.reconcile(settings)
-    swept = controls.sweep(settings)  # timeout_s and queue_ttl_s (issue #13)
-    result_cache.evict(settings)
-    retention.sweep(settings)  # expired files, chunks, scratch, integrity (issue #13)
+    resent = _step("reconcile", reconcile.reconcile, settings) or []
+    swept = _step("timeouts", controls.sweep, settings) or {}
     return {"resent": len(resent), **{k: len(v) for k, v in swept.items()},
-            **batches.tick(settings),
-            # last: this tick's events (a batch just done) go out now (issue #13)
-            "webhooks": webhook_delivery.deliver_due(settings)}
+            **(_step("batches and admission", batches.tick, settings) or {})}
+
+
+@app.task(name=WEBHOOKS_TASK)
+def deliver_webhooks() -> int:
+    """Celery beat, every FARM_TICK_SECONDS: send due webhook deliveries (issue #13)."""
+    return webhook_delivery.deliver_due(get_settings())
+
+
+@app.task(name=HOUSEKEEPING_TASK)
+def housekeeping() -> dict:
+    """Celery beat, every FARM_HOUSEKEEPING_SECONDS: result-cache eviction, then retention
+    (expired files, chunks, scratch, idempotency keys, integrity re-hashes), issue #13."""
+    settings = get_settings()
+    return {"evicted": _step("cache eviction", cache_upkeep.evict, settings),
+            "retention": _step("retention", retention.sweep, settings)}
+
+
+def _step(name: str, run, settings):
+    """One step of a beat task; an error is logged with its step and the task goes on."""
+    try:
+        return run(settings)
+    except Exception:
+        log.exception("beat step %r failed; the next run tries again", name)
+        return None

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 from farm.jobs import events, result_cache, service as jobs, stage_times
+from farm.jobs.pictures import THUMBNAIL, picture_key
 from farm.db.tables import SegmentState
+from farm.db.session import DATABASE_OUTAGE
 from farm.errors import OutputInvalid
 from farm.tasks.heartbeat import Heartbeat
 from farm.settings import Settings
@@ -70,10 +72,14 @@ def _stitch(settings: Settings, job_id: str, chord_id: str | None) -> dict:
             raise OutputInvalid(f"stitched video is (width, height, frames, codec) = {got}, "
                                 f"expected {expected}")
         thumb = thumbnail(video, tmp / "thumbnail.jpg", duration_s=info.duration_s)
-        storage.put_file(thumb, f"jobs/{job_id}/thumbnail.jpg")
+        storage.put_file(thumb, picture_key(job_id, THUMBNAIL))
         key = video_key(job_id, chord_id)
         sha256, size = storage.put_file(video, key)
-    stage_times.add_stages(db, job_id, {"stitch": time.monotonic() - began})
+    try:  # advisory (issue #13): an outage here must not undo a stitched video
+        stage_times.add_stages(db, job_id, {"stitch": time.monotonic() - began})
+    except DATABASE_OUTAGE as exc:
+        log.warning("job %s: stitch time not recorded, database unavailable: %s", job_id,
+                    type(exc).__name__)
     if not jobs.succeed_job(db, job_id, key, sha256, size, chord_id):
         # Canceled while stitching, or replaced: this file must not stand as a result.
         storage.remove(key)

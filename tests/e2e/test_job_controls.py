@@ -29,7 +29,11 @@ def kinds(client, job_id: str) -> list[str]:
 
 
 def test_a_held_job_never_starts_until_released(client, api_url):
-    job_id = client.post("/v1/jobs", json=TINY | {"hold": True}).json()["id"]
+    submitted = farm("submit", TINY["prompt"], "--model", "wan-tiny", "--frames", "5",
+                     "--steps", "2", "--width", "64", "--height", "64", "--hold",
+                     env=dict(os.environ, FARM_API_URL=api_url))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
     for _ in range(8):  # four beat ticks: admission passes it over every time
         job = client.get(f"/v1/jobs/{job_id}").json()
         assert (job["state"], job["held"], job["dispatched_at"]) == ("queued", True, None)

@@ -3,6 +3,7 @@ the held job shows as waiting on its tier, the numbers move as it renders and en
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -22,7 +23,9 @@ def exporter_url(celery_workers):
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    resp = httpx.get(f"{url}/metrics", timeout=10)  # no key: aggregates only
+    """The exporter needs no token; the API only the metrics token (never a project key)."""
+    token = os.environ["FARM_METRICS_TOKEN"]
+    resp = httpx.get(f"{url}/metrics", timeout=10, headers={"Authorization": f"Bearer {token}"})
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(resp.text) for s in family.samples}
@@ -35,6 +38,12 @@ def until(check, timeout: float = 20):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.2)
+
+
+def test_the_api_serves_metrics_only_with_the_metrics_token(api_url, api_key):
+    assert httpx.get(f"{api_url}/metrics").status_code == 401
+    project_key = httpx.get(f"{api_url}/metrics", headers={"Authorization": f"Bearer {api_key}"})
+    assert project_key.status_code == 401 and "FARM_METRICS_TOKEN" in project_key.text
 
 
 def test_metrics_move_while_a_job_waits_renders_and_ends(api_url, exporter_url):

@@ -67,3 +67,17 @@ def test_a_job_without_a_video_has_no_pictures(api_url):
             assert client.get("/v1/jobs/nope/preview.webp").status_code == 404
         finally:
             client.post(f"/v1/jobs/{queued['id']}/cancel")
+
+
+def test_a_job_answered_from_the_cache_gets_pictures_of_its_own(api_url, finished, settings):
+    """The same request again is answered with the first job's video (no stitch, so no
+    thumbnail of its own): the route makes its pictures under its own prefix, where
+    retention names them (issue #13 review)."""
+    storage = Storage(settings.storage_url)
+    with api_client(api_url) as client:
+        created = client.post("/v1/jobs", json=BODY).json()
+        cached = client.get(f"/v1/jobs/{created['id']}").json()
+        assert cached["cached_from"] == finished["id"] and cached["state"] == "succeeded"
+        resp = client.get(f"/v1/jobs/{cached['id']}/thumbnail.jpg")
+    assert resp.status_code == 200 and resp.content[:2] == b"\xff\xd8"
+    assert storage.exists(f"jobs/{cached['id']}/thumbnail.jpg")

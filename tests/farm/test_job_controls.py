@@ -138,6 +138,14 @@ def test_an_expired_job_retried_gets_its_queue_ttl_counted_from_the_retry(own, d
     after = jobs.get_job(db, job.id)
     assert after.state == "queued" and 129 < after.queue_ttl_s < 135
     assert controls.sweep(own)["expired"] == []
+    # It expires again; retried 50 s after the first retry, its 30 s count from the second.
+    with session_scope(db) as session:
+        session.execute(update(Job).where(Job.id == job.id).values(
+            state="expired", created_at=utcnow() - timedelta(seconds=150)))
+        session.execute(update(JobEvent).where(JobEvent.job_id == job.id).values(
+            created_at=utcnow() - timedelta(seconds=50)))
+    controls.retry_job(own, job.id)
+    assert 179 < jobs.get_job(db, job.id).queue_ttl_s < 185
 
 
 # ---- hold, release, priority --------------------------------------------------------------

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from farm.db.migrate import upgrade
 from farm.db.session import session_scope
 from farm.db.tables import CacheEntry, Job, Segment
-from farm.jobs import result_cache, service as jobs
+from farm.jobs import cache_upkeep, result_cache, service as jobs
 from farm.jobs.submit import route_request
 from farm.schemas import JobCreate
 from farm.storage import Storage
@@ -149,21 +149,67 @@ def test_a_longer_job_reuses_the_segments_it_shares(cache_settings):
 
 
 def test_eviction_by_age_and_size(cache_settings):
-    db = cache_settings.database_url
-    result_cache.purge(db, older_than_days=None)
+    settings = cache_settings
+    cache_upkeep.purge(settings, older_than_days=None)
     now = jobs.utcnow()
-    with session_scope(db) as session:
+    with session_scope(settings.database_url) as session:
         for i, age in enumerate((0, 1, 40, 50)):
             session.add(CacheEntry(key=f"k{i}".ljust(64, "0"), kind="video", project="default",
                                    job_id=f"j{i}", keys=[f"v{i}"], sha256="0" * 64,
                                    bytes=100, hits=0, created_at=now,
                                    last_hit_at=now - timedelta(days=age)))
-    assert result_cache.evict(cache_settings.model_copy(
+    assert cache_upkeep.evict(settings.model_copy(
         update={"cache_max_age_days": 30, "cache_max_bytes": 0})) == 2
-    result_cache._size_checked_at = float("-inf")
-    assert result_cache.evict(cache_settings.model_copy(
+    cache_upkeep._size_checked_at = float("-inf")
+    assert cache_upkeep.evict(settings.model_copy(
         update={"cache_max_age_days": 0, "cache_max_bytes": 150})) == 1
-    with session_scope(db) as session:  # the least recently hit went first
+    with session_scope(settings.database_url) as session:  # the least recently hit went first
         assert session.scalars(select(CacheEntry.key)).all() == ["k0".ljust(64, "0")]
-    assert result_cache.stats(db) == {"video": {"entries": 1, "bytes": 100, "hits": 0}}
-    assert result_cache.purge(db, project="default") == 1
+    assert cache_upkeep.stats(settings.database_url) == \
+        {"video": {"entries": 1, "bytes": 100, "hits": 0}}
+    assert cache_upkeep.purge(settings, project="default") == 1
+
+
+def test_a_source_no_longer_standing_answers_nothing_and_gives_way(cache_settings):
+    """Deleted or found corrupt: no hit, and the next render of the request replaces the
+    entry; a purge removes the files only the entry named."""
+    first = unsaved(prompt="stands no more", frames=33)
+    first.cache_key, keys = result_cache.job_keys(cache_settings, first)
+    for seg, k in zip(first.segments, keys):
+        seg.cache_key = k
+    store_succeeded(cache_settings, first)
+    assert result_cache.remember(cache_settings, first.id) == 3
+    with session_scope(cache_settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == first.id).values(state="deleted"))
+    repeat = unsaved(prompt="stands no more", frames=33)
+    answer = result_cache.answer_from_cache(cache_settings, repeat)
+    assert not answer.whole and not answer.hit_keys  # segments of a deleted job: none
+
+    second = unsaved(prompt="stands no more", frames=33)
+    second.cache_key, keys = result_cache.job_keys(cache_settings, second)
+    for seg, k in zip(second.segments, keys):
+        seg.cache_key = k
+    store_succeeded(cache_settings, second)
+    assert result_cache.remember(cache_settings, second.id) == 3  # replaced all three
+    with session_scope(cache_settings.database_url) as session:
+        assert {e.job_id for e in session.scalars(
+            select(CacheEntry).where(CacheEntry.key.in_([second.cache_key, *keys])))} == \
+            {second.id}
+
+
+def test_a_failed_save_leaves_no_copied_frame(cache_settings):
+    short = unsaved(prompt="copied then undone", frames=49)
+    short.cache_key, keys = result_cache.job_keys(cache_settings, short)
+    for seg, k in zip(short.segments, keys):
+        seg.cache_key = k
+    store_succeeded(cache_settings, short)
+    result_cache.remember(cache_settings, short.id)
+    longer = unsaved(prompt="copied then undone", frames=49)
+    answer = result_cache.answer_from_cache(cache_settings, longer)
+    assert answer.whole  # same length: the video itself
+    longer = unsaved(prompt="copied then undone", frames=65)
+    answer = result_cache.answer_from_cache(cache_settings, longer)
+    storage = Storage(cache_settings.storage_url)
+    assert answer.copied and all(storage.exists(k) for k in answer.copied)
+    answer.undo(cache_settings)
+    assert not any(storage.exists(k) for k in answer.copied)

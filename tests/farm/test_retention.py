@@ -10,10 +10,12 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
 from farm.db.session import session_scope
 from farm.db.tables import CacheEntry, IdempotencyRecord, Job, Segment, utcnow
 from farm.jobs import events, integrity, retention
+from farm.jobs.pictures import PICTURES
 from farm.jobs import service as jobs
 from farm.storage import Storage
 
@@ -25,7 +27,10 @@ def env(settings, db_url, tmp_path):
     """Settings on the session's database with this test's own storage and scratch folder."""
     local = settings.model_copy(update={"storage_url": f"file://{tmp_path}/store",
                                         "work_dir": tmp_path / "work", "retain_days": 30,
-                                        "retain_days_by_project": {}, "keep_chunks": False})
+                                        "retain_days_by_project": {}, "keep_chunks": False,
+                                        # re-hashed only where a test asks: the session's
+                                        # other jobs' files are not in this storage
+                                        "verify_per_tick": 0})
     return local, Storage(local.storage_url)
 
 
@@ -76,9 +81,9 @@ def test_what_the_database_names_stays_and_nothing_else(env, db_url, tmp_path):
     # Deleted earlier, files left behind by a crash mid-removal: all go.
     j["deleted"] = make_job(db_url, "deleted", 2 * DAY, [{"state": "done", "attempts": 1}],
                             deleted_at=utcnow() - DAY)
-    # Expired 40 days ago but its video and a segment are cache entries: those stay.
-    j["cached"] = make_job(db_url, "succeeded", 40 * DAY, [{"state": "done", "attempts": 1},
-                                                           {"state": "done", "attempts": 1}])
+    # Settled now, but a segment is a cache entry: its chunk and last frame stay.
+    j["cached"] = make_job(db_url, "succeeded", timedelta(hours=1),
+                           [{"state": "done", "attempts": 1}, {"state": "done", "attempts": 1}])
     # Expired 40 days ago; a newer job was answered with its video (cached_from): it stays.
     j["lender"] = make_job(db_url, "succeeded", 40 * DAY, [{"state": "done", "attempts": 1}])
     # Still rendering: everything under it stays.
@@ -111,16 +116,17 @@ def test_what_the_database_names_stays_and_nothing_else(env, db_url, tmp_path):
                chunk(j["old"], 0), chunk(j["new"], 0), chunk(j["new"], 1), seam(j["new"], 0),
                f"jobs/{j['new']}/video.mp4.part-abcd1234", chunk(j["failed"], 1, 2),
                chunk(j["failed"], 1, 1), video["deleted"], chunk(j["deleted"], 0),
-               chunk(j["cached"], 1), f"jobs/{j['cached']}/preview.webp",
+               chunk(j["cached"], 1), f"jobs/{j['cached']}/x.part-1",
                chunk(j["lender"], 0)}
     put(storage, tmp_path, *expected, *orphans)
 
-    retention.sweep(settings)
+    swept = retention.sweep(settings)
 
+    assert swept["webhooks_pruned"] >= 0 and -1 not in swept.values()
     assert set(storage.list_keys("jobs")) == expected
     states = {name: jobs.get_job(db_url, job_id) for name, job_id in j.items()}
     assert {n for n, job in states.items() if job.state == "deleted"} == \
-        {"old", "deleted", "cached", "lender"}
+        {"old", "deleted", "lender"}
     assert states["old"].output_key == video["old"] and states["old"].deleted_at is not None
     assert [s.chunk_keys for s in states["new"].segments] == [[], []]  # stitched: dropped
     assert states["failed"].segments[0].chunk_keys == [chunk(j["failed"], 0)]
@@ -217,3 +223,109 @@ def test_the_integrity_check_finds_a_changed_video(env, db_url, tmp_path):
     job = jobs.get_job(db_url, job_id)
     assert integrity.is_corrupt(job) and "does not match its recorded sha256" in job.error
     assert [e.kind for e in events.list_events(db_url, job_id)] == [integrity.OUTPUT_CORRUPT]
+
+
+def entries_of(db: str, job_id: str) -> list[CacheEntry]:
+    with session_scope(db) as session:
+        return list(session.scalars(select(CacheEntry).where(CacheEntry.job_id == job_id)))
+
+
+def test_a_deleted_source_keeps_only_what_live_jobs_borrowed(env, db_url, tmp_path):
+    """Issue #13 review: deleting a job drops its cache entries in the same transaction, so
+    its files go unless a live job borrowed them; the borrower's deletion sweeps the
+    source's prefix again."""
+    settings, storage = env
+    hour = timedelta(hours=1)
+    source = make_job(db_url, "succeeded", hour, [{"state": "done", "attempts": 1},
+                                                  {"state": "done", "attempts": 1}])
+    video = f"jobs/{source}/video.mp4"
+    cached = make_job(db_url, "succeeded", hour, [{"state": "done", "cached_from": source}],
+                      cached_from=source, output_key=video)
+    reuser = make_job(db_url, "failed", hour, [{"state": "done", "cached_from": source}])
+    with session_scope(db_url) as session:
+        job = session.get(Job, source)
+        job.output_key = video
+        for seg in job.segments:
+            seg.chunk_keys = [chunk(source, seg.index)]
+        session.get(Job, reuser).segments[0].chunk_keys = [chunk(source, 0)]
+        session.add(CacheEntry(key=uuid.uuid4().hex, kind="video", project="retention",
+                               job_id=source, keys=[video], bytes=1))
+        session.add(CacheEntry(key=uuid.uuid4().hex, kind="segment", project="retention",
+                               job_id=source, segment_index=1, keys=[chunk(source, 1)],
+                               bytes=0))
+    own_thumb = f"jobs/{cached}/thumbnail.jpg"  # made by the picture route from the video
+    put(storage, tmp_path, video, chunk(source, 0), chunk(source, 1),
+        f"jobs/{source}/thumbnail.jpg", own_thumb)
+
+    assert retention.delete_job_files(settings, source, "by request")
+    assert entries_of(db_url, source) == []
+    # The cached job's video and the reused chunk stay; the rest of the source's goes.
+    assert set(storage.list_keys("jobs")) == {video, chunk(source, 0), own_thumb}
+
+    assert retention.delete_job_files(settings, cached, "by request")
+    assert set(storage.list_keys("jobs")) == {chunk(source, 0)}
+    assert retention.delete_job_files(settings, reuser, "by request")
+    assert storage.list_keys("jobs") == []
+
+
+def test_prune_files_is_safe_for_a_job_in_any_state(env, db_url, tmp_path):
+    """The cache's eviction calls prune_files with any jobs: a live one loses nothing, a
+    succeeded one keeps its video, pictures and listed chunks, a deleted or unknown one
+    keeps only what another job names."""
+    settings, storage = env
+    live = make_job(db_url, "running", None, [{"state": "running", "attempts": 1}])
+    done = make_job(db_url, "succeeded", timedelta(minutes=1),  # not settled yet
+                    [{"state": "done", "attempts": 1}])
+    gone = make_job(db_url, "deleted", DAY, [], deleted_at=utcnow())
+    unknown = uuid.uuid4().hex
+    make_job(db_url, "succeeded", timedelta(hours=1), [], cached_from=gone,
+             output_key=f"jobs/{gone}/video.mp4")
+    with session_scope(db_url) as session:
+        job = session.get(Job, done)
+        job.output_key = f"jobs/{done}/video.mp4"
+        job.segments[0].chunk_keys = [chunk(done, 0)]
+    kept = {f"jobs/{live}/x.part-1234", chunk(live, 0), f"jobs/{done}/video.mp4",
+            *(f"jobs/{done}/{name}" for name in PICTURES), chunk(done, 0),
+            f"jobs/{gone}/video.mp4"}
+    stray = {chunk(done, 0, 2), f"jobs/{done}/video.mp4.part-abcd", chunk(gone, 0),
+             f"jobs/{gone}/thumbnail.jpg", f"jobs/{unknown}/video.mp4"}
+    put(storage, tmp_path, *kept, *stray)
+    assert retention.prune_files(settings, storage, {live, done, gone, unknown}) == len(stray)
+    assert set(storage.list_keys("jobs")) == kept
+
+
+def test_a_corrupt_file_marks_every_job_that_shares_it(env, db_url, tmp_path):
+    settings, storage = env
+    source = make_job(db_url, "succeeded", timedelta(hours=1), [])
+    key = f"jobs/{source}/video.mp4"
+    src = tmp_path / "v.mp4"
+    src.write_bytes(b"video" * 100)
+    digest, _ = storage.put_file(src, key)
+    cached = make_job(db_url, "succeeded", timedelta(hours=1), [], cached_from=source,
+                      output_key=key, output_sha256=digest)
+    with session_scope(db_url) as session:
+        job = session.get(Job, source)
+        job.output_key, job.output_sha256 = key, digest
+        for job_id in (source, cached):  # first in the rotation
+            session.get(Job, job_id).verified_at = utcnow() - 2000 * DAY
+    storage.local_path(key).write_bytes(b"tampered")
+    assert not integrity.verify_job(settings, cached)  # checked through the cached job
+    both = [jobs.get_job(db_url, j) for j in (source, cached)]
+    assert all(integrity.is_corrupt(j) and not integrity.servable(j) for j in both)
+    assert all(j.error.startswith(integrity.CORRUPT_PREFIX) for j in both)
+    assert [e.kind for e in events.list_events(db_url, source)] == [integrity.OUTPUT_CORRUPT]
+    storage.put_file(src, key)  # restored
+    with session_scope(db_url) as session:
+        for job_id in (source, cached):
+            session.get(Job, job_id).verified_at = utcnow() - 2000 * DAY
+    assert integrity.verify_outputs(settings, limit=2) == []  # one hash for both
+    both = [jobs.get_job(db_url, j) for j in (source, cached)]
+    assert all(integrity.servable(j) and j.error is None for j in both)
+    assert all(j.verified_at > utcnow() - DAY for j in both)
+
+
+def test_a_job_error_that_is_not_the_checks_is_no_corruption():
+    job = Job(state="succeeded", error="stored video is fine; a note from elsewhere")
+    assert integrity.servable(job) and not integrity.is_corrupt(job)
+    job.error = integrity.corrupt_message("jobs/x/video.mp4", "a" * 64, None)
+    assert integrity.is_corrupt(job) and not integrity.servable(job)

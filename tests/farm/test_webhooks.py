@@ -15,11 +15,13 @@ from sqlalchemy import delete, select
 
 from farm.db.migrate import upgrade
 from farm.db.session import session_scope
-from farm.db.tables import Batch, WebhookDelivery, utcnow
-from farm.jobs import batches, events, progress_feed as feed, service as jobs, webhooks
+from farm.db.tables import Batch, Segment, WebhookDelivery, utcnow
+from farm.jobs import batches, controls, events, progress_feed as feed, service as jobs
+from farm.jobs import webhooks
 from farm.jobs import webhook_delivery as delivery
 from farm.jobs.submit import route_request
 from farm.schemas import JobCreate
+from farm.settings import get_settings
 from tests.conftest import RUN_ID, drop_database, free_port, make_database
 
 
@@ -273,3 +275,81 @@ def test_progress_feed_sends_only_what_changed(own_pg):
     end = feed.job_events(later, view(queue=(None, None)))
     assert [e for e, _ in end] == ["state", "queue", "done"]
     assert end[-1][1] == {"id": job.id, "state": "canceled", "error": None, "output_url": None}
+
+
+def test_progress_restarts_after_a_retry_and_run_tells_the_runs_apart(own_pg, settings):
+    db = own_pg
+    job = new_job(db, webhook="http://127.0.0.1:9/h", frames=5,
+                  webhook_events=["progress", "completed"])
+    seg = job.segments[0].id
+    assert jobs.start_segment(db, seg, "w")
+    jobs.report_segment_progress(db, seg, 0.5, None)  # tenth 4
+    assert jobs.fail_job(db, job.id, "boom")
+    with session_scope(db) as session:  # its task has stopped (no more heartbeats)
+        session.get(Segment, seg).heartbeat_at = utcnow() - timedelta(hours=1)
+    controls.retry_job(settings.model_copy(update={"database_url": db}), job.id)
+    with session_scope(db) as session:  # sent again (unless admission already sent it)
+        jobs.claim_for_dispatch(session, job.id)
+    assert jobs.get_job(db, job.id).dispatched_at is not None
+    assert jobs.start_segment(db, seg, "w")
+    jobs.report_segment_progress(db, seg, 0.2, None)  # tenth 1 of the second run
+    assert jobs.cancel_job(db, job.id)
+    sent = [(r.event, json.loads(r.body)["run"], json.loads(r.body)["progress"])
+            for r in outbox(db, job.id)]
+    assert sent == [("progress", 0, 0.475), ("completed", 0, 0.475),
+                    ("progress", 1, 0.19), ("completed", 1, 0.19)]
+
+
+@pytest.fixture
+def public_url(monkeypatch):
+    monkeypatch.setenv("FARM_PUBLIC_URL", "https://farm.example.com/")
+    get_settings.cache_clear()
+    yield "https://farm.example.com"
+    monkeypatch.delenv("FARM_PUBLIC_URL")
+    get_settings.cache_clear()
+
+
+def test_output_url_is_absolute_under_the_public_url(own_pg, public_url):
+    assert webhooks.output_url("abc", "") == "/v1/jobs/abc/video"
+    request = JobCreate(prompt="a red circle", model="wan-tiny", webhook="http://127.0.0.1:9/h")
+    cached = jobs.new_job(request, route_request(request, {}), "sha")
+    cached.state, cached.progress = "succeeded", 1.0  # as the result cache answers one
+    jobs.add_jobs(own_pg, [cached])
+    [row] = outbox(own_pg, cached.id)
+    assert json.loads(row.body)["output_url"] == f"{public_url}/v1/jobs/{cached.id}/video"
+
+
+def test_finished_deliveries_older_than_the_keep_days_go(any_db, settings):
+    clear_outbox(any_db)
+    conf = settings.model_copy(update={"database_url": any_db, "webhook_keep_days": 7,
+                                       "retention_batch": 3})
+    now = utcnow()
+    old, new = now - timedelta(days=8), now - timedelta(days=1)
+    rows = {  # name -> (created, delivered, next attempt), in id (= creation) order
+        "retrying": (old, None, now),  # still being tried: kept whatever its age
+        "gave_up_old": (old, None, None),
+        "delivered_old": (old, old + timedelta(hours=1), None),
+        "gave_up_old_later": (old, None, None),  # beyond this tick's window of 3 ids
+        "gave_up_new": (new, None, None),
+        "delivered_new": (new, new, None),
+    }
+    ids = {}
+    with session_scope(any_db) as session:
+        for name, (created, delivered, due) in rows.items():
+            row = WebhookDelivery(project="p", event="completed", url="http://127.0.0.1:9/h",
+                                  body="{}", attempts=1, created_at=created,
+                                  delivered_at=delivered, next_attempt_at=due)
+            session.add(row)
+            session.flush()
+            ids[name] = row.id
+
+    def left():
+        with session_scope(any_db) as session:
+            found = set(session.scalars(select(WebhookDelivery.id)))
+        return {name for name, i in ids.items() if i in found}
+
+    assert delivery.prune(conf, now) == 2
+    assert left() == {"retrying", "gave_up_new", "delivered_new", "gave_up_old_later"}
+    assert delivery.prune(conf, now) == 1  # the window has moved on
+    assert left() == {"retrying", "gave_up_new", "delivered_new"}
+    assert delivery.prune(conf, now) == 0
