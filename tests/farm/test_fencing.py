@@ -15,25 +15,19 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from farm.db.migrate import upgrade
 from farm.db.session import get_engine, session_scope
 from farm.db.tables import Job, Segment, utcnow
 from farm.jobs import service as jobs
 from farm.jobs.submit import route_request
 from farm.schemas import JobCreate
 from farm.tasks import reconcile
-from tests.conftest import RUN_ID, drop_database, make_database
 
 LEASE_S = 30.0
 
 
 @pytest.fixture(scope="module")
-def db():
-    name = f"farm_fencing_{RUN_ID}"
-    url = make_database(name)
-    upgrade(url)
-    yield url
-    drop_database(name)
+def db(own_pg):
+    return own_pg
 
 
 def running_job(db: str) -> tuple[str, int]:

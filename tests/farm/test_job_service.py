@@ -7,31 +7,9 @@ import threading
 import pytest
 
 from farm.jobs import service as jobs
-from farm.db.migrate import upgrade
 from farm.db.session import session_scope
 from farm.schemas import JobCreate
 from farm.jobs.submit import route_request
-from tests.conftest import RUN_ID, drop_database, make_database
-
-
-@pytest.fixture(scope="module")
-def own_pg():
-    """A database of this module's own: its half-finished jobs must not hold the session
-    farm's GPUs (admission counts them)."""
-    name = f"farm_jobs_{RUN_ID}"
-    url = make_database(name)
-    upgrade(url)
-    yield url
-    drop_database(name)
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def any_db(request, tmp_path):
-    if request.param == "postgresql":
-        return request.getfixturevalue("own_pg")
-    url = f"sqlite:///{tmp_path}/farm.db"
-    upgrade(url)
-    return url
 
 
 def new_job(db, **overrides):

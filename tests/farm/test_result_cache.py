@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
-from farm.db.migrate import upgrade
 from farm.db.session import session_scope
 from farm.db.tables import CacheEntry, Job, Segment
 from farm.jobs import cache_upkeep, result_cache, service as jobs
@@ -18,21 +17,11 @@ from farm.jobs.submit import route_request
 from farm.schemas import JobCreate
 from farm.storage import Storage
 from farm.tasks.seams import last_frame_key
-from tests.conftest import RUN_ID, drop_database, make_database
-
-
-@pytest.fixture(scope="module")
-def cache_db():
-    name = f"farm_cache_{RUN_ID}"
-    url = make_database(name)
-    upgrade(url)
-    yield url
-    drop_database(name)
 
 
 @pytest.fixture
-def cache_settings(settings, cache_db, tmp_path):
-    return settings.model_copy(update={"database_url": cache_db,
+def cache_settings(settings, own_pg, tmp_path):
+    return settings.model_copy(update={"database_url": own_pg,
                                        "storage_url": f"file://{tmp_path}/storage"})
 
 

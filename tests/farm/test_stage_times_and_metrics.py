@@ -13,7 +13,6 @@ from sqlalchemy import update
 
 from farm.api.metrics import registry_for
 from farm.db.leases import GroupLease
-from farm.db.migrate import upgrade
 from farm.db.session import session_scope
 from farm.db.tables import Job, JobEvent, Segment, WebhookDelivery, utcnow
 from farm.jobs import events, service as jobs, stage_times
@@ -21,16 +20,6 @@ from farm.jobs.webhook_delivery import WEBHOOK_FAILED
 from farm.jobs.submit import route_request
 from farm.schemas import JobCreate
 from farm.tasks.stage_clock import StageClock
-from tests.conftest import RUN_ID, drop_database, make_database
-
-
-@pytest.fixture(scope="module")
-def own_pg():
-    name = f"farm_metrics_{RUN_ID}"
-    url = make_database(name)
-    upgrade(url)
-    yield url
-    drop_database(name)
 
 
 def saved_job(db, **fields) -> Job:

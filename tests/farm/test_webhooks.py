@@ -13,7 +13,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import delete, select
 
-from farm.db.migrate import upgrade
 from farm.db.session import session_scope
 from farm.db.tables import Batch, Segment, WebhookDelivery, utcnow
 from farm.jobs import batches, controls, events, progress_feed as feed, service as jobs
@@ -22,7 +21,7 @@ from farm.jobs import webhook_delivery as delivery
 from farm.jobs.submit import route_request
 from farm.schemas import JobCreate
 from farm.settings import get_settings
-from tests.conftest import RUN_ID, drop_database, free_port, make_database
+from tests.conftest import RUN_ID, free_port
 
 
 class Receiver:
@@ -62,24 +61,6 @@ class Receiver:
 
     def events(self) -> list[tuple[str, str | None]]:
         return [(json.loads(b)["event"], json.loads(b).get("job_id")) for _, b in self.got]
-
-
-@pytest.fixture(scope="module")
-def own_pg():
-    name = f"farm_webhooks_{RUN_ID}"
-    url = make_database(name)
-    upgrade(url)
-    yield url
-    drop_database(name)
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def any_db(request, tmp_path):
-    if request.param == "postgresql":
-        return request.getfixturevalue("own_pg")
-    url = f"sqlite:///{tmp_path}/farm.db"
-    upgrade(url)
-    return url
 
 
 @pytest.fixture
