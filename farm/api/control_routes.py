@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm.api.batch_routes import _batch_or_404
-from farm.api.routes import Project, _get_or_404, to_public
+from farm.api.routes import Project, _get_or_404, with_estimate
 from farm.errors import JobStateConflict
 from farm.jobs import controls, service as jobs
 from farm.schemas import JobPublic
@@ -34,11 +34,7 @@ class BatchAction(BaseModel):
 
 
 def public_with_estimate(db_url: str, job_id: str, request: Request) -> JobPublic:
-    """The job as GET /v1/jobs/{id} shows it: with queue_position and eta_s."""
-    job = jobs.get_job(db_url, job_id)
-    public = to_public(job, request)
-    public.queue_position, public.eta_s = controls.queue_estimate(db_url, job)
-    return public
+    return with_estimate(db_url, jobs.get_job(db_url, job_id), request)
 
 
 def _conflict(exc: JobStateConflict) -> HTTPException:

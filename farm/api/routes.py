@@ -121,8 +121,14 @@ def get_job(job_id: str, request: Request, response: Response, project: Project)
     job = _get_or_404(db, job_id, project)
     if job.stage_times:  # where its time went, in ms (issue #13)
         response.headers["Server-Timing"] = stage_times.server_timing(job.stage_times)
-    public = to_public(job, request)  # the list leaves these two None (one query each)
-    public.queue_position, public.eta_s = queue_estimate(db, job)
+    return with_estimate(db, job, request)
+
+
+def with_estimate(db_url: str, job: Job, request: Request) -> JobPublic:
+    """The job as GET /v1/jobs/{id} shows it: with queue_position and eta_s (the list
+    leaves these two None: a query each)."""
+    public = to_public(job, request)
+    public.queue_position, public.eta_s = queue_estimate(db_url, job)
     return public
 
 
