@@ -104,9 +104,9 @@ def test_a_render_on_s3_downloads_through_a_presigned_url(s3_stack, tmp_path):
         assert cli.returncode == 0 and cli.stdout.strip().endswith("deleted"), cli.stderr
         gone = http.get(f"/v1/jobs/{job['id']}").json()
         assert gone["state"] == "deleted" and gone["deleted_at"] and gone["output_url"] is None
-        # Only what the result cache's entry names is left (evicting it is the cache's job).
-        assert storage.list_keys(f"jobs/{job['id']}") == cache_keys(s3_stack["db"], job["id"])
-        assert storage.list_keys(f"jobs/{job['id']}") == [record.output_key]
+        # Deleting drops the job's result-cache entries too: nothing of it is left.
+        assert cache_keys(s3_stack["db"], job["id"]) == []
+        assert storage.list_keys(f"jobs/{job['id']}") == []
         assert http.get(f"/v1/jobs/{job['id']}/video").status_code == 409
         live = http.post("/v1/jobs", json=TINY | {"seed": uuid.uuid4().int % 1000, "hold": True})
         refused = http.delete(f"/v1/jobs/{live.json()['id']}")

@@ -22,10 +22,18 @@ from farm.storage import Storage
 DAY = timedelta(days=1)
 
 
+@pytest.fixture(scope="module")
+def db_url(own_pg):
+    """This module's own database: the session farm's housekeeping beat sweeps the session's
+    database with its own storage and settings, and would settle these jobs first."""
+    return own_pg
+
+
 @pytest.fixture()
 def env(settings, db_url, tmp_path):
     """Settings on the session's database with this test's own storage and scratch folder."""
-    local = settings.model_copy(update={"storage_url": f"file://{tmp_path}/store",
+    local = settings.model_copy(update={"database_url": db_url,
+                                        "storage_url": f"file://{tmp_path}/store",
                                         "work_dir": tmp_path / "work", "retain_days": 30,
                                         "retain_days_by_project": {}, "keep_chunks": False,
                                         # re-hashed only where a test asks: the session's
