@@ -15,7 +15,7 @@ or its project's quota) is reported as impossible, not left to block the line.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from scheduler.rules import Quotas
@@ -64,6 +64,9 @@ class Release:
     released: tuple[str, ...]  # job ids, in the order to send them
     held: dict  # job id -> why it waits
     impossible: dict  # job id -> why it can never run as routed
+    # tier -> the job that found no room: nothing after it on that tier goes now, so a
+    # caller reading the queue page by page (farm.jobs.admit, issue #14) stops there.
+    blocked: dict = field(default_factory=dict)
 
 
 def _place(free: list[int], degree: int, groups: int = 1) -> bool:
@@ -128,4 +131,4 @@ def select_for_release(waiting: list[Waiting], holding: list[Holding],
             continue
         by_project[job.project, job.tier] += job.gpus
         released.append(job.job_id)
-    return Release(tuple(released), held, impossible)
+    return Release(tuple(released), held, impossible, blocked)

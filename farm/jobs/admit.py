@@ -4,23 +4,33 @@ scheduler's policy lets them (scheduler.admission: priority, tier capacity, proj
 One scheduler, not two: a tier's Celery queue only ever holds work its GPUs can
 take now, so priorities are never lost in a broker queue. `release` runs after a submission,
 whenever a job leaves the GPUs, and on every Celery beat tick. Decisions are taken under a
-lock (a PostgreSQL advisory lock; a process lock on SQLite) and recorded by compare-and-set
-on ``dispatched_at`` before anything is sent; a send that fails is undone, and the next
-release sends the job again.
+lock and recorded by compare-and-set on ``dispatched_at`` before anything is sent; a send
+that fails is undone, and the next release sends the job again.
+
+At fleet scale (issue #14, item 5) a pass costs what the GPUs hold, not what waits: each
+tier passes on its own (its own lock, farm.jobs.admit_locks) over a bounded look-ahead,
+the top LOOK_AHEAD waiting jobs of the tier by priority, oldest first, read through a
+partial index (farm.jobs.admit_queries), and the jobs on its GPUs, read through
+a partial index of the jobs in flight. A pass reads more pages only while the tier still
+has room (the jobs read were passed over for their project's quota), MAX_PAGES at most. A
+submission runs no pass unless its own job could go now, and then one page of its tier
+(`release_submitted`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select
 
 from farm.db.tables import Job, JobState, Segment, SegmentState, utcnow
 from farm.db.session import session_scope
 from farm.errors import QueueUnavailable
+from farm.jobs.admit_locks import locked_session, tier_session
+from farm.jobs.admit_queries import (
+    ON_GPUS, holding_rows, look_ahead, orphan_rows, queue_loads_lazy,
+)
 from farm.policy import get_policy
 from farm.settings import Settings
 from scheduler.admission import Holding, TierSize, Waiting, groups_for, select_for_release
@@ -28,24 +38,9 @@ from scheduler.routing import QueueLoad
 
 log = logging.getLogger(__name__)
 
-ON_GPUS = (JobState.queued.value, JobState.running.value)  # with dispatched_at set
-_ADVISORY_KEY = 0x6661726D  # "farm"
-_sqlite_lock = threading.Lock()
-
-
-@contextmanager
-def locked_session(db_url: str):
-    """One release at a time, across processes: PostgreSQL's advisory lock; on SQLite an
-    empty UPDATE first, which takes the database's write lock until commit (other writers
-    wait), plus a lock for the threads of this process."""
-    if db_url.startswith("postgresql"):
-        with session_scope(db_url) as session:
-            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_KEY})
-            yield session
-    else:
-        with _sqlite_lock, session_scope(db_url) as session:
-            session.execute(update(Job).where(text("1 = 0")).values(dispatched_at=None))
-            yield session
+__all__ = ["ON_GPUS", "locked_session", "release", "release_soon", "release_submitted"]
+LOOK_AHEAD = 100  # waiting jobs of a tier a pass reads at once (a page)
+MAX_PAGES = 5  # pages a full pass reads at most, while its tier has room
 
 
 def runnable_segments(session, job_ids: list[str]) -> dict[str, int]:
@@ -88,51 +83,96 @@ def job_groups(route: dict, project: str, runnable: int, policy=None) -> int:
                       policy.rules.quotas.limit(project, route["tier"]))
 
 
-def _choose(session) -> tuple[list[str], dict[str, str]]:
-    """-> (jobs marked as sent, jobs that can never run as routed: id -> why)."""
+def _waiting(rows, runnable: dict[str, int], policy, now) -> list[Waiting]:
+    """The page's jobs as the policy sees them; a job whose window has closed since the
+    last tick is left out (the tick parks it)."""
     from farm.jobs.submit import must_wait
 
-    now = utcnow()
-    rows = session.execute(
-        select(Job.id, Job.project, Job.route, Job.priority, Job.created_at, Job.dispatched_at)
-        .where(Job.state.in_(ON_GPUS), Job.held.is_(False))  # a held job waits unseen (#13)
-    ).all()
-    policy = get_policy()
-    runnable = runnable_segments(session, [r.id for r in rows])
+    return [Waiting(r.id, r.project, r.route["tier"], gpus_per_group(r.route), r.priority,
+                    r.created_at, job_groups(r.route, r.project,
+                                             1 if r.continuous else runnable.get(r.id, 0), policy))
+            for r in rows if not must_wait(r.route, now)]
 
-    def groups(r) -> int:  # a job on the GPUs whose segments all denoised holds none
-        n = runnable.get(r.id, 0)
-        return job_groups(r.route, r.project, n, policy) if n or r.dispatched_at is None else 0
 
-    # A queued job whose window has closed since the last tick is not sent (the tick parks it).
-    waiting = [Waiting(r.id, r.project, r.route["tier"], gpus_per_group(r.route), r.priority,
-                       r.created_at, groups(r))
-               for r in rows if r.dispatched_at is None and not must_wait(r.route, now)]
-    holding = [Holding(r.project, r.route["tier"], gpus_per_group(r.route), groups(r))
-               for r in rows if r.dispatched_at is not None]
-    if not waiting:
-        return [], {}
-    tiers = {name: TierSize(t.count, t.gpus_per_node) for name, t in policy.catalog.tiers.items()}
-    decision = select_for_release(waiting, holding, tiers, policy.rules.quotas)
-    for job_id, why in decision.held.items():
-        log.debug("job %s waits: %s", job_id, why)
+def holdings(session, tier: str, policy) -> list[Holding]:
+    """What the tier's GPUs hold: one entry per job sent and not ended, with the groups its
+    segments still denoising take (a job whose segments all denoised holds none)."""
+    out = []
+    for r in holding_rows(session, tier):
+        runnable = min(1, r.runnable) if r.continuous else r.runnable
+        if runnable:
+            out.append(Holding(r.project, tier, gpus_per_group(r.route),
+                               job_groups(r.route, r.project, runnable, policy)))
+    return out
+
+
+def choose_in_tier(session, tier: str, pages: int = MAX_PAGES
+                   ) -> tuple[list[str], dict[str, str]]:
+    """One tier's pass (under its lock): -> (jobs marked as sent, jobs that can never run
+    as routed: id -> why). Page after page of the tier's queue while the tier has room."""
     from farm.jobs import service as jobs
 
-    chosen = [job_id for job_id in decision.released if jobs.claim_for_dispatch(session, job_id)]
-    return chosen, decision.impossible
+    policy, now = get_policy(), utcnow()
+    spec = policy.catalog.tiers[tier]
+    size = {tier: TierSize(spec.count, spec.gpus_per_node)}
+    holding = holdings(session, tier, policy)
+    chosen, impossible, after = [], {}, None
+    for _ in range(pages):
+        rows = look_ahead(session, tier, LOOK_AHEAD, after)
+        # A continuous job takes one group whatever is left of it: count the others only.
+        runnable = runnable_segments(session, [r.id for r in rows if not r.continuous])
+        waiting = _waiting(rows, runnable, policy, now)
+        decision = select_for_release(waiting, holding, size, policy.rules.quotas)
+        chosen += [job_id for job_id in decision.released
+                   if jobs.claim_for_dispatch(session, job_id)]
+        impossible.update(decision.impossible)
+        if decision.blocked or len(rows) < LOOK_AHEAD:
+            break
+        released = set(decision.released)  # they hold their GPUs on the next page
+        holding += [Holding(w.project, tier, w.degree, w.groups)
+                    for w in waiting if w.job_id in released]
+        after = rows[-1]
+    return chosen, impossible
 
 
-def release(settings: Settings, enqueue: Callable | None = None) -> list[str]:
-    """Send every job the policy admits now; returns their ids. Raises QueueUnavailable
-    (after undoing the marks) when the broker refuses a send."""
+def orphans(session) -> dict[str, str]:
+    """Waiting jobs of a tier the policy no longer declares (one page): they never run."""
+    return {r.id: f"tier {r.tier!r} is not declared"
+            for r in orphan_rows(session, list(get_policy().catalog.tiers), LOOK_AHEAD)}
+
+
+def _choose(session, pages: int = MAX_PAGES) -> tuple[list[str], dict[str, str]]:
+    """Every tier's pass in one session that holds the farm-wide lock (tests, tools)."""
+    chosen, impossible = [], orphans(session)
+    for tier in get_policy().catalog.tiers:
+        more, cannot = choose_in_tier(session, tier, pages)
+        chosen += more
+        impossible.update(cannot)
+    return chosen, impossible
+
+
+def release(settings: Settings, enqueue: Callable | None = None, tiers: list[str] | None = None,
+            wait: bool = True, pages: int = MAX_PAGES) -> list[str]:
+    """Send every job the policy admits now, tier by tier (each under its own lock);
+    returns their ids. ``tiers``: only those (and no look for jobs of undeclared tiers);
+    ``wait=False``: skip a tier whose pass another caller will run (admit_locks). Raises
+    QueueUnavailable (after undoing the marks) when the broker refuses a send."""
     from farm.jobs import service as jobs
 
     if enqueue is None:
         from farm.jobs.dispatch import enqueue_job as enqueue
     db = settings.database_url
-    with locked_session(db) as session:
-        chosen, impossible = _choose(session)
-    for job_id, why in impossible.items():  # e.g. a tier removed from the policy since
+    chosen, impossible = [], {}
+    if tiers is None:
+        with session_scope(db) as session:
+            impossible = orphans(session)  # e.g. a tier removed from the policy since
+    for tier in tiers if tiers is not None else get_policy().catalog.tiers:
+        with tier_session(db, tier, wait) as session:
+            if session is not None:
+                more, cannot = choose_in_tier(session, tier, pages)
+                chosen += more
+                impossible.update(cannot)
+    for job_id, why in impossible.items():
         jobs.fail_job(db, job_id, f"cannot run as routed: {why}")
     sent = []
     for i, job_id in enumerate(chosen):
@@ -146,6 +186,40 @@ def release(settings: Settings, enqueue: Callable | None = None) -> list[str]:
     if sent:
         log.info("released %d job(s): %s", len(sent), ", ".join(sent))
     return sent
+
+
+def release_submitted(settings: Settings, job: Job, enqueue: Callable | None = None
+                      ) -> list[str]:
+    """After one job's submission. Its arrival changes nothing for the jobs already waiting
+    (each change that frees room runs a full pass: a job leaving the GPUs, a tick), so
+    unless the new job itself would go now (its tier has room and its project quota: read
+    from the tier's holdings, a few rows) there is no pass at all. Else one page of its
+    tier's queue, skipped when a pass that will see the job runs or is pending
+    (farm.jobs.admit_locks). The page holds the highest priorities: nothing passes a job
+    ahead of it; jobs past the page wait for the next full pass."""
+    tier, policy = job.route["tier"], get_policy()
+    if job.held or job.state != JobState.queued.value or tier not in policy.catalog.tiers:
+        return []  # held, waiting for its window, or of no tier (the tick fails it)
+    if not _may_go_now(settings.database_url, job, policy):
+        return []
+    return release(settings, enqueue, tiers=[tier], wait=False, pages=1)
+
+
+def _may_go_now(db_url: str, job: Job, policy) -> bool:
+    """Would admission take ``job`` (or find it impossible) if it were first in line?"""
+    tier = job.route["tier"]
+    spec = policy.catalog.tiers[tier]
+    with session_scope(db_url) as session:
+        holding = holdings(session, tier, policy)
+    pending = sum(1 for s in job.segments if s.state == SegmentState.pending.value)
+    waiting = Waiting(job.id, job.project, tier, gpus_per_group(job.route), job.priority,
+                      job.created_at, job_groups(job.route, job.project,
+                                                 min(1, pending) if job.continuous else pending,
+                                                 policy))
+    decision = select_for_release([waiting], holding,
+                                  {tier: TierSize(spec.count, spec.gpus_per_node)},
+                                  policy.rules.quotas)
+    return bool(decision.released or decision.impossible)
 
 
 def release_soon(settings: Settings) -> None:
@@ -162,18 +236,8 @@ def release_soon(settings: Settings) -> None:
         log.exception("release after a job left the GPUs failed; the next tick retries")
 
 
-def queue_loads(db_url: str) -> dict[str, QueueLoad]:
-    """Per queue: jobs waiting for GPUs, and GPU-seconds of work queued or running on it."""
-    waiting: dict[str, int] = {}
-    backlog: dict[str, float] = {}
-    with session_scope(db_url) as session:
-        rows = session.execute(select(Job.route, Job.dispatched_at)
-                               .where(Job.state.in_(ON_GPUS))).all()
-    for route, dispatched_at in rows:
-        queue = route["queue"]
-        if dispatched_at is None:
-            waiting[queue] = waiting.get(queue, 0) + 1
-        gpu_s = (route.get("est_seconds") or 0.0) * route.get("degree", 1)
-        backlog[queue] = backlog.get(queue, 0.0) + gpu_s
-    return {q: QueueLoad(waiting.get(q, 0), backlog.get(q, 0.0))
-            for q in set(waiting) | set(backlog)}
+def queue_loads(db_url: str) -> Mapping[str, QueueLoad]:
+    """Per queue: jobs waiting for GPUs, and GPU-seconds of work queued or running on it;
+    read (one aggregate) only when routing asks, i.e. when a rule's fallback has a
+    condition on it: most submissions never pay for it."""
+    return queue_loads_lazy(db_url)

@@ -84,7 +84,7 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
         answer.undo(settings)  # no job row: no file of its may stay
         raise
     if not answer.whole:  # a cached answer holds no GPU: nothing to release
-        release_or_defer(settings)
+        release_or_defer(settings, job)
     return job
 
 
@@ -112,11 +112,18 @@ def _replay(db_url: str, project: str, key: str, body_sha: str) -> Job | None:
     return jobs.get_job(db_url, record.job_id)
 
 
-def release_or_defer(settings: Settings) -> None:
+def release_or_defer(settings: Settings, job: Job | None = None) -> None:
     """After saving: the job is accepted whatever happens here; a failure to send it now
-    (broker or database trouble) leaves it queued for the next release (a beat tick)."""
+    (broker or database trouble) leaves it queued for the next release (a beat tick).
+    With ``job`` (one job's submission, issue #14): a pass of its tier only if it could go
+    now, one page of its queue, and none when a pass that will see it is already running
+    or pending (farm.jobs.admit.release_submitted): the first job on an idle tier is sent
+    before this returns; on a busy tier a submission costs a read of what the GPUs hold."""
     try:
-        admit.release(settings)
+        if job is not None:
+            admit.release_submitted(settings, job)
+        else:
+            admit.release(settings)
     except QueueUnavailable as exc:
         log.warning("saved; the queue is unavailable, the next tick sends it: %s", exc)
     except Exception:

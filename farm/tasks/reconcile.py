@@ -13,6 +13,10 @@ A stranded job is sent again with new task ids: tasks of the earlier send are fe
 redelivery does nothing. Marking it is a compare-and-set on what was read (issue #11): a
 finish, a heartbeat, a stitch success or a cancel that lands in between wins. A segment whose worker vanished counts as a failure of that
 worker (farm.tasks.failure_policy), and fails for good after as many different workers as any failure.
+
+At fleet scale (issue #14, item 5) a tick reads only candidates: jobs sent before the lease
+with no heartbeat since, filtered in SQL through indexes; the broker's queues (which hold
+admitted work only, bounded by the GPUs) are read only on a tick that found a candidate.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, text
+from sqlalchemy import select, text, union_all
 from sqlalchemy.orm import selectinload
 
 from farm.jobs import events, service as jobs
 from farm.jobs.admit import locked_session
-from farm.db.tables import Job, JobState, SegmentState, utcnow
-from farm.db.session import DATABASE_OUTAGE, get_engine
+from farm.jobs.admit_queries import state_in
+from farm.db.tables import Job, JobState, Segment, SegmentState, utcnow
+from farm.db.session import DATABASE_OUTAGE, get_engine, session_scope
 from farm.tasks.failure_policy import exhausted, segment_errors
 from farm.settings import Settings, is_redis_url
 
@@ -81,13 +86,36 @@ def _task_ids(job: Job) -> set[str]:
     return {i for i in ids | {job.celery_id} if i}
 
 
+def candidate_ids(since: datetime):
+    """Ids of jobs sent before ``since`` with no heartbeat since: a stitching job's own, else a
+    running segment's. Filtered in SQL (issue #14) through two partial indexes, over jobs
+    in flight (ix_jobs_in_flight) and running segments (ix_segments_beating): never the
+    finished history nor the waiting queue."""
+    beating = (select(Segment.id)
+               .where(Segment.job_id == Job.id, Segment.heartbeat_at >= since,
+                      state_in([SegmentState.running.value], Segment.state)).exists())
+    sent_before = (Job.dispatched_at.is_not(None), Job.dispatched_at < since)
+    rendering = select(Job.id).where(state_in(SENT_STATES[:2]), *sent_before, ~beating)
+    stitching = select(Job.id).where(state_in(SENT_STATES[2:]), *sent_before,
+                                     Job.updated_at < since)
+    return union_all(rendering, stitching)
+
+
+def candidates_query(since: datetime):
+    return select(Job).where(Job.id.in_(candidate_ids(since)))
+
+
+def has_candidates(session, now: datetime, lease_s: float) -> bool:
+    since = now - timedelta(seconds=lease_s)
+    ids = candidate_ids(since).subquery()
+    return session.scalar(select(ids.c.id).limit(1)) is not None
+
+
 def stranded_jobs(session, now: datetime, lease_s: float, in_broker: set[str] | None) -> list[Job]:
     """Jobs sent over ``lease_s`` ago with no sign of life. ``in_broker``: the task ids
     waiting in the broker's queues (None: unknown; then only heartbeats count)."""
     since = now - timedelta(seconds=lease_s)
-    rows = session.scalars(select(Job).options(selectinload(Job.segments))
-                           .where(Job.state.in_(SENT_STATES), Job.dispatched_at.is_not(None),
-                                  Job.dispatched_at < since)).all()
+    rows = session.scalars(candidates_query(since).options(selectinload(Job.segments))).all()
     return [job for job in rows
             if not _alive(job, since) and not (in_broker and _task_ids(job) & in_broker)]
 
@@ -118,7 +146,15 @@ def reconcile(settings: Settings, enqueue=None, now: datetime | None = None) -> 
     if enqueue is None:
         from farm.jobs.dispatch import enqueue_job as enqueue
     db, now = settings.database_url, now or utcnow()
-    try:
+    try:  # the broker is read only when some job lacks a heartbeat (issue #14)
+        with session_scope(db) as session:
+            if not has_candidates(session, now, settings.lease_s):
+                return []
+    except DATABASE_OUTAGE as exc:
+        _OUTAGE.saw_outage()
+        log.warning("reconciler skipped: database unavailable (%s)", type(exc).__name__)
+        return []
+    try:  # before the jobs are read again: a task a worker takes meanwhile beats by then
         in_broker = broker_task_ids(settings.broker_url)
     except Exception as exc:  # nothing can be sent either; the next tick looks again
         log.warning("reconciler skipped: the broker's queues cannot be read: %s", exc)

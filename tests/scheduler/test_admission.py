@@ -33,6 +33,11 @@ def test_capacity_in_gpus_and_head_of_line_blocking():
     assert out.held["b"] == ("tier a100 has no room for 1 group(s) of 8 GPUs "
                              "(free per node: [4, 0])")
     assert out.held["c"] == "behind job b on tier a100"
+    assert out.blocked == {"a100": "b"}  # a caller reading page by page stops here (#14)
+    # Held for quota only, the line is not blocked: the next page may still go.
+    quota = select_for_release([job("d", degree=2)], [Holding("p", "a100", 2)],
+                               {"a100": A100}, Quotas(default={"a100": 2}))
+    assert quota.released == () and "d" in quota.held and quota.blocked == {}
 
 
 def test_a_group_never_spans_nodes():
