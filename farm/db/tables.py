@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-    TypeDecorator, UniqueConstraint,
+    TypeDecorator, UniqueConstraint, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -61,10 +61,23 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime()}
 
 
+_NOT_SENT = "dispatched_at IS NULL AND NOT held"  # the admission look-ahead's rows
+_IN_FLIGHT = "dispatched_at IS NOT NULL AND state IN ('queued', 'running', 'stitching')"
+
+
+def _route_tier(context) -> str:
+    """A new job's tier, from its route (any insert that names a route sets it)."""
+    return ((context.get_current_parameters().get("route") or {}).get("tier") or "")
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (Index("ix_jobs_state_expires_at", "state", "expires_at"),
-                      Index("ix_jobs_state_verified_at", "state", "verified_at"))
+                      Index("ix_jobs_state_verified_at", "state", "verified_at"),
+                      # Issue #14 (migration 0010): jobs in flight, for admission's holdings
+                      # and the reconciler; the admission look-ahead's index is after the class.
+                      Index("ix_jobs_in_flight", "state", "dispatched_at",
+                            postgresql_where=text(_IN_FLIGHT), sqlite_where=text(_IN_FLIGHT)))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex
     state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.queued.value)
@@ -88,6 +101,8 @@ class Job(Base):
     batch_id: Mapped[str | None] = mapped_column(
         ForeignKey("batches.id", ondelete="SET NULL"), index=True, nullable=True)
     route: Mapped[dict] = mapped_column(JSON)  # scheduler.routing.Route as a dict
+    # route["tier"], as a column admission indexes and groups by (issue #14, migration 0010).
+    tier: Mapped[str] = mapped_column(String(32), default=_route_tier, server_default="")
     rules_sha256: Mapped[str] = mapped_column(String(64), default="")  # the rules it was routed by
     # Set when the admission step sends the job to its tier's queue (farm.jobs.admit); until
     # then a queued job waits in the database, in priority order.
@@ -130,6 +145,12 @@ class Job(Base):
     )
 
 
+# Issue #14: admission's per-tier look-ahead, the top waiting jobs of a tier by priority
+# (100 first), oldest first, over the jobs not yet sent only (farm.jobs.admit, migration 0010).
+Index("ix_jobs_admission_order", Job.tier, Job.state, Job.priority.desc(), Job.created_at,
+      Job.id, postgresql_where=text(_NOT_SENT), sqlite_where=text(_NOT_SENT))
+
+
 class Batch(Base):
     """Jobs submitted together, optionally waiting for a daily window (scheduler.windows)."""
 
@@ -151,7 +172,11 @@ class Batch(Base):
 
 class Segment(Base):
     __tablename__ = "segments"
-    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_segments_job_index"),)
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_segments_job_index"),
+                      # Issue #14: the reconciler's "which in-flight job has a fresh heartbeat"
+                      Index("ix_segments_beating", "heartbeat_at",
+                            postgresql_where=text("state = 'running'"),
+                            sqlite_where=text("state = 'running'")))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
