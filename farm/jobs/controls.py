@@ -284,7 +284,7 @@ def ahead_query(job: Job):
               | ((Job.priority == job.priority) & (Job.created_at < job.created_at)))
     return (select(func.count(), func.coalesce(func.sum(Job.route["est_seconds"].as_float()), 0.0))
             .where(Job.state == JobState.queued.value, Job.dispatched_at.is_(None),
-                   Job.held.is_(False), Job.route["tier"].as_string() == job.route["tier"],
+                   Job.held.is_(False), Job.tier == job.route["tier"],
                    before))
 
 
