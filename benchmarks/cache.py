@@ -1,6 +1,6 @@
 """A result-cache hit against a plain health check, on the warm API (issue #13, item 1).
 
-    .venv/bin/python benchmarks/cache.py                    # 100 clients, 2000 requests each way
+    .venv/bin/python benchmarks/cache.py                    # 100 clients, 2000 requests of each kind
     .venv/bin/python benchmarks/cache.py --clients 16 --requests 1000 --workers 2
 
 One process run: a throwaway PostgreSQL database on 127.0.0.1:5432, Redis (database 13,
@@ -139,14 +139,15 @@ def main() -> None:
         key = seed_cache()
         api = subprocess.Popen([sys.executable, "-m", "uvicorn", "farm.api.app:create_app",
                                 "--factory", "--host", "127.0.0.1", "--port", str(port),
-                                "--workers", str(args.workers), "--log-level", "warning"],
+                                "--workers", str(args.workers), "--log-level", "warning",
+                                "--timeout-keep-alive", "120"],
                                cwd=ROOT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         _wait_up(url)
         warm = min(200, args.requests)
         asyncio.run(hammer(url, key, "GET", "/healthz", 10, warm, healthy))
         asyncio.run(hammer(url, key, "POST", "/v1/jobs", 10, warm, hit_answer))
-        print(f"{args.clients} clients, {args.requests} requests each, {args.workers} API "
+        print(f"{args.clients} clients, {args.requests} requests of each kind, {args.workers} API "
               f"worker(s), PostgreSQL + Redis on loopback, {os.cpu_count()} cores")
         print(f"{'request':<16} {'n':>6} {'per s':>9} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}")
         base = summary("GET /healthz", *asyncio.run(
