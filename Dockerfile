@@ -11,3 +11,7 @@ COPY migrations migrations
 # The CUDA build of torch 2.13 for GPU nodes comes from the image's pip index settings.
 RUN pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir .
 ENV FARM_HOME=/data
+# Ray kept quiet wherever it starts, also where KubeRay runs `ray start` itself (deploy/k8s):
+# no usage stats, and the bootstrap file whose absence makes Ray probe a cloud metadata address.
+ENV RAY_USAGE_STATS_ENABLED=0 RAY_USAGE_STATS_REPORT_URL=http://127.0.0.1:9/ RAY_AUTH_MODE=token
+RUN printf 'provider: {type: local}\n' > /root/ray_bootstrap_config.yaml

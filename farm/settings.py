@@ -47,8 +47,15 @@ class Settings(BaseSettings):
     metrics_token: SecretStr = SecretStr("")
 
     # Ray start-up (see RUNBOOK: loopback only, no usage stats, bounded memory).
+    # Across hosts (issue #14; README "Two hosts" lists every setting): on each host
+    # FARM_RAY_NODE_IP is that host's own address on the farm's link (Ray's servers and
+    # workers announce it), FARM_RAY_ADDRESS the head's "ip:port" (the same on every host),
+    # and FARM_RAY_AUTH_TOKEN_FILE the token file the head was started with, copied to
+    # every host (it becomes Ray's RAY_AUTH_TOKEN_PATH); FARM_DATABASE_URL, FARM_BROKER_URL,
+    # FARM_RESULT_BACKEND and FARM_STORAGE_URL name the first host's servers.
     ray_head_port: int = 6380
     ray_node_ip: str = "127.0.0.1"  # the address this machine's Ray node uses (loopback here)
+    ray_auth_token_file: Path | None = None  # unset: Ray's own $HOME/.ray/auth_token
     ray_temp_dir: Path = Path("/tmp/ray-farm")
     ray_object_store_bytes: int = 512 * 1024 * 1024
     ray_tier_slots: int = 2  # actors of the cpu tier a local head can hold

@@ -78,13 +78,18 @@ def _answers(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    root = Path(tempfile.mkdtemp(prefix="seaweedfs-", dir=TMP))
+    yield from seaweedfs()
+
+
+def seaweedfs(ip: str = "127.0.0.1", name: str = "seaweedfs"):
+    """Start SeaweedFS listening on ``ip`` only; yields its S3Server, then kills it."""
+    root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=TMP))
     (root / "data").mkdir()
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, metrics, debug = \
         _free_ports(10)
-    log = TMP / "seaweedfs.log"
-    args = [str(BIN / "weed"), "server", "-s3", f"-dir={root / 'data'}", "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1", f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+    log = TMP / f"{name}.log"
+    args = [str(BIN / "weed"), "server", "-s3", f"-dir={root / 'data'}", f"-ip={ip}",
+            f"-ip.bind={ip}", f"-master.port={master}", f"-master.port.grpc={master_grpc}",
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
             f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}", f"-s3.port={s3}",
             f"-s3.port.grpc={s3_grpc}", f"-metricsPort={metrics}", f"-debug.port={debug}",
@@ -93,17 +98,19 @@ def s3_server():
             "-master.volumeSizeLimitMB=16", f"-s3.config={_config(root / 's3.json')}"]
     proc = subprocess.Popen(args, stdout=log.open("a"), stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ})
-    url = f"http://127.0.0.1:{s3}"
+    url = f"http://{ip}:{s3}"
     deadline = time.monotonic() + 60
     while not _answers(url):
         if proc.poll() is not None or time.monotonic() > deadline:
             _kill(proc)
             raise RuntimeError(f"SeaweedFS did not come up\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
-    server = S3Server(url, ACCESS_KEY, SECRET_KEY, log)
-    _wait_writable(server)
-    yield server
-    _kill(proc)  # its data is throwaway: no graceful stop (that waits out volume pre-stop)
+    try:  # killed also when the generator is closed early (or the wait below fails)
+        server = S3Server(url, ACCESS_KEY, SECRET_KEY, log)
+        _wait_writable(server)
+        yield server
+    finally:
+        _kill(proc)  # its data is throwaway: no graceful stop (that waits out volume pre-stop)
 
 
 def _kill(proc: subprocess.Popen) -> None:

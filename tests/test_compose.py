@@ -28,16 +28,43 @@ def compose_cli() -> list[str]:
     return ["docker-compose"]
 
 
+def _config(env_file: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FARM_ENV_FILE=env_file)
+    return subprocess.run(compose_cli() + ["-f", str(COMPOSE), "config", "-q"],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+
+
 def test_compose_file_is_valid():
-    env = dict(os.environ, FARM_FLOWER_PASSWORD="secret")
-    result = subprocess.run(compose_cli() + ["-f", str(COMPOSE), "config", "-q"],
-                            capture_output=True, text=True, cwd=ROOT, env=env)
+    result = _config("deploy/farm.env.example")
     assert result.returncode == 0, result.stderr
-    # Flower's password has no default: compose refuses to start without one.
-    env.pop("FARM_FLOWER_PASSWORD")
-    refused = subprocess.run(compose_cli() + ["-f", str(COMPOSE), "config", "-q"],
-                             capture_output=True, text=True, cwd=ROOT, env=env)
-    assert refused.returncode != 0 and "FARM_FLOWER_PASSWORD" in refused.stderr
+    # Secrets come from the env file only: compose refuses to start without one.
+    refused = _config("deploy/no-such.env")
+    assert refused.returncode != 0 and "no-such.env" in refused.stderr
+
+
+def test_secrets_come_from_the_env_file_and_services_restart_and_report_health():
+    """Issue #14: no secret in the compose file, every long-running service restarts and has
+    a healthcheck, and Redis keeps its queues across restarts (AOF on a volume)."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    example = dict(line.split("=", 1) for line in
+                   (ROOT / "deploy" / "farm.env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert {"POSTGRES_PASSWORD", "FARM_DATABASE_URL", "FARM_FLOWER_PASSWORD",
+            "FARM_METRICS_TOKEN"} <= set(example)
+    assert example["POSTGRES_PASSWORD"] in example["FARM_DATABASE_URL"]
+    for name, service in compose["services"].items():
+        environment = service.get("environment") or {}
+        assert not set(example) & set(environment), (name, set(example) & set(environment))
+        if name == "migrate":  # runs once
+            assert service["restart"] == "no"
+            continue
+        assert service["restart"] == "unless-stopped", name
+        assert service["healthcheck"]["test"], name
+        if name not in ("redis",):
+            assert service["env_file"] == ["${FARM_ENV_FILE:-deploy/farm.env}"], name
+    redis = compose["services"]["redis"]
+    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in redis["volumes"])
 
 
 def farm_invocations() -> list[tuple[str, list[str]]]:

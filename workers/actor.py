@@ -151,6 +151,7 @@ class RenderWorker:
                 "heads_here": expert.blocks[0].attn1.heads if expert is not None else None,
                 "token_shards": getattr(expert, "sp_world", 1), "device": str(self.device),
                 "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(),  # the host, in the job log
                 "loaded": self.pipeline is not None, "warm": self.warm, "renders": self.renders}
 
     @ray.method(concurrency_group="control")

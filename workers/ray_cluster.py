@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +19,18 @@ NAMESPACE = "farm"
 LOOPBACK = "127.0.0.1"
 
 
-def quiet_ray_env(node_ip: str = LOOPBACK) -> None:
-    """Set Ray's environment for this process and its children; write the bootstrap file."""
+def quiet_ray_env(node_ip: str = LOOPBACK, token_file: Path | str | None = None) -> None:
+    """Set Ray's environment for this process and its children; write the bootstrap file.
+    ``token_file``: the cluster's auth token shared by every host (FARM_RAY_AUTH_TOKEN_FILE,
+    issue #14); unset: Ray's own $HOME/.ray/auth_token."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_USAGE_STATS_REPORT_URL"] = "http://127.0.0.1:9/"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Token auth (Ray's default for new clusters) stated outright, so that a driver joining
     # an existing head sends the token in $HOME/.ray/auth_token too.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if token_file:
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
     if node_ip in (LOOPBACK, "localhost"):
         # Ray rewrites 127.0.0.1 to the machine's reachable address unless told this is a
         # one-machine cluster; then every Ray server binds to loopback.
@@ -41,14 +46,15 @@ def quiet_ray_env(node_ip: str = LOOPBACK) -> None:
 
 
 def connect(address: str, *, tier_slots: int = 2, temp_dir: str = "/tmp/ray-farm",
-            object_store_bytes: int = 512 * 1024 * 1024, node_ip: str = LOOPBACK) -> None:
+            object_store_bytes: int = 512 * 1024 * 1024, node_ip: str = LOOPBACK,
+            token_file: Path | str | None = None) -> None:
     """Join the cluster at ``address`` ("host:port", or "auto" for this machine's node), or
     start one in-process for "local"."""
     import ray
 
     if ray.is_initialized():
         return
-    quiet_ray_env(node_ip)
+    quiet_ray_env(node_ip, token_file)
     if address == "local":
         # address="local": a cluster of its own, always. Without it Ray joins the cluster that
         # `ray_current_cluster` in the temp dir names, a file a stopped head leaves behind
@@ -65,6 +71,13 @@ def connect(address: str, *, tier_slots: int = 2, temp_dir: str = "/tmp/ray-farm
 def ensure_auth_token() -> Path:
     """A head started with token auth needs $HOME/.ray/auth_token; a fresh machine has none.
     Nodes and drivers that join it must see the same file (compose shares the folder)."""
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):  # a shared file (FARM_RAY_AUTH_TOKEN_FILE)
+        token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+        if os.environ.get("RAY_AUTH_MODE", "token") == "token" and not token.is_file():
+            token.parent.mkdir(parents=True, exist_ok=True)
+            token.touch(mode=0o600)
+            token.write_text(secrets.token_hex(32))
+        return token
     token = Path.home() / ".ray" / "auth_token"
     if os.environ.get("RAY_AUTH_MODE", "token") == "token" and not token.is_file():
         subprocess.run(_ray_cli() + ["get-auth-token", "--generate"], check=True,

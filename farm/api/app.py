@@ -12,6 +12,7 @@ from farm.api import metrics, videos_routes
 from farm.api import control_routes
 from farm.api import stream_routes
 from farm.api import retention_routes
+from farm.api import web_routes
 from farm.api.limits import BodyLimit
 from farm.api.errors import database_unavailable_handler, validation_error_handler
 from farm.db.session import DATABASE_OUTAGE
@@ -46,4 +47,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)  # /metrics for Prometheus (issue #13)
     app.include_router(control_routes.router)
     app.include_router(stream_routes.router)  # progress streams, webhook secret
+    app.include_router(web_routes.router)  # the web page at / and GET /v1/farm (issue #14)
     return app

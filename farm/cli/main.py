@@ -9,6 +9,7 @@ import typer
 from farm.cli import cache_cmds, client, models_cmds, policy_cmds, render, services
 from farm.cli import control_cmds
 from farm.cli import exporter
+from farm.cli import simulate_cmds
 from farm.settings import get_settings
 
 app = typer.Typer(help="Render farm for Wan2.2-class text-to-video models.",
@@ -88,6 +89,7 @@ for command in (render.render, client.submit, client.status, client.wait, client
 for command in control_cmds.COMMANDS:  # retry, hold, release, priority (issue #13)
     app.command()(command)
 app.command()(exporter.exporter)  # Prometheus metrics (issue #13)
+app.command()(simulate_cmds.simulate)  # fleet simulator (issue #14)
 
 
 @db_app.command("upgrade")

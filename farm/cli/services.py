@@ -28,7 +28,8 @@ def prepare_ray_env() -> None:
     before anything imports it."""
     from workers.ray_cluster import quiet_ray_env
 
-    quiet_ray_env(get_settings().ray_node_ip)
+    settings = get_settings()
+    quiet_ray_env(settings.ray_node_ip, settings.ray_auth_token_file)
 
 
 def all_queues() -> str:

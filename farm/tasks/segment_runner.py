@@ -95,7 +95,7 @@ def _actor_group(settings: Settings, job, replica: int) -> ActorGroup:
     ray_cluster.connect(settings.ray_address, tier_slots=settings.ray_tier_slots,
                         temp_dir=str(settings.ray_temp_dir),
                         object_store_bytes=settings.ray_object_store_bytes,
-                        node_ip=settings.ray_node_ip)
+                        node_ip=settings.ray_node_ip, token_file=settings.ray_auth_token_file)
     segment_lease.make_room(settings, job, replica)
     try:
         tier = get_policy().catalog.tier(job.route["tier"])
@@ -207,6 +207,7 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
         try:
             with clock.timing("group"):
                 group = _actor_group(settings, job, held.lease.replica)
+            where = _node_ips(group)  # asked here, where a lost actor is handled
             stream = group.render(request)
             window = RenderWindow()
             report = partial(_report_progress, settings.database_url, segment.id, task_id)
@@ -226,12 +227,19 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
         if keys is None:
             return None
         events.record(settings.database_url, job.id, events.SEGMENT_RENDERED,
-                      window.describe(held.name), segment.index)
+                      f"{window.describe(held.name)} on Ray node {where}",
+                      segment.index)
         if job.continuous and segment.index < len(job.segments) - 1:
             seams.save_last_frame(storage, job, segment, encoder.last_frame)
         return keys
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _node_ips(group) -> str:
+    """The addresses of the Ray nodes holding the group's actors: the job's log names the
+    host that rendered each segment (issue #14, farms across hosts)."""
+    return ", ".join(sorted({info.get("node_ip", "?") for info in group.info()}))
 
 
 def _tracker(window: "RenderWindow", clock: StageClock) -> Callable[[dict], None]:

@@ -47,7 +47,7 @@ def routes(o):
             ("POST", "/v1/videos", {"prompt": "x", "model": "wan-tiny", "size": "64x64"}),
             ("GET", "/v1/videos", None), ("GET", f"/v1/videos/{job}", None),
             ("GET", f"/v1/videos/{job}/content", None), ("DELETE", f"/v1/videos/{job}", None),
-            ("GET", "/v1/routes/explain", None)]
+            ("GET", "/v1/routes/explain", None), ("GET", "/v1/farm", None)]
 
 
 def test_the_access_tests_try_every_route_of_the_api(owned):
