@@ -74,14 +74,12 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
                                     body_sha256=body_sha, job_id=job.id, created_at=utcnow()),)
     try:
         jobs.add_jobs(db, [job], extra=extra, statements=answer.updates)
-    except IntegrityError:  # the same key, submitted at the same moment: the first one won
-        answer.undo(settings)
-        if idempotency_key and (earlier := _replay(db, request.project, idempotency_key,
-                                                   body_sha)):
-            return earlier
-        raise
-    except Exception:
+    except Exception as exc:
         answer.undo(settings)  # no job row: no file of its may stay
+        # The same key, submitted at the same moment: the first one won.
+        if isinstance(exc, IntegrityError) and idempotency_key and \
+                (earlier := _replay(db, request.project, idempotency_key, body_sha)):
+            return earlier
         raise
     if not answer.whole:  # a cached answer holds no GPU: nothing to release
         release_or_defer(settings, job)

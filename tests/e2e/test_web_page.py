@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import (
+    NoSuchElementException, StaleElementReferenceException, TimeoutException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -54,9 +56,12 @@ def shots(tmp_path_factory) -> Path:
 
 
 def wait(driver, check, timeout: float = 60, what: str = ""):
-    """check(driver) once it is truthy; on timeout, says what and the page's error line."""
+    """check(driver) once it is truthy; on timeout, says what and the page's error line. An
+    element the live page redrew under the check is looked for again at the next poll."""
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(check)
+        return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                             ignored_exceptions=(NoSuchElementException,
+                                                 StaleElementReferenceException)).until(check)
     except TimeoutException:
         shown = driver.find_element(By.ID, "error").text
         raise AssertionError(f"{what}: not within {timeout} s; the page says {shown!r}") from None
@@ -70,16 +75,21 @@ def submit(driver, prompt: str, fields: dict[str, str]) -> str:
     """Fill the new-job form and submit; the id of the row the page added for it."""
     driver.get(driver.current_url.split("#")[0] + "#/jobs")
     wait(driver, lambda d: d.find_element(By.ID, "jobs-view").is_displayed())
-    rows = "#jobs tr[data-job]"
-    before = {r.get_attribute("data-job") for r in driver.find_elements(By.CSS_SELECTOR, rows)}
+    before = set(row_ids(driver))
     for name, value in {"prompt": prompt, **fields}.items():
         field = driver.find_element(By.ID, name)
         field.clear()
         field.send_keys(value)
     driver.find_element(By.ID, "submit-job").click()
-    return wait(driver, lambda d: next((r.get_attribute("data-job") for r in d.find_elements(
-        By.CSS_SELECTOR, rows) if r.get_attribute("data-job") not in before), None), 20,
-        "the submitted job's row")
+    return wait(driver, lambda d: next((i for i in row_ids(d) if i not in before), None), 20,
+                "the submitted job's row")
+
+
+def row_ids(driver) -> list[str]:
+    """The jobs table's row ids, read in one step inside the page: the table is redrawn as
+    events arrive, so elements found one call earlier may be gone the next."""
+    return js(driver, "return [...document.querySelectorAll('#jobs tr[data-job]')]"
+                      ".map(r => r.dataset.job)")
 
 
 def sign_in(driver, api_url: str, key: str) -> None:
