@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(200 * 1024**3, ge=0)
     cache_evict_every_s: float = Field(600.0, gt=0)
 
+    # Issue #15: a segment yields its group to a more urgent job at most max_preemptions
+    # times (then it runs to its end); deadline_risk is re-estimated every tick from the
+    # measured step times of the last step_time_window segments of each variant.
+    max_preemptions: int = Field(2, ge=0)
+    step_time_window: int = Field(50, ge=1)
+
     # S3 storage (FARM_STORAGE_URL s3://bucket/prefix, issue #13): the server, its keys, and
     # the part size of multipart uploads (S3's minimum is 5 MiB): files of at least two parts
     # go up in parts; downloads answer with a URL signed for presign_expiry_s.

@@ -25,6 +25,7 @@ from workers.parallel.plan import (
 )
 from workers.parallel.placement import NotOnThisGroup, apply_placement, expert_loader
 from workers.peak_memory import peak_bytes, reset_peak
+from workers.batch_render import BatchRenderMixin
 from workers.wan_pipeline import DenoiseState, RenderRequest, WanT2V
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def check_quantized_placement(variant: str, model_dir: str, placement: str,
                          f"{what}); use placement resident or split")
 
 
-class RenderWorker:
+class RenderWorker(BatchRenderMixin):
     """One rank of an actor group. ``plan`` (e.g. "tp2", "cfg2", "tp2+cfg2") and
     ``init_file`` (the group's rendezvous file) are given to every rank of a group.
     ``quantize`` (the variant's ``quantize_on_load``: int8-weight | int8-dynamic | fp8)

@@ -25,6 +25,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from scheduler.catalog import Tier
 from scheduler.parallel_cost import parse_plan
+from workers.batch_group import BatchGroupMixin
 from workers.actor import RemoteRenderWorker, RenderCanceled, check_quantized_placement
 from workers.ray_cluster import NAMESPACE
 
@@ -96,7 +97,7 @@ def take_down_member(variant: str, tier: str, plan: str, placement: str, replica
 _HELD: dict[tuple, "ActorGroup"] = {}
 
 
-class ActorGroup:
+class ActorGroup(BatchGroupMixin):
     def __init__(self, variant: str, tier: Tier, actors: list, pg=None, name: str = ""):
         self.variant, self.tier, self.actors, self.pg = variant, tier, actors, pg
         self.name = name or group_name(variant, tier.name)

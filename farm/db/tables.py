@@ -138,6 +138,12 @@ class Job(Base):
     # stamped when the sweep first sees it ended; when its video's sha256 was last checked.
     expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
     verified_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Issue #15, item 3: the time the job must be done by (created_at + deadline_s), None:
+    # no deadline; deadline_risk: the farm's estimate says it will miss it; missed_at: when
+    # it was first seen missed (its deadline_missed webhook is sent once).
+    deadline_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    deadline_risk: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    deadline_missed_at: Mapped[datetime | None] = mapped_column(nullable=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     segments: Mapped[list["Segment"]] = relationship(
@@ -203,6 +209,18 @@ class Segment(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Issue #15, item 1: preemption at a step boundary. preempt_requested_at: admission asked
+    # the running segment to yield its group; preemptions: times it yielded (at most
+    # FARM_MAX_PREEMPTIONS); resume_*: the saved denoising state it resumes from (storage
+    # key, its sha256, the steps already done), None: it starts from noise.
+    preempt_requested_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    resume_key: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    resume_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    resume_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Issue #15, item 2: the batched render (its Celery task id) the segment was rendered
+    # in with like segments of other jobs; None: rendered on its own. Not preempted.
+    render_batch: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="segments")
 
