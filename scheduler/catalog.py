@@ -114,6 +114,13 @@ class ModelVariant(_Strict):
     tracks: dict[str, str] = {}
     quantize_on_load: Literal["int8-weight", "int8-dynamic", "fp8"] | None = None
     quantized: Literal["int8-weight", "int8-dynamic", "fp8"] | None = None  # saved so
+    # Batching like requests (issue #15): at most ``max_batch`` segments per batched
+    # forward pass (1: never batched); a lone like job may wait ``batch_wait_ms`` after its
+    # creation for companions (0: never held); ``batch_marginal``: the measured cost of one
+    # more member as a share of a solo render (scheduler/batching.py batch_seconds).
+    max_batch: Annotated[int, Field(ge=1, le=64)] = 1
+    batch_wait_ms: Annotated[int, Field(ge=0, le=600_000)] = 0
+    batch_marginal: Annotated[float, Field(gt=0, le=1)] = 1.0
 
     @property
     def is_quantized(self) -> bool:

@@ -75,6 +75,10 @@ class Route:
     # `tracks` entry, issue #12); None: ``variant`` is the rule's own choice.
     track_of: str | None = None
     cache: dict | None = None  # the rule's step caching (scheduler/rules.py Choice.cache)
+    # Preemption (issue #15, scheduler/preemption.py): the rule's choice, read by the farm
+    # from the job's route dict when its tier is full.
+    preempt_at: int | None = None
+    preempt_margin: int = 20
 
     @property
     def gpu_seconds(self) -> float | None:
@@ -160,7 +164,8 @@ def build(choice: Choice, rule: Rule, job: JobSpec, catalog: Catalog,
         queue=choice.queue or render_queue(choice.tier),
         rule=rule.name, window=choice.window, timezone=choice.timezone, fallback=fallback,
         est_seconds=_rounded(est_seconds(variant, choice.tier, choice.degree, job)),
-        memory_gb=memory_gb, cache=choice.cache,
+        memory_gb=memory_gb, cache=choice.cache, preempt_at=choice.preempt_at,
+        preempt_margin=choice.preempt_margin,
     )
 
 

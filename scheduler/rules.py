@@ -96,6 +96,11 @@ class Choice(_Strict):
     # Training-free step caching (issue #12): {kind: first_block | mag | taylorseer, ...},
     # checked by workers/lightening/step_cache.py's StepCacheConfig; None: every step runs.
     cache: dict | None = None
+    # Preemption (issue #15): a job of priority >= preempt_at waiting for a full tier makes
+    # the lowest-priority running segment at least preempt_margin below it yield its group
+    # at the next denoising step (scheduler/preemption.py). None: this route never preempts.
+    preempt_at: Annotated[int, Field(ge=0, le=100)] | None = None
+    preempt_margin: Annotated[int, Field(ge=1, le=100)] = 20
 
     @field_validator("cache")
     @classmethod

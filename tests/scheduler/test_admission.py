@@ -113,3 +113,84 @@ def test_held_groups_count_against_the_tier():
     out = select_for_release([job("a", groups=1, age_s=2), job("b", groups=1, age_s=1)],
                              holding, {"a100": A100}, Quotas())
     assert out.released == ("a",) and "free per node: [0, 0]" in out.held["b"]
+
+
+def test_earliest_deadline_first_within_a_band_never_across_bands():
+    """Issue #15: within a priority band the earliest deadline goes first, jobs without one
+    after; a higher band always goes first, deadline or not."""
+    def due(job_id, priority, in_s=None, age_s=0):
+        deadline = None if in_s is None else T0 + timedelta(seconds=in_s)
+        return Waiting(job_id, "p", "a100", 2, priority, T0 - timedelta(seconds=age_s),
+                       deadline_at=deadline)
+
+    jobs = [due("final-no-deadline", 95, age_s=100), due("final-late", 91, 600),
+            due("final-soon", 90, 60), due("batch-very-soon", 50, 5), due("draft-80", 80),
+            due("batch-none", 59, age_s=50)]
+    assert [j.job_id for j in queue_order(jobs)] == [
+        "final-soon", "final-late", "final-no-deadline", "draft-80", "batch-very-soon",
+        "batch-none"]
+
+
+def test_a_batch_takes_one_group_so_more_like_jobs_fit():
+    cpu = {"cpu": TierSize(nodes=1, gpus_per_node=2)}
+    waiting = [job(f"j{i}", 50, age_s=10 - i, tier="cpu", degree=1) for i in range(5)]
+    solo = select_for_release(waiting, [], cpu, Quotas())
+    assert solo.released == ("j0", "j1") and solo.blocked == {"cpu": "j2"}
+    out = select_for_release(waiting, [], cpu, Quotas(), batches=[["j0", "j1", "j2"], ["j3"]])
+    # the batch j0+j1+j2 on one group, j3 alone on the other, j4 finds no room
+    assert out.released == ("j0", "j1", "j2", "j3")
+    assert out.batches == (("j0", "j1", "j2"),)
+    assert out.blocked == {"cpu": "j4"}
+
+
+def test_a_batch_that_finds_no_room_blocks_the_line_with_all_its_members():
+    cpu = {"cpu": TierSize(nodes=1, gpus_per_node=1)}
+    waiting = [job("a", 50, 3, tier="cpu", degree=1), job("b", 50, 2, tier="cpu", degree=1),
+               job("c", 40, 1, tier="cpu", degree=1)]
+    out = select_for_release(waiting, [Holding("q", "cpu", 1)], cpu, Quotas(),
+                             batches=[["a", "b"]])
+    assert out.released == () and out.blocked == {"cpu": "a"}
+    assert "no room" in out.held["a"] and "no room" in out.held["b"]
+    assert out.held["c"] == "behind job a on tier cpu"
+
+
+def test_a_batch_counts_its_group_against_every_project_riding_in_it():
+    cpu = {"cpu": TierSize(nodes=1, gpus_per_node=4)}
+    waiting = [job("a", 50, 3, project="p", tier="cpu", degree=1),
+               job("b", 50, 2, project="q", tier="cpu", degree=1),
+               job("c", 50, 1, project="p", tier="cpu", degree=1)]
+    quotas = Quotas(projects={"q": {"cpu": 1}})
+    # q holds its one GPU: b cannot ride in a's group; it stays for its own turn (held
+    # there for its quota), and c, of a's project, rides
+    out = select_for_release(waiting, [Holding("q", "cpu", 1)], cpu, quotas,
+                             batches=[["a", "b", "c"]])
+    assert out.released == ("a", "c") and out.batches == (("a", "c"),)
+    assert "project q holds 1 of its 1 GPUs" in out.held["b"]
+    assert out.blocked == {}  # a quota hold never blocks the line
+    free = select_for_release(waiting, [], cpu, quotas, batches=[["a", "b", "c"]])
+    assert free.released == ("a", "b", "c") and free.batches == (("a", "b", "c"),)
+    # the head over its own quota: nothing of the batch goes with it; the others go alone
+    full = select_for_release(waiting, [Holding("p", "cpu", 1)], cpu,
+                              Quotas(projects={"p": {"cpu": 1}}),
+                              batches=[["a", "b", "c"]])
+    assert full.released == ("b",) and "project p holds 1" in full.held["c"]
+
+
+def test_a_held_lone_job_reserves_its_group_without_blocking_the_line():
+    cpu = {"cpu": TierSize(nodes=1, gpus_per_node=2)}
+    waiting = [job("lone", 50, 2, tier="cpu", degree=1), job("other", 40, 1, tier="cpu", degree=1),
+               job("third", 40, 0, tier="cpu", degree=1)]
+    out = select_for_release(waiting, [], cpu, Quotas(), hold={"lone"})
+    assert out.released == ("other",) and "reserved" in out.held["lone"]
+    assert out.blocked == {"cpu": "third"}  # lone's group stays reserved for its batch
+
+
+def test_a_batched_render_held_counts_one_group_against_every_project_in_it():
+    cpu = {"cpu": TierSize(nodes=1, gpus_per_node=2)}
+    batch = Holding("p", "cpu", 1, 1, ("q",))
+    out = select_for_release([job("a", project="q", tier="cpu", degree=1)], [batch], cpu,
+                             Quotas(projects={"q": {"cpu": 1}}))
+    assert out.released == () and "project q holds 1 of its 1 GPUs" in out.held["a"]
+    free = select_for_release([job("a", project="r", tier="cpu", degree=1)], [batch], cpu,
+                              Quotas())
+    assert free.released == ("a",)  # the batch holds one group of the two
