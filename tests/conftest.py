@@ -43,8 +43,9 @@ RAY_PORT = free_port()
 
 def _test_policy() -> dict[str, str]:
     """The shipped tiers and rules plus a second CPU tier, `cpu-b`, and a rule sending the
-    project `tier-b` there (jobs of two tiers on their own queues and actors), and a rule
-    rendering the project `parallel` tensor-parallel on two ranks."""
+    project `tier-b` there (jobs of two tiers on their own queues and actors; a job of
+    priority >= 90 there preempts, issue #15), and a rule rendering the project `parallel`
+    tensor-parallel on two ranks."""
     import yaml
 
     config = Path(__file__).resolve().parent.parent / "scheduler" / "config"
@@ -54,7 +55,7 @@ def _test_policy() -> dict[str, str]:
     rules = yaml.safe_load((config / "rules.yaml").read_text())
     rules["rules"].insert(0, {"name": "tier-b-project",
                               "match": {"project": ["tier-b"], "model": ["wan-tiny", "wan-toy"]},
-                              "route": {"tier": "cpu-b"}})
+                              "route": {"tier": "cpu-b", "preempt_at": 90}})
     rules["rules"].insert(0, {"name": "tensor-parallel-project",
                               "match": {"project": ["parallel"], "model": ["wan-tiny"]},
                               "route": {"tier": "cpu", "degree": 2, "parallel": "tp2"}})

@@ -127,9 +127,15 @@ def rules_explain(job_file: Path = typer.Argument(..., metavar="JOB.json"),
                   rules: Path = typer.Option(None, help="default FARM_RULES_FILE or shipped"),
                   tiers: Path = _TIERS, models: Path = _MODELS,
                   queue: list[str] = typer.Option([], help="QUEUE=WAITING_JOBS, e.g. "
-                                                         "render.a100=12 (what-if)")) -> None:
+                                                         "render.a100=12 (what-if)"),
+                  running: list[str] = typer.Option(
+                      [], help="JOB:PRIORITY:GPUS[:PREEMPTIONS[:batch]], a segment running on "
+                               "the route's tier (what-if; the rest of the tier is free)"),
+                  live: bool = typer.Option(False, help="who would be preempted on the live "
+                                                        "farm (FARM_DATABASE_URL) now")) -> None:
     """Which rule JOB.json (the body of a job submission) hits, which did not and why, and
-    the memory arithmetic of its route."""
+    the memory arithmetic of its route; with --running or --live, who it would preempt
+    (issue #15) and why the others would not yield."""
     from pydantic import ValidationError
 
     from farm.jobs.submit import job_spec
@@ -168,6 +174,77 @@ def rules_explain(job_file: Path = typer.Argument(..., metavar="JOB.json"),
     typer.echo(f"route: {json.dumps(result.route)}")
     typer.echo(f"memory: {result.memory}")
     typer.echo(f"rules sha256: {result.rules_sha256}")
+    if running or live:
+        _explain_preemption(result.route, request.priority, policy, running, live)
+
+
+def _running_option(item: str):
+    """--running JOB:PRIORITY:GPUS[:PREEMPTIONS[:batch]] -> (Running, in a batch)."""
+    from scheduler.preemption import Running
+
+    parts = item.split(":")
+    batched = parts[-1] == "batch" and len(parts) == 5
+    numbers = parts[1:4] if batched else parts[1:]
+    if not 3 <= len(parts) <= 5 or not parts[0] or not all(n.isdigit() for n in numbers) \
+            or (len(parts) == 5 and not batched):
+        typer.echo(f"error: --running: got {item!r}; expected JOB:PRIORITY:GPUS[:PREEMPTIONS"
+                   "[:batch]], e.g. overnight-7:10:2:1", err=True)
+        raise typer.Exit(2)
+    priority, gpus = int(parts[1]), int(parts[2])
+    preemptions = int(parts[3]) if len(parts) >= 4 else 0
+    return Running(-1, parts[0], priority, gpus, preemptions, 0.0), batched
+
+
+def _explain_preemption(route: dict, priority: int, policy, running: list[str], live: bool):
+    """Who the job would preempt on its tier (scheduler.preemption.choose_victims), and
+    why each other running segment would not yield (issue #15)."""
+    from farm.jobs.admit import gpus_per_group
+    from farm.settings import get_settings
+    from scheduler.preemption import choose_victims, qualifies, why_not_eligible
+
+    settings, tier = get_settings(), route["tier"]
+    at, margin = route.get("preempt_at"), route.get("preempt_margin", 20)
+    need, spec = gpus_per_group(route), policy.catalog.tiers[tier]
+    if live:
+        from farm.jobs.preempt import live_view
+
+        try:
+            segs, batched, free = live_view(settings.database_url, tier, policy)
+        except Exception as exc:  # the farm's database is not reachable from here
+            typer.echo(f"error: --live: cannot read {tier}'s running segments: {exc}", err=True)
+            raise typer.Exit(1) from None
+        source = "live farm"
+    else:
+        given = [_running_option(item) for item in running]
+        segs = [r for r, b in given if not b]
+        batched = [r.job_id for r, b in given if b]
+        # ids for the what-if segments: their order on the command line
+        segs = [type(r)(i, r.job_id, r.priority, r.gpus, r.preemptions, float(i))
+                for i, r in enumerate(segs, 1)]
+        held = sum(r.gpus for r, _ in given)
+        free, source = max(0, spec.count * spec.gpus_per_node - held), "what-if"
+    typer.echo(f"preemption on {tier} ({source}): preempt_at {at}, preempt_margin {margin}, "
+               f"FARM_MAX_PREEMPTIONS {settings.max_preemptions}; the job (priority "
+               f"{priority}) needs {need} GPU(s), {free} free")
+    if not qualifies(priority, at):
+        typer.echo("  nobody: " + ("its route never preempts (no preempt_at)" if at is None
+                                   else f"priority {priority} is below preempt_at {at}"))
+    chosen = choose_victims(priority, need, free, segs, at, margin, settings.max_preemptions) \
+        if qualifies(priority, at) else []
+    for seg in chosen:
+        typer.echo(f"  would yield: {seg.job_id} (priority {seg.priority}, {seg.gpus} GPU(s), "
+                   f"yielded {seg.preemptions} time(s))")
+    if qualifies(priority, at) and not chosen:
+        typer.echo("  nobody: " + ("the tier has room" if free >= need else
+                                   "no set of eligible segments frees enough"))
+    for seg in segs:
+        if seg not in chosen:
+            why = (why_not_eligible(seg, priority, margin, settings.max_preemptions)
+                   if qualifies(priority, at) else "the job does not preempt")
+            typer.echo(f"  stays: {seg.job_id} (priority {seg.priority}): "
+                       f"{why or 'not needed: the ones above free enough'}")
+    for job_id in batched:
+        typer.echo(f"  stays: {job_id}: renders in a batch (batch members are never preempted)")
 
 
 @batch_app.command("submit")

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-    TypeDecorator, UniqueConstraint, text,
+    TypeDecorator, UniqueConstraint, literal_column, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -151,10 +151,20 @@ class Job(Base):
     )
 
 
-# Issue #14: admission's per-tier look-ahead, the top waiting jobs of a tier by priority
-# (100 first), oldest first, over the jobs not yet sent only (farm.jobs.admit, migration 0010).
-Index("ix_jobs_admission_order", Job.tier, Job.state, Job.priority.desc(), Job.created_at,
-      Job.id, postgresql_where=text(_NOT_SENT), sqlite_where=text(_NOT_SENT))
+# Issues #14, #15: admission's per-tier look-ahead over the jobs not yet sent, in admission
+# order: priority band first (negated, ascending), earliest deadline first within a band
+# (jobs without one after), then priority, age, id (farm.jobs.admit_queries, migration 0012).
+Index("ix_jobs_admission_edf", Job.tier, Job.state,
+      -(Job.priority // literal_column("10", Integer)), Job.deadline_at.is_(None),
+      Job.deadline_at, Job.priority.desc(), Job.created_at, Job.id,
+      postgresql_where=text(_NOT_SENT), sqlite_where=text(_NOT_SENT))
+
+# Issue #15 (migration 0013): the deadline watch's candidates, live jobs with a deadline not
+# yet missed (farm.jobs.deadline_watch.live_query), never the finished history.
+_DEADLINE_LIVE = ("deadline_at IS NOT NULL AND deadline_missed_at IS NULL AND state IN "
+                  "('queued', 'waiting', 'running', 'stitching')")
+Index("ix_jobs_deadline_live", Job.deadline_at, postgresql_where=text(_DEADLINE_LIVE),
+      sqlite_where=text(_DEADLINE_LIVE))
 
 
 class Batch(Base):

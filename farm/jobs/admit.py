@@ -9,31 +9,41 @@ that fails is undone, and the next release sends the job again.
 
 At fleet scale (issue #14, item 5) a pass costs what the GPUs hold, not what waits: each
 tier passes on its own (its own lock, farm.jobs.admit_locks) over a bounded look-ahead,
-the top LOOK_AHEAD waiting jobs of the tier by priority, oldest first, read through a
+the top LOOK_AHEAD waiting jobs of the tier in admission order, read through a
 partial index (farm.jobs.admit_queries), and the jobs on its GPUs, read through
 a partial index of the jobs in flight. A pass reads more pages only while the tier still
 has room (the jobs read were passed over for their project's quota), MAX_PAGES at most. A
-submission runs no pass unless its own job could go now, and then one page of its tier
-(`release_submitted`).
+submission runs no pass unless its own job could go now (or is urgent), and then one page
+of its tier (`release_submitted`).
+
+Issue #15: the line's order is earliest deadline first within a priority band
+(scheduler.deadlines.admission_key, index ix_jobs_admission_edf); like jobs of a page go as
+one batched render on one group (farm.jobs.admit_batches, sent by farm.jobs.admit_send); a
+tier whose line ends blocked asks running segments of lower priority to yield
+(farm.jobs.preempt).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 
 from farm.db.tables import Job, JobState, Segment, SegmentState, utcnow
 from farm.db.session import session_scope
-from farm.errors import QueueUnavailable
+from farm.jobs import admit_batches, admit_send
 from farm.jobs.admit_locks import locked_session, tier_session
 from farm.jobs.admit_queries import (
     ON_GPUS, holding_rows, look_ahead, orphan_rows, queue_loads_lazy,
 )
 from farm.policy import get_policy
 from farm.settings import Settings
-from scheduler.admission import Holding, TierSize, Waiting, groups_for, select_for_release
+from scheduler.admission import (
+    Holding, TierSize, Waiting, groups_for, queue_order, select_for_release,
+)
+from scheduler.preemption import qualifies
 from scheduler.routing import QueueLoad
 
 log = logging.getLogger(__name__)
@@ -85,54 +95,71 @@ def job_groups(route: dict, project: str, runnable: int, policy=None) -> int:
 
 def _waiting(rows, runnable: dict[str, int], policy, now) -> list[Waiting]:
     """The page's jobs as the policy sees them; a job whose window has closed since the
-    last tick is left out (the tick parks it)."""
+    last tick is left out (the tick parks it), unless it has started: a job preempted
+    back into the line (issue #15) finishes, as running ones do when a window closes."""
     from farm.jobs.submit import must_wait
 
     return [Waiting(r.id, r.project, r.route["tier"], gpus_per_group(r.route), r.priority,
                     r.created_at, job_groups(r.route, r.project,
-                                             1 if r.continuous else runnable.get(r.id, 0), policy))
-            for r in rows if not must_wait(r.route, now)]
+                                             1 if r.continuous else runnable.get(r.id, 0), policy),
+                    r.deadline_at)
+            for r in rows if r.started_at is not None or not must_wait(r.route, now)]
 
 
 def holdings(session, tier: str, policy) -> list[Holding]:
     """What the tier's GPUs hold: one entry per job sent and not ended, with the groups its
-    segments still denoising take (a job whose segments all denoised holds none)."""
-    out = []
-    for r in holding_rows(session, tier):
+    segments still denoising take (a job whose segments all denoised holds none); the jobs
+    of one batched render hold one group together (issue #15)."""
+    def held_by(r) -> Holding | None:
         runnable = min(1, r.runnable) if r.continuous else r.runnable
-        if runnable:
-            out.append(Holding(r.project, tier, gpus_per_group(r.route),
-                               job_groups(r.route, r.project, runnable, policy)))
-    return out
+        return Holding(r.project, tier, gpus_per_group(r.route),
+                       job_groups(r.route, r.project, runnable, policy)) if runnable else None
+
+    return admit_batches.group_holdings(holding_rows(session, tier), tier, held_by)
 
 
-def choose_in_tier(session, tier: str, pages: int = MAX_PAGES
-                   ) -> tuple[list[str], dict[str, str]]:
-    """One tier's pass (under its lock): -> (jobs marked as sent, jobs that can never run
-    as routed: id -> why). Page after page of the tier's queue while the tier has room."""
+@dataclass
+class TierPass:
+    """One tier's pass: jobs marked as sent (in send order), those that can never run as
+    routed (id -> why), the released batches (each sent as one render), and the job that
+    found no room (None: the line was not blocked)."""
+    chosen: list[str] = field(default_factory=list)
+    impossible: dict[str, str] = field(default_factory=dict)
+    batches: list[tuple[str, ...]] = field(default_factory=list)
+    blocked: str | None = None
+
+
+def choose_in_tier(session, tier: str, pages: int = MAX_PAGES) -> TierPass:
+    """One tier's pass (under its lock), page after page of the tier's queue while the
+    tier has room. Like jobs of a page go as batches (farm.jobs.admit_batches)."""
     from farm.jobs import service as jobs
 
     policy, now = get_policy(), utcnow()
     spec = policy.catalog.tiers[tier]
     size = {tier: TierSize(spec.count, spec.gpus_per_node)}
     holding = holdings(session, tier, policy)
-    chosen, impossible, after = [], {}, None
+    out, after = TierPass(), None
     for _ in range(pages):
         rows = look_ahead(session, tier, LOOK_AHEAD, after)
         # A continuous job takes one group whatever is left of it: count the others only.
         runnable = runnable_segments(session, [r.id for r in rows if not r.continuous])
         waiting = _waiting(rows, runnable, policy, now)
-        decision = select_for_release(waiting, holding, size, policy.rules.quotas)
-        chosen += [job_id for job_id in decision.released
-                   if jobs.claim_for_dispatch(session, job_id)]
-        impossible.update(decision.impossible)
+        free = spec.count * spec.gpus_per_node - sum(h.gpus for h in holding)
+        batches, hold = admit_batches.plan(waiting, rows, admit_batches.keys(session, rows, policy),
+                                           policy, now, queue_order, max(0, free))
+        decision = select_for_release(waiting, holding, size, policy.rules.quotas, batches, hold)
+        claimed = {job_id for job_id in decision.released
+                   if jobs.claim_for_dispatch(session, job_id)}
+        out.chosen += [job_id for job_id in decision.released if job_id in claimed]
+        out.batches += [tuple(j for j in b if j in claimed) for b in decision.batches]
+        out.impossible.update(decision.impossible)
+        out.blocked = decision.blocked.get(tier)
         if decision.blocked or len(rows) < LOOK_AHEAD:
             break
-        released = set(decision.released)  # they hold their GPUs on the next page
-        holding += [Holding(w.project, tier, w.degree, w.groups)
-                    for w in waiting if w.job_id in released]
+        # they hold their GPUs on the next page
+        holding += admit_batches.sent_holdings(waiting, decision.released, decision.batches, tier)
         after = rows[-1]
-    return chosen, impossible
+    return out
 
 
 def orphans(session) -> dict[str, str]:
@@ -145,46 +172,41 @@ def _choose(session, pages: int = MAX_PAGES) -> tuple[list[str], dict[str, str]]
     """Every tier's pass in one session that holds the farm-wide lock (tests, tools)."""
     chosen, impossible = [], orphans(session)
     for tier in get_policy().catalog.tiers:
-        more, cannot = choose_in_tier(session, tier, pages)
-        chosen += more
-        impossible.update(cannot)
+        passed = choose_in_tier(session, tier, pages)
+        chosen += passed.chosen
+        impossible.update(passed.impossible)
     return chosen, impossible
 
 
 def release(settings: Settings, enqueue: Callable | None = None, tiers: list[str] | None = None,
-            wait: bool = True, pages: int = MAX_PAGES) -> list[str]:
+            wait: bool = True, pages: int = MAX_PAGES,
+            enqueue_batch: Callable | None = None) -> list[str]:
     """Send every job the policy admits now, tier by tier (each under its own lock);
     returns their ids. ``tiers``: only those (and no look for jobs of undeclared tiers);
     ``wait=False``: skip a tier whose pass another caller will run (admit_locks). Raises
-    QueueUnavailable (after undoing the marks) when the broker refuses a send."""
+    QueueUnavailable (after undoing the marks) when the broker refuses a send. A tier whose
+    line is blocked then looks for segments to preempt (farm.jobs.preempt, issue #15)."""
     from farm.jobs import service as jobs
 
-    if enqueue is None:
-        from farm.jobs.dispatch import enqueue_job as enqueue
     db = settings.database_url
-    chosen, impossible = [], {}
+    passes: dict[str, TierPass] = {}
+    impossible = {}
     if tiers is None:
         with session_scope(db) as session:
             impossible = orphans(session)  # e.g. a tier removed from the policy since
     for tier in tiers if tiers is not None else get_policy().catalog.tiers:
         with tier_session(db, tier, wait) as session:
             if session is not None:
-                more, cannot = choose_in_tier(session, tier, pages)
-                chosen += more
-                impossible.update(cannot)
+                passes[tier] = choose_in_tier(session, tier, pages)
+                impossible.update(passes[tier].impossible)
     for job_id, why in impossible.items():
         jobs.fail_job(db, job_id, f"cannot run as routed: {why}")
-    sent = []
-    for i, job_id in enumerate(chosen):
-        try:
-            enqueue(jobs.get_job(db, job_id))
-        except Exception as exc:
-            jobs.unclaim(db, chosen[i:])
-            log.error("jobs %s stay queued: could not be sent: %s", chosen[i:], exc)
-            raise QueueUnavailable(f"the queue is unavailable: {exc}") from exc
-        sent.append(job_id)
+    sent = admit_send.send(db, list(passes.values()), enqueue, enqueue_batch)
     if sent:
         log.info("released %d job(s): %s", len(sent), ", ".join(sent))
+    for tier, passed in passes.items():
+        if passed.blocked is not None:
+            admit_send.preempt_quietly(settings, tier, passed.blocked)
     return sent
 
 
@@ -196,11 +218,15 @@ def release_submitted(settings: Settings, job: Job, enqueue: Callable | None = N
     from the tier's holdings, a few rows) there is no pass at all. Else one page of its
     tier's queue, skipped when a pass that will see the job runs or is pending
     (farm.jobs.admit_locks). The page holds the highest priorities: nothing passes a job
-    ahead of it; jobs past the page wait for the next full pass."""
+    ahead of it; jobs past the page wait for the next full pass. An urgent job's
+    submission always runs the page (it may preempt: farm.jobs.preempt)."""
     tier, policy = job.route["tier"], get_policy()
     if job.held or job.state != JobState.queued.value or tier not in policy.catalog.tiers:
         return []  # held, waiting for its window, or of no tier (the tick fails it)
-    if not _may_go_now(settings.database_url, job, policy):
+    # An urgent job (its route's preempt_at reached, issue #15) runs the page even on a
+    # full tier: a pass it blocks asks running segments to yield now, not at the next tick.
+    urgent = qualifies(job.priority, job.route.get("preempt_at"))
+    if not urgent and not _may_go_now(settings.database_url, job, policy):
         return []
     return release(settings, enqueue, tiers=[tier], wait=False, pages=1)
 

@@ -26,6 +26,7 @@ from farm.schemas import BatchCreate, JobCreate
 from farm.settings import Settings
 from farm.jobs.submit import (
     check_prompt_length, must_wait, parse_window, release_or_defer, route_request,
+    with_deadline,
 )
 from scheduler.batch_lines import BatchFileError, parse_batch
 from scheduler.routing import QueueLoad
@@ -78,8 +79,9 @@ def create_batch(settings: Settings, body: BatchCreate,
             raise BadBatch(f"line {line.line}: {exc}", line.line, exc.field) from None
         if body.window:  # the batch's own window wins over its rule's
             chosen = dataclasses.replace(chosen, window=body.window, timezone=body.timezone)
-        new.append(jobs.new_job(request, chosen, rules_sha, batch.id,
-                                waiting=must_wait(chosen.as_dict(), now)))
+        new.append(with_deadline(jobs.new_job(request, chosen, rules_sha, batch.id,
+                                              waiting=must_wait(chosen.as_dict(), now)),
+                                 request))
         if request.cache:  # a repeat of a rendered request is answered at once (issue #13)
             answers.append(result_cache.answer_from_cache(settings, new[-1]))
         # The batch's own jobs count in the queues the next lines see (fallbacks spill).
@@ -117,10 +119,13 @@ def counts(states: list[tuple[str, str]]) -> dict[str, int]:
 
 
 def apply_windows(db_url: str, now: datetime) -> tuple[int, int]:
-    """(jobs woken, jobs parked or canceled) for the windows as they are at ``now``."""
+    """(jobs woken, jobs parked or canceled) for the windows as they are at ``now``. A job
+    that has started (started_at set) is never parked nor canceled: un-sent again, it was
+    preempted (issue #15), and running ones finish when their window closes."""
     with session_scope(db_url) as session:
         rows = session.execute(
-            select(Job.id, Job.state, Job.route, Job.batch_id, Job.dispatched_at)
+            select(Job.id, Job.state, Job.route, Job.batch_id, Job.dispatched_at,
+                   Job.started_at)
             .where(Job.state.in_([JobState.waiting.value, JobState.queued.value]))
         ).all()
         close_rule = dict(session.execute(select(Batch.id, Batch.on_window_close)
@@ -132,7 +137,8 @@ def apply_windows(db_url: str, now: datetime) -> tuple[int, int]:
         waits = must_wait(r.route, now)
         if r.state == JobState.waiting.value and not waits:
             wake.append(r.id)
-        elif r.state == JobState.queued.value and waits and r.dispatched_at is None:
+        elif (r.state == JobState.queued.value and waits and r.dispatched_at is None
+              and r.started_at is None):
             (cancel if close_rule.get(r.batch_id) == "cancel" else park).append(r.id)
     woken = jobs.wake_jobs(db_url, wake) if wake else 0
     parked = (jobs.park_jobs(db_url, park, cancel=False) if park else 0) + \

@@ -36,6 +36,17 @@ PRIORITY_CHANGED = "priority_changed"
 TIMED_OUT = "timed_out"
 EXPIRED = "expired"
 CACHE_HIT = "cache_hit"  # answered (or some segments) from the result cache, issue #13
+# Preemption at a step boundary (issue #15, item 1): admission asked a running segment to
+# yield to a more urgent job; it yielded its group with its state saved; it resumed from
+# that state (or, the state unusable, started from noise).
+PREEMPT_REQUESTED = "preempt_requested"
+PREEMPTED = "preempted"
+RESUMED = "resumed"
+RESUME_DISCARDED = "resume_discarded"
+# Deadlines (issue #15, item 3, farm.jobs.deadline_watch): the estimate says the job will
+# miss its deadline; the deadline passed with the job not done.
+DEADLINE_AT_RISK = "deadline_at_risk"
+DEADLINE_MISSED = "deadline_missed"
 FAILURE_KINDS = (SEGMENT_FAILED, SEGMENT_LOST)
 
 

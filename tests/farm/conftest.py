@@ -4,8 +4,10 @@ their half-finished jobs must not hold the session farm's GPUs (admission counts
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 
 from farm.db.migrate import upgrade
+from farm.db.session import get_engine
 from tests.conftest import RUN_ID, drop_database, make_database
 
 
@@ -27,3 +29,18 @@ def any_db(request, tmp_path):
     url = f"sqlite:///{tmp_path}/farm.db"
     upgrade(url)
     return url
+
+
+@pytest.fixture()
+def db(own_pg):
+    """The module's PostgreSQL database emptied of jobs (and what hangs off them) and group
+    leases: each test sees only its own (a module may define its own ``db``)."""
+    with get_engine(own_pg).begin() as conn:
+        conn.execute(text("TRUNCATE jobs, group_leases CASCADE"))
+    return own_pg
+
+
+@pytest.fixture()
+def own(settings, db):
+    """The session's settings on ``db`` (a module may define its own ``own``)."""
+    return settings.model_copy(update={"database_url": db})

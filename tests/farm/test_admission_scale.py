@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql
 from farm.db.migrate import upgrade
 from farm.db.session import get_engine, session_scope
 from farm.db.tables import Job, utcnow
-from farm.jobs import admit, admit_queries, service as jobs
+from farm.jobs import admit, admit_queries, deadline_watch, service as jobs
 from farm.jobs.admit_locks import pending_key, tier_key
 from farm.jobs.submit import route_request
 from farm.schemas import JobCreate
@@ -26,18 +26,6 @@ from farm.tasks import reconcile
 from tests.conftest import RUN_ID, drop_database, make_database
 
 FULL_MODEL = "wan2.2-t2v-a14b"  # routed to the a100 tier: 2 nodes of 8, 2 GPUs a job, quota 8
-
-
-@pytest.fixture()
-def db(own_pg):
-    with get_engine(own_pg).begin() as conn:
-        conn.execute(text("TRUNCATE jobs CASCADE"))
-    return own_pg
-
-
-@pytest.fixture()
-def own(settings, db):
-    return settings.model_copy(update={"database_url": db})
 
 
 def add(db_url: str, priority: int = 50, model: str = "wan-tiny", project: str = "default"):
@@ -62,7 +50,12 @@ def test_a_pass_and_a_tick_read_through_indexes_never_the_history(db):
                "state": "CASE WHEN g % 10 = 0 THEN 'queued' WHEN g % 500 = 1 THEN 'running' "
                         "ELSE 'succeeded' END",
                "dispatched_at": "CASE WHEN g % 10 = 0 THEN NULL ELSE now() - interval '1 h' END",
-               "priority": "g % 101"}.get(c, f"jobs.{c}") for c in columns]
+               "priority": "g % 101",
+               # issue #15: one job in 7 has a deadline; the finished ones a finish time
+               "deadline_at": "CASE WHEN g % 7 = 0 THEN now() + interval '1 h' END",
+               "finished_at": "CASE WHEN g % 10 <> 0 AND g % 500 <> 1 "
+                              "THEN now() - make_interval(secs => g) END",
+               }.get(c, f"jobs.{c}") for c in columns]
     with get_engine(db).begin() as conn:
         conn.execute(text(f"INSERT INTO jobs ({', '.join(columns)}) SELECT {', '.join(values)} "
                           f"FROM jobs, generate_series(1, 20000) g WHERE jobs.id = :id"),
@@ -73,16 +66,40 @@ def test_a_pass_and_a_tick_read_through_indexes_never_the_history(db):
             " SELECT id, 0, CASE state WHEN 'queued' THEN 'pending' WHEN 'running' THEN"
             " 'running' ELSE 'done' END, 0, 5, 0, 1, 0, 1, '[]', CASE state WHEN 'running'"
             " THEN dispatched_at END FROM jobs WHERE id <> :id"), {"id": seed.id})
-        conn.execute(text("ANALYZE jobs"))
-        conn.execute(text("ANALYZE segments"))
+        # A fleet's groups, one row per group of each pool (variant x tier x plan x
+        # placement: thousands), those of the running segments leased. (With a few hundred
+        # rows PostgreSQL rightly reads the whole 8-page table instead of the index.)
+        conn.execute(text(
+            "INSERT INTO group_leases (pool, replica, holder, job_id, segment_index, leased_at,"
+            " expires_at) SELECT 'a14b:a100:p', row_number() OVER (), md5(id), id, 0, now(),"
+            " now() + interval '5 min' FROM jobs WHERE state = 'running'"))
+        conn.execute(text("INSERT INTO group_leases (pool, replica) SELECT 'idle', g"
+                          " FROM generate_series(1, 5000) g"))
+        for table in ("jobs", "segments", "group_leases"):
+            conn.execute(text(f"ANALYZE {table}"))
         since = utcnow() - timedelta(seconds=60)
+        page = conn.execute(admit_queries.look_ahead_query("a100", 100)).all()
         plans = {"look-ahead": plan(conn, admit_queries.look_ahead_query("a100", 100)),
+                 "look-ahead page 2": plan(conn, admit_queries.look_ahead_query(
+                     "a100", 100, after=page[-1])),
+                 "deadlines live": plan(conn, deadline_watch.live_query()),
+                 "deadlines ended": plan(conn, deadline_watch.ended_query(utcnow())),
+                 "deadlines line": plan(conn, deadline_watch.line_query("a100")),
+                 "deadlines on GPUs": plan(conn, deadline_watch.flying_query("a100")),
                  "holdings": plan(conn, admit_queries.holding_query("a100")),
+                 "preempt": plan(conn, admit_queries.running_query("a100")),
                  "orphans": plan(conn, admit_queries.orphan_query(["cpu", "a100"], 100)),
                  "reconciler": plan(conn, reconcile.candidates_query(since))}
     for name, text_ in plans.items():
         assert "Seq Scan" not in text_ and "Index" in text_, f"{name}:\n{text_}"
-    assert "ix_jobs_admission_order" in plans["look-ahead"]
+    assert "ix_jobs_admission_edf" in plans["look-ahead"]
+    assert "ix_jobs_admission_edf" in plans["look-ahead page 2"]
+    # The watch reads up to 500 of the line: when fewer wait, PostgreSQL may read the unsent
+    # jobs by dispatched_at and sort them; either way only jobs never sent, not the history.
+    assert ("ix_jobs_admission_edf" in plans["deadlines line"]
+            or "Index Cond: (dispatched_at IS NULL)" in plans["deadlines line"])
+    assert "ix_jobs_deadline_live" in plans["deadlines live"]
+    assert "ix_group_leases_job_id" in plans["preempt"]
     assert "ix_jobs_in_flight" in plans["holdings"] and "ix_jobs_in_flight" in plans["reconciler"]
     assert "ix_segments_beating" in plans["reconciler"]
 
