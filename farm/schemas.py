@@ -14,7 +14,7 @@ PROJECT_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 Project = Annotated[str, Field(pattern=PROJECT_PATTERN)]
 
 
-WebhookEvent = Literal["start", "progress", "completed"]
+WebhookEvent = Literal["start", "progress", "completed", "deadline_missed"]  # issue #15
 
 
 def check_webhook_url(value: str | None) -> str | None:
@@ -115,6 +115,11 @@ class SegmentPublic(BaseModel):
     worker: str | None  # the Celery worker that ran it last
     error: str | None
     celery_id: str | None  # the render task's id: its progress state is in Flower
+    # Issue #15: times it yielded its group to a more urgent job; the step it resumes from
+    # (None: from noise); the batched render it ran in (None: alone).
+    preemptions: int = 0
+    resume_step: int | None = None
+    render_batch: str | None = None
 
 
 class JobPublic(BaseModel):
@@ -161,6 +166,11 @@ class JobPublic(BaseModel):
     eta_s: float | None = None  # seconds until it should finish, from the route's estimate
     stage_times: dict[str, float] = {}  # queue_wait, load, denoise, decode, encode, stitch
     peak_memory_bytes: int | None = None
+    # Issue #15: created_at + deadline_s; the farm's estimate (measured step times, the work
+    # ahead on its tier) says it will miss it; when it was seen missed (webhook sent).
+    deadline_at: datetime | None = None
+    deadline_risk: bool = False
+    deadline_missed_at: datetime | None = None
 
 
 class JobEventPublic(BaseModel):

@@ -56,6 +56,8 @@ def to_public(job: Job, request: Request) -> JobPublic:
         timeout_s=job.timeout_s, queue_ttl_s=job.queue_ttl_s, retain_days=job.retain_days,
         deleted_at=job.deleted_at, webhook=job.webhook, webhook_events=job.webhook_events or [],
         stage_times=job.stage_times or {}, peak_memory_bytes=job.peak_memory_bytes,
+        deadline_at=job.deadline_at, deadline_risk=bool(job.deadline_risk),
+        deadline_missed_at=job.deadline_missed_at,
     )
 
 

@@ -4,7 +4,9 @@ project's webhook signing secret. HTTP errors are raised here only.
 `GET /v1/jobs/{id}/stream` and `GET /v1/batches/{id}/stream` answer `text/event-stream`:
 the events farm.jobs.progress_feed makes from a database read every few tenths of a second,
 a `: ping` comment every PING_S seconds, and the end of the stream once the job (the batch)
-has ended. `POST /v1/webhook-secret` makes the caller's project a new signing secret and
+has ended. A job with a deadline also gets `deadline` {deadline_at, deadline_risk,
+deadline_missed_at} first and whenever the deadline watch changes it (issue #15, item 3).
+`POST /v1/webhook-secret` makes the caller's project a new signing secret and
 shows it this once.
 """
 
@@ -70,12 +72,30 @@ async def stream_job(job_id: str, request: Request, project: Project) -> EventSo
 
     def read() -> dict:
         job = jobs.get_job(db, job_id)
-        return feed.job_view(job, controls.queue_estimate(db, job), video_url)
+        return {**feed.job_view(job, controls.queue_estimate(db, job), video_url),
+                "deadline": deadline_view(job)}
 
     return EventSourceResponse(
-        _poll(read, feed.job_events, feed.JOB_POLL_S,
+        _poll(read, job_events, feed.JOB_POLL_S,
               lambda view: view["state"]["state"] in feed.FINAL),
         ping=feed.PING_S, headers=HEADERS)
+
+
+def deadline_view(job) -> dict | None:
+    """The job's deadline as the stream shows it; None without one."""
+    if job.deadline_at is None:
+        return None
+    return {"deadline_at": job.deadline_at, "deadline_risk": bool(job.deadline_risk),
+            "deadline_missed_at": job.deadline_missed_at}
+
+
+def job_events(before: dict | None, now: dict) -> list[tuple[str, dict]]:
+    """progress_feed's events, with ``deadline`` when it is new or changed, before ``done``."""
+    out = feed.job_events(before, now)
+    if now["deadline"] is not None and (before is None or before["deadline"] != now["deadline"]):
+        at = len(out) - (bool(out) and out[-1][0] == "done")
+        out.insert(at, ("deadline", now["deadline"]))
+    return out
 
 
 @router.get("/v1/batches/{batch_id}/stream", name="stream_batch")

@@ -76,7 +76,8 @@ def submit(prompt: str,
                                                       "the farm's)"),
            webhook: str = typer.Option(None, help="URL for signed events"),
            webhook_event: list[str] = typer.Option(
-               None, help="start | progress | completed (repeatable; default completed)")
+               None, help="start | progress | completed | deadline_missed (repeatable; "
+                          "default completed)")
            ) -> None:
     """Submit a render job; prints its id."""
     body = dict(prompt=prompt, model=None if model == "auto" else model, track=track,
@@ -91,9 +92,12 @@ def submit(prompt: str,
 
 
 def status(job_id: str) -> None:
-    """Print a job's record as JSON."""
+    """Print a job's record as JSON (and its deadline's standing on stderr)."""
     with client() as http:
-        typer.echo(json.dumps(check(http.get(f"/v1/jobs/{job_id}")), indent=2))
+        job = check(http.get(f"/v1/jobs/{job_id}"))
+    typer.echo(json.dumps(job, indent=2))
+    if note := deadline_note(job):
+        typer.echo(note, err=True)
 
 
 def _poll_job(http: httpx.Client, job_id: str, deadline: float) -> dict:
@@ -121,10 +125,27 @@ def wait(job_id: str, timeout: float = typer.Option(3600.0, help="seconds")) -> 
             check(result)  # 403, 404: says why, exit 1
         if result is watch.NO_STREAM:
             job = _poll_job(http, job_id, deadline)
+        note = deadline_note(check(http.get(f"/v1/jobs/{job_id}")))
+    if note:
+        typer.echo(note, err=True)
     if job["state"] != "succeeded":
         typer.echo(f"job {job_id} {job['state']}: {job.get('error') or ''}", err=True)
         raise typer.Exit(1)
     typer.echo(f"job {job_id} succeeded: {job['output_url']}")
+
+
+def deadline_note(job: dict) -> str | None:
+    """One line on the job's deadline (issue #15): missed, at risk, met or on track."""
+    if not job.get("deadline_at"):
+        return None
+    if job.get("deadline_missed_at"):
+        return f"deadline {job['deadline_at']}: MISSED (seen {job['deadline_missed_at']})"
+    if job.get("deadline_risk"):
+        return f"deadline {job['deadline_at']}: AT RISK (the farm estimates it will miss it)"
+    if job["state"] == "succeeded":
+        return f"deadline {job['deadline_at']}: met"
+    ended = job["state"] in FINAL
+    return f"deadline {job['deadline_at']}: {'ended ' + job['state'] if ended else 'on track'}"
 
 
 def logs(job_id: str) -> None:

@@ -96,6 +96,10 @@ def wait_job(http: httpx.Client, job_id: str, deadline: float):
                 where = f"#{data['queue_position']} in queue" if data["queue_position"] else ""
                 eta = f"eta {data['eta_s']} s" if data["eta_s"] is not None else ""
                 bars.update(header, note=" ".join(x for x in (last["state"], where, eta) if x))
+            elif event == "deadline":  # issue #15: the farm's deadline watch
+                standing = ("deadline MISSED" if data["deadline_missed_at"] else
+                            "deadline AT RISK" if data["deadline_risk"] else "deadline on track")
+                bars.update(header, note=f"{last['state']} {standing}")
             elif event == "progress":
                 index = data["index"]
                 if index not in tasks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 
 from sqlalchemy.exc import IntegrityError
@@ -64,8 +64,8 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
         return earlier
     chosen = route_request(request, admit.queue_loads(db))
     check_prompt_length(settings, request, chosen.variant)
-    job = jobs.new_job(request, chosen, get_policy().rules.sha256,
-                       waiting=must_wait(chosen.as_dict(), utcnow()))
+    job = with_deadline(jobs.new_job(request, chosen, get_policy().rules.sha256,
+                                     waiting=must_wait(chosen.as_dict(), utcnow())), request)
     answer = (result_cache.answer_from_cache(settings, job) if request.cache
               else result_cache.Answer())
     extra = tuple(answer.log)
@@ -83,6 +83,14 @@ def submit(settings: Settings, request: JobCreate, idempotency_key: str | None =
         raise
     if not answer.whole:  # a cached answer holds no GPU: nothing to release
         release_or_defer(settings, job)
+    return job
+
+
+def with_deadline(job: Job, request: JobCreate) -> Job:
+    """Stamp ``deadline_at`` = created_at + deadline_s (issue #15, item 3): admission orders
+    by it within a priority band and the tick's deadline watch compares against it."""
+    if request.deadline_s is not None:
+        job.deadline_at = job.created_at + timedelta(seconds=request.deadline_s)
     return job
 
 

@@ -9,7 +9,9 @@ with capped exponential backoff.
 
 Events: ``start`` (the job began running), ``progress`` (at most one per 10% of the job's
 progress, counted afresh in each run: a retried job reports its tenths again),
-``completed`` (the job ended: succeeded, failed, canceled or expired). A job's body carries
+``completed`` (the job ended: succeeded, failed, canceled or expired), ``deadline_missed``
+(issue #15: its deadline passed while it was live, or it was delivered after it; once, from
+farm.jobs.deadline_watch, with ``deadline_at`` and ``deadline_missed_at``). A job's body carries
 ``run``: how many times it was retried before this event (0 the first time), so a retried
 job's second ``completed`` is told from a repeat of the first (which has the same
 ``Farm-Delivery`` id); and ``output_url``: absolute under FARM_PUBLIC_URL when that is set,
@@ -41,6 +43,8 @@ from farm.jobs.events import RETRIED
 from farm.settings import get_settings
 
 START, PROGRESS, COMPLETED = "start", "progress", "completed"
+DEADLINE_MISSED = "deadline_missed"  # issue #15: once, when the job's deadline passed unmet
+EVENTS = (START, PROGRESS, COMPLETED, DEADLINE_MISSED)
 SIGNATURE_HEADER = "Farm-Signature"
 PROGRESS_STEPS = 10  # progress events at each tenth of the job's progress, no more often
 # The ends a ``completed`` event reports; ``deleted`` (files removed later) is not one.
@@ -207,6 +211,21 @@ def job_progressed(session: Session, job_id: str) -> int:
         return 0
     return _enqueue(session, job.project, PROGRESS, urls, _job_body(session, job, PROGRESS),
                     job_id, job.batch_id)
+
+
+def job_deadline_missed(session: Session, job_id: str) -> int:
+    """After the compare-and-set that stamped the job's deadline_missed_at (once, issue #15).
+    Its batch's webhook gets it too when the batch asked for ``deadline_missed``."""
+    job = _job_row(session, job_id)
+    urls = _urls(session, job, DEADLINE_MISSED) if job else []
+    if not urls:
+        return 0
+    due, missed = session.execute(select(Job.deadline_at, Job.deadline_missed_at)
+                                  .where(Job.id == job_id)).one()
+    body = {**_job_body(session, job, DEADLINE_MISSED),
+            "deadline_at": due.isoformat() if due else None,
+            "deadline_missed_at": missed.isoformat() if missed else None}
+    return _enqueue(session, job.project, DEADLINE_MISSED, urls, body, job_id, job.batch_id)
 
 
 def batch_completed(session: Session, batch: Batch) -> int:
