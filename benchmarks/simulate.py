@@ -12,6 +12,14 @@ select_for_release, per tier, pages of 100 waiting jobs). The baseline in the sa
 the same day with a pass at every arrival and finish (the live farm's cadence): its time,
 and the queue waits both give (what batching costs in fidelity). The last line is the
 day's seconds against the 60 s target.
+
+Then (issue #15) the comparison table: deadline hit rates and draft waits with and without
+preemption and batching on ONE trace (scheduler/simulate/compare.py, as `farm simulate`
+prints it), on a smaller day (--compare-jobs, --compare-scale; 0 jobs: skipped) of the
+shipped rules: priority-90 finals on the A100s preempting (preempt_at 90) overnight batches
+and lower finals, the H100s left out; drafts batching 4 at a time at an assumed marginal
+cost of 0.35 of a solo render (DRAFT_BATCH: benchmarks/batching.py measures the toy model's;
+the 5B draft's needs a GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scheduler.simulate.compare import compare, format_comparison  # noqa: E402
 from scheduler.simulate.engine import simulate  # noqa: E402
 from scheduler.simulate.fleet import parse_fleet  # noqa: E402
 from scheduler.simulate.report import format_report, summarise  # noqa: E402
@@ -33,6 +42,7 @@ from scheduler.simulate.workload import make_trace  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "scheduler" / "config"
 TARGET_S = 60.0
+DRAFT_BATCH = {"wan2.2-ti2v-5b-int8": {"max_batch": 4, "batch_marginal": 0.35}}
 
 
 def policy_files(folder: Path) -> tuple[Path, Path]:
@@ -70,6 +80,20 @@ def fleet_text(tiers: Path, rules: Path, scale: float, pass_every_s: float) -> s
     })
 
 
+def comparison(folder: Path, jobs: int, scale: float) -> str:
+    """The four-run table on a day of the shipped rules (urgent finals share the A100s)."""
+    tiers, _ = policy_files(folder)
+    rules = yaml.safe_load((CONFIG / "rules.yaml").read_text())
+    rules["rules"] = [r for r in rules["rules"] if r["name"] != "toy-models-on-cpu"]
+    rules["quotas"]["default"] = {"a10": 120, "a100": 160}
+    (folder / "compare-rules.yaml").write_text(yaml.safe_dump(rules))
+    doc = yaml.safe_load(fleet_text(tiers, folder / "compare-rules.yaml", scale, 5.0))
+    doc["tiers"]["h100"]["gpus"] = 0
+    doc["batching"] = DRAFT_BATCH
+    fleet = parse_fleet(yaml.safe_dump(doc), "bench-compare-fleet.yaml")
+    return format_comparison(compare(fleet, make_trace(jobs, seed=0), hours=24.0, seed=0))
+
+
 def timed_day(folder: Path, jobs: int, scale: float, pass_every_s: float):
     tiers, rules = policy_files(folder)
     fleet = parse_fleet(fleet_text(tiers, rules, scale, pass_every_s), "bench-fleet.yaml")
@@ -83,6 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--scale", type=float, default=1.0, help="GPUs, as a share of 1,000")
+    parser.add_argument("--compare-jobs", type=int, default=20_000,
+                        help="jobs of the four-run comparison's day (0: skip it)")
+    parser.add_argument("--compare-scale", type=float, default=0.2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         seconds, result = timed_day(Path(tmp), args.jobs, args.scale, 5.0)
@@ -101,6 +128,10 @@ def main() -> None:
                       f"{summary['waits'][key][1]:.0f}/{summary['waits'][key][2]:.0f} s, "
                       f"per event {exact['waits'][key][1]:.0f}/{exact['waits'][key][2]:.0f} s")
         print(f"batched passes vs a pass at every event, speed: {base_s / seconds:.2f}x")
+        if args.compare_jobs:
+            print(f"\n{args.compare_jobs:,} jobs, GPUs x {args.compare_scale}, shipped rules; "
+                  f"draft batching assumed {DRAFT_BATCH}")
+            print(comparison(Path(tmp), args.compare_jobs, args.compare_scale))
     ratio = TARGET_S / seconds
     print(f"day vs the {TARGET_S:.0f} s target: {ratio:.2f}x")
     if args.jobs >= 100_000 and ratio < 1:

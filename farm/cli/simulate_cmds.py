@@ -18,9 +18,14 @@ def simulate(
     rules: Path = typer.Option(None, help="rules file (wins over the fleet file's)"),
     tiers: Path = typer.Option(None, help="tiers file (wins over the fleet file's)"),
     make_trace: int = typer.Option(0, help="write a seeded trace of N jobs to --out and stop"),
+    compare: bool = typer.Option(True, help="also run the trace without preemption, without "
+                                 "batching and without both, and print the deadline hit "
+                                 "rates and draft waits of the four (issue #15)"),
 ) -> None:
     """Simulate a day: queue waits per track and tier, GPU use, deadlines, overnight batches,
-    cost per video, and plots of queue depth and utilisation."""
+    cost per video, and plots of queue depth and utilisation. The day is the farm's
+    scheduling (EDF within priority bands, preemption where a rule sets preempt_at,
+    batching where a variant's max_batch > 1); --compare adds the four-run table."""
     from scheduler.simulate import workload as traces
 
     if make_trace:
@@ -45,6 +50,11 @@ def simulate(
         _fail(str(exc))
     result = run_day(chosen, jobs, hours=hours, seed=seed)
     typer.echo(format_report(summarise(result)))
+    if compare:
+        from scheduler.simulate.compare import compare as four_runs, format_comparison
+
+        rows = four_runs(chosen, jobs, hours=hours, seed=seed, known={"both": result})
+        typer.echo("\n" + format_comparison(rows))
     for path in plot(result, out):
         typer.echo(f"plot: {path}")
 

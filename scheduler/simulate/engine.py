@@ -15,6 +15,13 @@ as whole nodes: `held_as`), a pass is handed one tier's line in pages of ``looka
 (select_for_release decides per tier, and farm.jobs.admit reads a tier's queue in pages
 too), and with ``pass_every_s`` > 0 the passes that arrivals and finishes ask for are
 batched to that tick; 0 runs one at each, as the live farm does.
+
+Issue #15: the waiting line is in the farm's admission order (scheduler.deadlines.
+admission_key: priority bands, earliest deadline first within a band); with ``batching``,
+like single-segment jobs of a page go as one batched render (scheduler.batching.form_batches,
+the variant's max_batch), and with ``preemption`` a route's preempt_at makes running work
+yield at a step boundary (scheduler/simulate/runs.py). Both off give the farm before #15
+with EDF; scheduler/simulate/compare.py runs the four combinations on one trace.
 """
 
 from __future__ import annotations
@@ -33,9 +40,12 @@ from farm.jobs.result_cache import normalise
 from farm.jobs.submit import must_wait, parse_window
 from farm.policy import Policy
 from scheduler.admission import Holding, TierSize, Waiting, select_for_release
+from scheduler.batching import Batchable, batch_cap, batch_key, form_batches
+from scheduler.deadlines import admission_key
 from scheduler.planner import plan_segments
 from scheduler.routing import JobSpec, NoRoute, QueueLoad, Route, route
 from scheduler.simulate.fleet import Fleet
+from scheduler.simulate.runs import GpuRuns
 from scheduler.simulate.workload import TraceJob
 
 DONE = ("succeeded", "cached", "failed", "rejected")
@@ -44,7 +54,8 @@ DONE = ("succeeded", "cached", "failed", "rejected")
 class SimJob:
     __slots__ = ("id", "trace", "route", "route_dict", "tier", "degree", "groups", "segments",
                  "render_s", "remaining_s", "est_gpu_s", "waiting", "sort_key", "state",
-                 "why", "admitted_s", "finished_s", "attempts", "gpu_s", "cost", "key")
+                 "why", "admitted_s", "finished_s", "attempts", "gpu_s", "cost", "key",
+                 "run", "steps_total", "preemptions", "batch_key")
 
     def __init__(self, seq: int, trace: TraceJob):
         self.id, self.trace = f"j{seq:07d}", trace  # ids sort as the trace: ties go in order
@@ -53,6 +64,8 @@ class SimJob:
         self.state, self.attempts, self.gpu_s, self.cost = "new", 0, 0.0, 0.0
         self.degree = self.groups = self.segments = 1
         self.render_s = self.remaining_s = self.est_gpu_s = 0.0
+        self.run = self.batch_key = None
+        self.steps_total, self.preemptions = 1, 0
 
 
 @dataclass
@@ -63,6 +76,7 @@ class TierState:
     holding: Counter = field(default_factory=Counter)  # (project, degree) -> groups
     busy: int = 0  # GPUs rendering now
     busy_area: float = 0.0  # GPU-seconds rendered within the horizon
+    running: dict = field(default_factory=dict)  # run seq -> runs.Run on the tier now
     last_change: float = 0.0
     dirty: bool = False  # a pass was asked for since the last tick
 
@@ -81,11 +95,15 @@ class SimResult:
     end_s: float
     start: datetime
     passes: int
+    preempted: int = 0  # times a run yielded its groups (issue #15)
+    batched_jobs: int = 0  # jobs rendered in a batch of two or more
+    batch_runs: int = 0
 
 
-class Simulation:
+class Simulation(GpuRuns):
     def __init__(self, fleet: Fleet, trace: list[TraceJob], hours: float = 24.0, seed: int = 0,
-                 sample_s: float = 60.0, drain_hours: float = 24.0):
+                 sample_s: float = 60.0, drain_hours: float = 24.0, preemption: bool = True,
+                 batching: bool = True):
         self.env = simpy.Environment()
         self.fleet, self.policy = fleet, Policy(fleet.catalog, fleet.rules)
         self.start, self.horizon_s = fleet.doc.start, hours * 3600.0
@@ -102,6 +120,8 @@ class Simulation:
         self.rule_fallbacks = {r.name: bool(r.fallbacks) for r in fleet.rules.rules}
         self.routes: dict = {}  # JobSpec -> Route, for rules without fallbacks
         self.groups: dict = {}  # (tier, GPUs a group, project, runnable) -> groups
+        self.preemption, self.batching = preemption, batching
+        self.preempted = self.batched_jobs = self.batch_runs = self.run_seq = 0
 
     # --- the day -------------------------------------------------------------------------
     def run(self) -> SimResult:
@@ -116,7 +136,8 @@ class Simulation:
         for st in self.tiers.values():
             self._account(st)
         return SimResult(self.jobs, self.tiers, self.admissions, self.samples, self.horizon_s,
-                         end, self.start, self.passes)
+                         end, self.start, self.passes, self.preempted, self.batched_jobs,
+                         self.batch_runs)
 
     def now_dt(self) -> datetime:
         return self.start + timedelta(seconds=self.env.now)
@@ -199,13 +220,28 @@ class Simulation:
         rounds = math.ceil(job.segments / job.groups)  # segments run `groups` at a time
         job.render_s = job.remaining_s = job.route.est_seconds * rounds / job.segments
         job.est_gpu_s = job.route.est_seconds * job.route.degree  # as admit.queue_loads
-        job.sort_key = (-job.trace.priority, job.trace.at_s, job.id)  # admission.queue_order
+        steps = job.trace.steps or variant.default_steps
+        job.steps_total = steps * rounds  # steps its groups run, one after another
+        created = self.start + timedelta(seconds=job.trace.at_s)
+        due = (None if job.trace.deadline_s is None
+               else created + timedelta(seconds=job.trace.deadline_s))
+        job.sort_key = admission_key(job.trace.priority, due, created, job.id)
         job.waiting = Waiting(job.id, job.trace.project, job.tier, job.degree,
-                              job.trace.priority, self.start + timedelta(seconds=job.trace.at_s),
-                              job.groups)
+                              job.trace.priority, created, job.groups, due)
+        if variant.max_batch > 1 and job.segments == 1:  # as the farm batches (issue #15)
+            job.batch_key = batch_key(variant.name, job.tier, job.trace.width,
+                                      job.trace.height, job.trace.frames, steps,
+                                      variant.guidance_high, variant.guidance_low,
+                                      job.route.cache)
+
+    def _window_holds(self, job: SimJob, now: datetime) -> bool:
+        """Its window is closed and it has not started: a job preempted (or retried) after
+        it started finishes, as the farm's started jobs do (farm.jobs.admit._waiting,
+        batches.apply_windows; issue #15 review)."""
+        return job.admitted_s is None and must_wait(job.route_dict, now)
 
     def _enqueue(self, job: SimJob) -> None:
-        if must_wait(job.route_dict, self.now_dt()):
+        if self._window_holds(job, self.now_dt()):
             return self._park(job)
         job.state = "queued"
         load = self.loads.setdefault(job.route.queue, [0, 0.0])
@@ -239,21 +275,29 @@ class Simulation:
         """One tier's pass, as farm.jobs.admit.choose_in_tier: a page of the tier's line at
         a time, the next only while the last was full and nothing stopped the line."""
         st = self.tiers[tier]
-        if not st.waiting or (st.busy >= st.gpus and st.gpus):
+        if not st.waiting:
+            return
+        if st.busy >= st.gpus and st.gpus:
+            self._preempt_for(st, st.waiting[0][1])  # the farm's preempt_for_waiting
             return
         self.passes += 1
         page, now = self.fleet.admission.lookahead, self.now_dt()
         holding, released, impossible = held_as(st, tier), [], {}
+        batch_of, blocked = {}, None  # job id -> the batch it goes in; who stopped the line
         lines = st.waiting[:page * self.fleet.admission.pages]
         for first in range(0, len(lines), page):
             ahead = []
             for _key, job in lines[first:first + page]:
-                if job.route.window and must_wait(job.route_dict, now):
+                if job.route.window and self._window_holds(job, now):
                     self._repark(st, job)  # its window closed since it queued
                 else:
                     ahead.append(job)
+            free = st.gpus - sum(h.gpus for h in holding)
+            batches = self._batches(ahead, max(0, free)) if self.batching else []
             decision = select_for_release([j.waiting for j in ahead], holding,
-                                          {tier: st.size}, self.fleet.rules.quotas)
+                                          {tier: st.size}, self.fleet.rules.quotas, batches)
+            batch_of.update((m, b) for b in decision.batches for m in b)
+            blocked = decision.blocked.get(tier)
             went = set(decision.released)
             released += [j for j in ahead if j.id in went]
             impossible.update({j.id: (j, decision.impossible[j.id]) for j in ahead
@@ -263,9 +307,15 @@ class Simulation:
                 break
             holding += [Holding(j.trace.project, tier, j.degree, j.groups)
                         for j in ahead if j.id in went]  # they hold GPUs on the next page
+        by_id = {j.id: j for j in released}
         for job in released:
             self._unqueue(st, job)
-            self._start(st, job)
+        for job in released:
+            members = batch_of.get(job.id, (job.id,))
+            if members[0] == job.id:  # a batch starts with its first member
+                self._start(st, [by_id[m] for m in members])
+        if blocked is not None and st.waiting and st.waiting[0][1].id == blocked:
+            self._preempt_for(st, st.waiting[0][1])
         for job, why in impossible.values():
             self._unqueue(st, job)
             self.loads[job.route.queue][1] -= job.est_gpu_s
@@ -281,53 +331,23 @@ class Simulation:
         del st.waiting[bisect.bisect_left(st.waiting, (job.sort_key,))]
         self.loads[job.route.queue][0] -= 1
 
-    # --- the GPUs --------------------------------------------------------------------------
-    def _start(self, st: TierState, job: SimJob) -> None:
-        gpus = job.degree * job.groups
-        self._account(st)
-        st.busy += gpus
-        st.holding[job.trace.project, job.degree] += job.groups
-        job.state = "running"
-        if job.admitted_s is None:
-            job.admitted_s = self.env.now
-            self.admissions.append((self.env.now, job.id, job.tier))
-        rate = self.fleet.failures.per_gpu_hour * gpus / 3600.0  # failures per second
-        fails_in = self.rng.expovariate(rate) if rate > 0 else math.inf
-        if fails_in < job.remaining_s:
-            self._later(fails_in, self._fail, st, job, fails_in)
-        else:
-            self._later(job.remaining_s, self._finish, st, job)
-
-    def _leave(self, st: TierState, job: SimJob, seconds: float) -> None:
-        self._account(st)
-        gpus = job.degree * job.groups
-        st.busy -= gpus
-        st.holding[job.trace.project, job.degree] -= job.groups
-        job.gpu_s += seconds * gpus
-        job.cost += seconds * gpus * st.cost_per_gpu_hour / 3600.0
-
-    def _finish(self, st: TierState, job: SimJob) -> None:
-        self._leave(st, job, job.remaining_s)
-        self.loads[job.route.queue][1] -= job.est_gpu_s
-        if job.key is not None:
-            self.succeeded_keys.add(job.key)
-        self._settle(job, "succeeded")
-        self._want_pass(job.tier)
-
-    def _fail(self, st: TierState, job: SimJob, after: float) -> None:
-        """The GPUs are given back; finished rounds of segments are kept (as the live farm
-        keeps finished segments); the job queues again after retry_delay_s, or fails."""
-        self._leave(st, job, after)
-        round_s = job.render_s / math.ceil(job.segments / job.groups)
-        job.remaining_s -= math.floor(after / round_s) * round_s
-        job.attempts += 1
-        self._want_pass(job.tier)
-        if job.attempts > self.fleet.failures.max_retries:
-            self.loads[job.route.queue][1] -= job.est_gpu_s
-            return self._settle(job, "failed", f"failed {job.attempts} times on {job.tier}")
-        job.state = "retrying"
-        self.loads[job.route.queue][1] -= job.est_gpu_s  # _enqueue counts it again
-        self._later(self.fleet.failures.retry_delay_s, self._enqueue, job)
+    def _batches(self, ahead: list, free_groups: int) -> list[list[str]]:
+        """Batches of two or more among a page's jobs (in admission order), per key, as
+        farm.jobs.admit_batches.plan: idle groups first (batch_cap), then form_batches over
+        every job of the page (the others as alone), so no batch pulls a member past a job
+        of higher priority than all its members."""
+        out = []
+        keys = [j.batch_key for j in ahead if j.batch_key is not None]
+        for key in set(keys):
+            variant = next(j.route.variant for j in ahead if j.batch_key == key)
+            cap = batch_cap(keys.count(key), free_groups,
+                            self.fleet.catalog.models[variant].max_batch)
+            if cap < 2:
+                continue
+            items = [Batchable(j.id, j.trace.priority, key if j.batch_key == key else None)
+                     for j in ahead]
+            out += [b for b in form_batches(items, cap) if len(b) > 1]
+        return out
 
     def _account(self, st: TierState) -> None:
         """GPU-seconds busy up to now, within the horizon (for utilisation)."""

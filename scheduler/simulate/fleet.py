@@ -9,6 +9,9 @@
       wan2.2-t2v-a14b: {h100: 38.0}
     failures: {per_gpu_hour: 0.002, retry_delay_s: 60, max_retries: 3}
     admission: {pass_every_s: 5, lookahead: 100, pages: 5}
+    preemption: {max_preemptions: 2}  # issue #15: FARM_MAX_PREEMPTIONS; rules set preempt_at
+    batching:  # issue #15: per model, overrides the catalog's (shipped: max_batch 1)
+      wan2.2-ti2v-5b-int8: {max_batch: 4, batch_marginal: 0.35}
 
 Errors name the file, the field and the bad value (scheduler.catalog.validation_message).
 """
@@ -59,6 +62,16 @@ class Admission(_Strict):
     pages: Annotated[int, Field(ge=1)] = 5
 
 
+class Preemption(_Strict):
+    max_preemptions: Annotated[int, Field(ge=0)] = 2  # as FARM_MAX_PREEMPTIONS
+
+
+class Batching(_Strict):
+    """A model's batching as a measurement gives it (benchmarks/batching.py)."""
+    max_batch: Annotated[int, Field(ge=1, le=64)] = 1
+    batch_marginal: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
 class PolicyFiles(_Strict):
     tiers_file: str | None = None
     models_file: str | None = None
@@ -73,6 +86,8 @@ class FleetDoc(_Strict):
     measured: dict[str, dict[str, Annotated[float, Field(gt=0)]]] = {}
     failures: Failures = Failures()
     admission: Admission = Admission()
+    preemption: Preemption = Preemption()
+    batching: dict[str, Batching] = {}
 
     @model_validator(mode="after")
     def _aware(self) -> "FleetDoc":
@@ -94,6 +109,10 @@ class Fleet:
     @property
     def admission(self) -> Admission:
         return self.doc.admission
+
+    @property
+    def preemption(self) -> Preemption:
+        return self.doc.preemption
 
 
 def parse_fleet(text: str, source: str = "fleet.yaml", base_dir: Path | None = None,
@@ -173,6 +192,11 @@ def fleet_catalog(catalog: Catalog, doc: FleetDoc, source: str) -> Catalog:
                 raise FleetError(f"{source}: measured.{model}.{tier}: unknown tier {tier!r}")
         steps = {**models[model].seconds_per_step, **per_tier}
         models[model] = models[model].model_copy(update={"seconds_per_step": steps})
+    for model, spec in doc.batching.items():
+        if model not in models:
+            raise FleetError(f"{source}: batching.{model}: unknown model {model!r}; known: "
+                             f"{', '.join(sorted(models))}")
+        models[model] = models[model].model_copy(update=spec.model_dump())
     return Catalog(tiers=tiers, models=models, runtime_overhead_gb=catalog.runtime_overhead_gb)
 
 

@@ -52,6 +52,8 @@ def summarise(result: SimResult) -> dict:
     with_deadline = [j for j in result.jobs if j.trace.deadline_s is not None]
     missed = [j for j in with_deadline if j.state not in DELIVERED
               or j.finished_s - j.trace.at_s > j.trace.deadline_s]
+    drafts = [j.admitted_s - j.trace.at_s for j in result.jobs
+              if j.admitted_s is not None and j.trace.track == "draft" and j.state != "cached"]
     return {
         "jobs": len(result.jobs),
         "states": dict(sorted(_count(j.state for j in result.jobs).items())),
@@ -59,6 +61,14 @@ def summarise(result: SimResult) -> dict:
         "tiers": {name: _tier_row(result, name, st) for name, st in result.tiers.items()
                   if st.gpus},
         "deadline_jobs": len(with_deadline), "deadline_missed": len(missed),
+        # Issue #15: the share of deadlines met (None: no job had one), the drafts' queue
+        # wait (rendered, any tier), runs that yielded, jobs rendered in batches.
+        "deadline_hit_rate": (1 - len(missed) / len(with_deadline)) if with_deadline else None,
+        "deadline_spilled": sum(1 for j in with_deadline  # met on a fallback's lighter route
+                                if j.route is not None and j.route.fallback is not None),
+        "draft_waits": (len(drafts), *percentiles(drafts)),
+        "preempted": result.preempted, "batched_jobs": result.batched_jobs,
+        "batch_runs": result.batch_runs,
         "batches": _batches(result),
         "retries": sum(j.attempts for j in result.jobs),
         "cost": cost,
@@ -110,6 +120,8 @@ def format_report(s: dict) -> str:
     lines += ["", f"deadlines missed: {s['deadline_missed']} of {s['deadline_jobs']} jobs "
                   f"with a deadline",
               f"overnight batches finished by 06:00: {done} of {len(s['batches'])}",
+              f"preemptions: {s['preempted']}; jobs rendered in batches: {s['batched_jobs']} "
+              f"(in {s['batch_runs']} batched renders)",
               f"failures retried: {s['retries']}",
               f"cost per video: ${s['cost_per_video']:.2f} (" + ", ".join(
                   f"{t} ${c:.2f}" for t, c in s["cost_per_video_by_track"].items()) + ")",

@@ -5,6 +5,7 @@ trace are the ones worked out by hand below. The policy is the shipped one."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -228,6 +229,10 @@ def test_farm_simulate_writes_a_trace_then_reports_and_plots_a_day(tmp_path):
     assert day.exit_code == 0, day.output
     assert "wait p50" in day.output and "overnight batches finished by 06:00" in day.output
     assert "300 jobs: " in day.output and "cost per video: $" in day.output
+    # Issue #15: the four runs on the same trace, one line each.
+    assert "deadlines with and without preemption and batching" in day.output
+    for run in ("neither", "preemption", "batching", "both"):
+        assert sum(line.startswith(run + " ") for line in day.output.splitlines()) == 1
     for name in ("queue_depth.png", "utilisation.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = tmp_path / "fleet.yaml"
@@ -235,3 +240,131 @@ def test_farm_simulate_writes_a_trace_then_reports_and_plots_a_day(tmp_path):
     refused = runner.invoke(app, ["simulate", "--fleet", str(bad), "--workload", str(trace)])
     assert refused.exit_code == 2
     assert "tiers.a10.gpus: got 5: not a multiple of gpus_per_node (4)" in refused.output
+
+
+# ---- issue #15: EDF, preemption and batching, and the four-run comparison -----------------
+
+FINAL_S = 1609.4  # wan2.2-t2v-a14b on two A100s: 40 steps x 68.4 s / (2 x 0.85), rounded
+STEP_S = FINAL_S / 40
+
+
+def scheduling_fleet(tmp_path, extra: str = ""):
+    """2 A100s (one final at a time), 4 A10s; the shipped rules with the finals' deadline
+    fallback left out (so an urgent final stays on the A100s: preempt_at 90, margin 20),
+    drafts batching 4 at a time at 0.25 of a solo render per extra member; passes on a 5 s
+    tick, so like drafts arriving together meet in one page."""
+    import yaml
+
+    from farm.policy import CONFIG_DIR
+
+    rules = yaml.safe_load((CONFIG_DIR / "rules.yaml").read_text())
+    finals = next(r for r in rules["rules"] if r["name"] == "finals")
+    finals.pop("fallbacks")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    return parse_fleet(
+        f"policy: {{rules_file: {path}}}\n"
+        "tiers: {a10: {gpus: 4, gpus_per_node: 4, cost_per_gpu_hour: 1.0}, "
+        "a100: {gpus: 2, gpus_per_node: 2}}\n"
+        "admission: {pass_every_s: 5}\n"
+        "batching: {wan2.2-ti2v-5b-int8: {max_batch: 4, batch_marginal: 0.25}}\n" + extra)
+
+
+def urgent_final_trace() -> list[TraceJob]:
+    """A final at priority 50 takes both A100s at 0; at 60 s an urgent final (priority 90)
+    wants them, due 1800 s after it arrives."""
+    return [TraceJob(at_s=0, prompt="long", track="final", frames=81, seed=1),
+            TraceJob(at_s=60, prompt="urgent", track="final", frames=81, seed=2, priority=90,
+                     deadline_s=1800.0)]
+
+
+def drafts_trace(n: int = 16, deadline_s: float = 1000.0) -> list[TraceJob]:
+    return [draft(1, 100 + i, deadline_s=deadline_s) for i in range(n)]
+
+
+def test_edf_admits_the_earliest_deadline_of_a_band_first_and_a_higher_band_before_it():
+    """One A10 busy from 0 to 280 s; waiting at 1 s: a band-5 draft (priority 55) due at
+    5000 s, a band-5 draft (priority 50) due at 900 s, a band-9 draft with none. At 280 s
+    the band-9 one goes, at 560 s the one due at 900 s (ends 840: in time); by priority
+    alone the 55 would go first and the one due at 900 s would end at 1120 s."""
+    trace = [draft(0, 0), draft(1, 1, priority=55, deadline_s=5000.0),
+             draft(1, 2, priority=50, deadline_s=900.0), draft(1, 3, priority=95)]
+    one_a10 = parse_fleet("tiers: {a10: {gpus: 1, gpus_per_node: 1}}\n" + EXACT)
+    result = simulate(one_a10, trace, hours=1.0)
+    admitted = {j.trace.seed: j.admitted_s for j in result.jobs}
+    assert admitted == {0: 0, 3: DRAFT_S, 2: 2 * DRAFT_S, 1: 3 * DRAFT_S}
+    assert summarise(result)["deadline_missed"] == 0
+
+
+def test_preemption_saves_an_urgent_finals_deadline_and_loses_no_work(tmp_path):
+    """The long final starts on the first tick (5 s). Without preemption the urgent one
+    waits for it (1609 s) and ends near 3225 s, past 1860. With it, asked on the tick at
+    65 s, the long one yields at its next step boundary (2 steps done, at 85.5 s), the
+    urgent one starts on the next tick (90 s) and ends in time; the long one resumes with
+    its 2 steps kept: its GPU time is one render's, not more."""
+    chosen, trace = scheduling_fleet(tmp_path), urgent_final_trace()
+    plain = simulate(chosen, trace, hours=1.0, preemption=False)
+    assert plain.jobs[1].finished_s - 60 > 1800 and plain.preempted == 0
+    saved = simulate(chosen, trace, hours=1.0, preemption=True)
+    long, urgent = saved.jobs
+    assert saved.preempted == 1 and long.preemptions == 1
+    assert urgent.admitted_s == pytest.approx(90.0)
+    assert urgent.finished_s == pytest.approx(90.0 + FINAL_S)
+    assert long.gpu_s == pytest.approx(2 * FINAL_S)  # 2 GPUs x one render: nothing lost
+    assert long.finished_s == pytest.approx(urgent.finished_s + 5 + FINAL_S - 2 * STEP_S,
+                                            abs=5.0)
+    assert summarise(saved)["deadline_missed"] == 0
+
+
+def test_a_preempted_window_job_resumes_after_its_window_closed(tmp_path):
+    """The long final is an overnight batch's, its window 00:00-00:01: it starts at 5 s,
+    the window closes at 60 s, it yields at 85.5 s. Started, it is not waiting for its
+    window: it resumes when the urgent one leaves (as the farm: issue #15 review), not at
+    the next day's 00:00 (past the horizon: it would not have finished)."""
+    long, urgent = urgent_final_trace()
+    trace = [replace(long, batch="night", window="00:00-00:01"), urgent]
+    result = simulate(scheduling_fleet(tmp_path), trace, hours=1.0, preemption=True)
+    night, urgent = result.jobs
+    assert result.preempted == 1 and night.state == "succeeded"
+    assert night.finished_s == pytest.approx(urgent.finished_s + 5 + FINAL_S - 2 * STEP_S,
+                                             abs=5.0)
+
+
+def test_no_preemption_below_the_margin_or_past_max_preemptions(tmp_path):
+    close = [TraceJob(at_s=0, prompt="near", track="final", frames=81, seed=1, priority=80),
+             urgent_final_trace()[1]]  # 90 - 80 < margin 20: the final at 80 keeps its GPUs
+    assert simulate(scheduling_fleet(tmp_path), close, hours=1.0).preempted == 0
+    never = scheduling_fleet(tmp_path, "preemption: {max_preemptions: 0}\n")
+    assert simulate(never, urgent_final_trace(), hours=1.0).preempted == 0
+
+
+def test_batching_renders_like_drafts_together_and_meets_their_deadlines(tmp_path):
+    """16 like drafts at 1 s on 4 A10s, due 1000 s later. Alone: rounds of 4 end at 285,
+    565, 845 and 1125 s: 4 miss. In batches of 4: 4 batches at once on the 4 A10s, each
+    280 x (1 + 3 x 0.25) = 490 s: all end at 495 s."""
+    chosen = scheduling_fleet(tmp_path)
+    alone = summarise(simulate(chosen, drafts_trace(), hours=1.0, batching=False))
+    batched_result = simulate(chosen, drafts_trace(), hours=1.0, batching=True)
+    batched = summarise(batched_result)
+    assert (alone["deadline_missed"], alone["batched_jobs"]) == (4, 0)
+    assert (batched["deadline_missed"], batched["batched_jobs"], batched["batch_runs"]) == \
+        (0, 16, 4)
+    assert [j.finished_s for j in batched_result.jobs] == [pytest.approx(5 + 490.0)] * 16
+    assert batched["draft_waits"][1:3] == (4.0, 4.0)
+    # GPU time: 4 batches x 490 s against 16 x 280 s alone.
+    assert batched["tiers"]["a10"]["gpu_hours"] == pytest.approx(4 * 490 / 3600)
+
+
+def test_the_four_runs_on_one_trace_come_out_as_worked_out(tmp_path):
+    """The urgent final and the 16 drafts together (17 deadlines): neither 12 met,
+    preemption 13 (the final), batching 16 (the drafts), both 17."""
+    from scheduler.simulate.compare import RUNS, compare, format_comparison
+
+    trace = sorted(urgent_final_trace() + drafts_trace(), key=lambda t: t.at_s)
+    rows = compare(scheduling_fleet(tmp_path), trace, hours=1.0)
+    assert [name for name, _ in rows] == [name for name, _, _ in RUNS]
+    met = {name: s["deadline_jobs"] - s["deadline_missed"] for name, s in rows}
+    assert met == {"neither": 12, "preemption": 13, "batching": 16, "both": 17}
+    assert dict(rows)["both"]["deadline_hit_rate"] == 1.0
+    table = format_comparison(rows)
+    assert "13 of 17" in table and "100.0%" in table and table.count("\n") == 5
