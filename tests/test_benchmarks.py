@@ -43,3 +43,14 @@ def test_gpu_step_reports_memory_per_placement():
     for column in ("tensors", "est"):
         resident, offload, split = (rows[p][column] for p in ("resident", "offload", "split"))
         assert resident > offload == split > 0, (column, rows)
+
+
+def test_batching_runs_at_a_tiny_size():
+    """Issue #15, item 2: batched against solo on the toy draft, the outputs alike."""
+    out = run("batching.py", "--tiny")
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("ratio batched / solo jobs per minute at batch 2: "), out
+    rows = {int(p[0]): p for p in (line.split() for line in lines) if p and p[0].isdigit()}
+    assert set(rows) == {1, 2}, out
+    assert float(rows[2][5]) < 1e-3 and int(rows[2][6].split("/")[0]) <= 1, out  # max |d|
+    assert any(line.startswith("stops paying at batch") for line in lines), out

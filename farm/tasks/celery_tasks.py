@@ -15,13 +15,15 @@ from celery.exceptions import Ignore, Retry
 
 from farm.jobs import admit, batches, cache_upkeep, service as jobs
 from farm.jobs import controls, webhook_delivery
-from farm.jobs import retention
-from farm.tasks import reconcile, failure_handling, segment_runner, stitcher
+from farm.jobs import deadline_watch, retention
+from farm.tasks import batch_runner, reconcile, failure_handling, segment_runner, stitcher
 from farm.celery_app import (
     BROKER_OUTAGE, HOUSEKEEPING_TASK, TICK_TASK, WEBHOOKS_TASK, app,
 )
 from farm.db.session import DATABASE_OUTAGE
-from farm.jobs.dispatch import RENDER_TASK, SEGMENT_FAILED_TASK, STITCH_TASK
+from farm.jobs.dispatch import (
+    BATCH_FAILED_TASK, BATCH_TASK, RENDER_TASK, SEGMENT_FAILED_TASK, STITCH_TASK,
+)
 from farm.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,45 @@ def segment_failed(request, exc, traceback) -> None:
     failure_handling.record_final(job_id, seg_id, exc, request.id)
 
 
+@app.task(bind=True, name=BATCH_TASK)
+def render_batch(self, members: list) -> dict:
+    """Like segments of several jobs in one batched render (issue #15, item 2; the code is
+    farm/tasks/batch_runner.py). ``members``: [job id, segment id, stitch task id] each. A
+    failure re-sends each member's job alone (its own chord and retries), never losing one."""
+    settings = get_settings()
+    worker = self.request.hostname or "local"
+    job_ids = [job_id for job_id, _, _ in members]
+
+    def progress(step: int, steps: int) -> None:
+        if self.request.is_eager:
+            return
+        try:  # advisory, as a solo render's
+            self.update_state(state=PROGRESS_STATE,
+                              meta={"job_ids": job_ids, "step": step, "steps": steps})
+        except BROKER_OUTAGE as exc:
+            log.warning("batch %s: progress not sent: %s", self.request.id, exc)
+
+    try:
+        return batch_runner.run_batch(settings, members, worker, self.request.id, progress)
+    except (Retry, Ignore):
+        raise
+    except Exception as exc:
+        log.exception("batch %s of jobs %s failed; each goes on alone", self.request.id, job_ids)
+        try:
+            batch_runner.fail_batch(settings, members, self.request.id, exc, worker)
+        except failure_handling.OUTAGE as outage:  # the reconciler re-sends each job
+            failure_handling.abandon(f"batch {self.request.id}", outage)
+        raise
+
+
+@app.task(name=BATCH_FAILED_TASK)
+def render_batch_failed(request, exc, traceback) -> None:
+    """Errback of a batch task: also runs when it was killed by its hard time limit. Fenced:
+    after the task's own handling it finds nothing left to do."""
+    (members,) = request.args
+    batch_runner.fail_batch(get_settings(), members, request.id, exc, None)
+
+
 @app.task(bind=True, name=STITCH_TASK, max_retries=None)
 def stitch_job(self, segment_results: list, job_id: str) -> dict:
     settings = get_settings()
@@ -95,8 +136,10 @@ def tick() -> dict:
     settings = get_settings()
     resent = _step("reconcile", reconcile.reconcile, settings) or []
     swept = _step("timeouts", controls.sweep, settings) or {}
-    return {"resent": len(resent), **{k: len(v) for k, v in swept.items()},
-            **(_step("batches and admission", batches.tick, settings) or {})}
+    admitted = _step("batches and admission", batches.tick, settings) or {}
+    deadlines = _step("deadlines", deadline_watch.sweep, settings) or {}  # issue #15
+    return {"resent": len(resent), **{k: len(v) for k, v in swept.items()}, **admitted,
+            **{f"deadline_{k}": len(v) for k, v in deadlines.items()}}
 
 
 @app.task(name=WEBHOOKS_TASK)
