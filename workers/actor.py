@@ -26,6 +26,7 @@ from workers.parallel.plan import (
 from workers.parallel.placement import NotOnThisGroup, apply_placement, expert_loader
 from workers.peak_memory import peak_bytes, reset_peak
 from workers.batch_render import BatchRenderMixin
+from workers import resume_state
 from workers.wan_pipeline import DenoiseState, RenderRequest, WanT2V
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,15 @@ HANDOVER_TTL_S = 3600.0
 
 class RenderCanceled(Exception):
     """The request was canceled; raised between two denoising steps."""
+
+
+class RenderPreempted(Exception):
+    """The request yields its group (issue #15, item 1); raised between two denoising steps,
+    after step ``step`` of ``steps`` (run by ``expert``): the render's state is saved."""
+
+    def __init__(self, step: int, steps: int, expert: str):
+        super().__init__(f"preempted after step {step} of {steps} ({expert})")
+        self.step, self.steps, self.expert = step, steps, expert
 
 
 def check_quantized_placement(variant: str, model_dir: str, placement: str,
@@ -80,6 +90,7 @@ class RenderWorker(BatchRenderMixin):
         self._lock = threading.Lock()
         self._active: set[str] = set()  # request ids being rendered
         self._canceled: set[str] = set()
+        self._preempting: set[str] = set()  # asked to yield at the next step (issue #15)
         # request id -> (time.monotonic() of the put, ObjectRef of the handed-over state)
         self._handovers: OrderedDict[str, tuple[float, ray.ObjectRef]] = OrderedDict()
         self._handover_lock = threading.Lock()
@@ -193,6 +204,18 @@ class RenderWorker(BatchRenderMixin):
         if request_id in self._active:  # a cancel after the render ended is a no-op
             self._canceled.add(request_id)
 
+    @ray.method(concurrency_group="control")
+    def preempt(self, request_id: str) -> None:
+        """Yield the group at the next step boundary, the state saved (issue #15, item 1); a
+        request after the render ended, or once its denoising is done, is a no-op."""
+        if request_id in self._active:
+            self._preempting.add(request_id)
+
+    def _end_request(self, request_id: str) -> None:
+        self._active.discard(request_id)
+        self._canceled.discard(request_id)
+        self._preempting.discard(request_id)
+
     def _check_canceled(self, request_id: str, where: str) -> None:
         if request_id in self._canceled:
             raise RenderCanceled(f"{request_id} canceled {where}")
@@ -200,29 +223,48 @@ class RenderWorker(BatchRenderMixin):
     def _denoise(self, req: RenderRequest, request_id: str, state: DenoiseState | None = None
                  ) -> Iterator[tuple]:
         """The sampler's steps (this group's phase of them, when split); in a group every rank
-        stops at the same step on a cancel."""
+        stops at the same step on a cancel, and yields after the same step on a preempt
+        (RenderPreempted, raised when the step after it is asked for)."""
         stop_before = "low" if self.role == "high" else None
         if self.groups is not None:
             agree_on_request(request_id)
         for step, steps, expert, latents in self.pipeline.denoise_steps(req, state,
                                                                         stop_before):
-            stop = request_id in self._canceled
-            if self.groups is not None:
-                stop = agree_to_stop(stop)
+            stop, yielding = self._stop_or_yield(request_id, step, steps)
             if stop:
                 raise RenderCanceled(f"{request_id} canceled at step {step} of {steps}")
             yield step, steps, expert, latents
+            if yielding:
+                raise RenderPreempted(step, steps, expert)
+
+    def _stop_or_yield(self, request_id: str, step: int, steps: int) -> tuple[bool, bool]:
+        """(cancel, preempt) as every rank of the group agrees: any rank told to stop stops
+        them all, and a cancel wins over a preempt. After the last step there is nothing
+        left to save: a preempt is ignored (the segment finishes)."""
+        stop = request_id in self._canceled
+        yielding = request_id in self._preempting and step < steps
+        if self.groups is None:
+            return stop, yielding and not stop
+        if not agree_to_stop(stop or yielding):
+            return False, False
+        stop = agree_to_stop(stop)  # only when some rank stops: one more collective
+        return stop, not stop
 
     def follow(self, request: dict, request_id: str, state: DenoiseState | None = None) -> None:
         """Ranks 1..N-1 of a group: the same loop as rank 0, whose latents are the result."""
         req = self._prepare(request)
         self._active.add(request_id)
         try:
-            for _ in self._denoise(req, request_id, self._on_device(state)):
+            try:
+                state = self._on_device(state, req)
+            except resume_state.ResumeStateError:
+                return  # rank 0 refuses the same bytes too, and says so (`render`)
+            for _ in self._denoise(req, request_id, state):
                 pass
+        except RenderPreempted:
+            pass  # rank 0 saves the state; this rank's is the same
         finally:
-            self._active.discard(request_id)
-            self._canceled.discard(request_id)
+            self._end_request(request_id)
 
     def latents(self, request: dict, request_id: str, state: DenoiseState | None = None):
         """Rank 0's latents after the sampler (this group's phase of it), for checks and
@@ -230,14 +272,13 @@ class RenderWorker(BatchRenderMixin):
         req = self._prepare(request)
         self._active.add(request_id)
         try:
-            state = self._on_device(state) or self.pipeline.start(req)
+            state = self._on_device(state, req) or self.pipeline.start(req)
             for _ in self._denoise(req, request_id, state):
                 pass
             state = state.to("cpu")
             return state if self.role == "high" else state.latents
         finally:
-            self._active.discard(request_id)
-            self._canceled.discard(request_id)
+            self._end_request(request_id)
 
     def _prepare(self, request: dict) -> RenderRequest:
         """Load if needed, set the step cache this request's route asks for (its ``cache``:
@@ -256,9 +297,29 @@ class RenderWorker(BatchRenderMixin):
                 self._cache = cache
         return RenderRequest(**request)
 
-    def _on_device(self, state: DenoiseState | None) -> DenoiseState | None:
-        """A state handed over through the object store, onto this actor's device."""
-        return state.to(self.device) if state is not None else None
+    def _on_device(self, state: DenoiseState | bytes | None,
+                   req: RenderRequest | None = None) -> DenoiseState | None:
+        """A state handed over through the object store, or a preempted render's saved one
+        (bytes, workers/resume_state.py), onto this actor's device."""
+        if state is None:
+            return None
+        if not isinstance(state, (bytes, bytearray, memoryview)):
+            return state.to(self.device)
+        # Each solver tensor back where it was saved from (UniPC's sigmas on the CPU).
+        state = resume_state.load(state, self.pipeline.scheduler, device=self.device)
+        if req is not None:
+            resume_state.check_fits(state, req.steps, self.pipeline.latent_shape(req))
+        return state
+
+    def _preempted(self, state: DenoiseState, stop: RenderPreempted) -> dict:
+        """The event a yielding render ends with: its state saved, and which expert runs
+        the next step (a split placement resumes on that expert's group)."""
+        t = float(state.scheduler.timesteps[state.step])
+        info = dict(steps=stop.steps, expert=stop.expert,
+                    next_expert=self.pipeline.expert_for(t)[1])
+        data = resume_state.save(state, **info)
+        return {"kind": "preempted", "state": data, "sha256": resume_state.sha256_of(data),
+                "step": state.step, "at": time.time(), **info}
 
     def render(self, request: dict, request_id: str, latent_frames_per_chunk: int = 4,
                state: DenoiseState | None = None) -> Iterator[dict]:
@@ -269,7 +330,11 @@ class RenderWorker(BatchRenderMixin):
         ranks run `follow`. The high-noise group of a split placement ends with
         {"kind": "handover", "state"} instead of frames; the low-noise group's render starts
         from that ``state``, and the driver then calls `release_handover` on the high-noise
-        rank 0."""
+        rank 0. A render asked to `preempt` ends after its next step with {"kind":
+        "preempted", "state": bytes, "sha256", "step", "steps", "expert", "next_expert"}
+        (issue #15); ``state`` may be such bytes: the render resumes from them, or, when
+        they do not fit this pipeline and request, its only event is {"kind":
+        "resume_refused", "error"}."""
         began = time.time()
         reset_peak(self.device)
         req = self._prepare(request)
@@ -278,15 +343,26 @@ class RenderWorker(BatchRenderMixin):
                              "state of the high-noise group")
         self._active.add(request_id)
         try:
-            state = self._on_device(state) or self.pipeline.start(req)
+            try:
+                state = self._on_device(state, req) or self.pipeline.start(req)
+            except resume_state.ResumeStateError as exc:
+                # A saved state this pipeline cannot continue (its solver's config or the
+                # latents' shape differ: a redeploy): said as the only event, not raised, so
+                # no rank's error takes the group down; the farm starts over from noise.
+                yield {"kind": "resume_refused", "error": str(exc), "at": time.time()}
+                return
             # Stage times (issue #13): ``loaded`` ends the load stage (model, step cache, the
             # start state); ``decode_s`` is the seconds spent decoding each chunk of frames.
             loaded = time.time()
             latents = state.latents
-            for step, steps, expert, latents in self._denoise(req, request_id, state):
-                yield {"kind": "progress", "step": step, "steps": steps, "expert": expert,
-                       "at": time.time(), "began": began, "loaded": loaded,
-                       "peak_memory_bytes": peak_bytes(self.device)}
+            try:
+                for step, steps, expert, latents in self._denoise(req, request_id, state):
+                    yield {"kind": "progress", "step": step, "steps": steps,
+                           "expert": expert, "at": time.time(), "began": began,
+                           "loaded": loaded, "peak_memory_bytes": peak_bytes(self.device)}
+            except RenderPreempted as stop:
+                yield self._preempted(state, stop) | {"began": began}
+                return
             if self.role == "high":  # by reference: the driver never unpickles GPU state
                 ref = ray.put(state.to("cpu"))
                 self._keep_handover(request_id, ref)
@@ -301,8 +377,7 @@ class RenderWorker(BatchRenderMixin):
                 decoding = time.monotonic()  # the consumer's time is not decoding
             self.renders += 1
         finally:
-            self._active.discard(request_id)
-            self._canceled.discard(request_id)
+            self._end_request(request_id)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 

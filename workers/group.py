@@ -251,12 +251,19 @@ class ActorGroup(BatchGroupMixin):
         for actor in self.actors:
             actor.cancel.remote(request_id)
 
+    def preempt(self, request_id: str) -> None:
+        """Ask the render to yield at its next step (issue #15): its stream then ends with a
+        {"kind": "preempted", "state": bytes, ...} event; `render(state=...)` resumes it."""
+        for actor in self.actors:
+            actor.preempt.remote(request_id)
+
     def info(self) -> list[dict]:
         return ray.get([a.info.remote() for a in self.actors])
 
 
 class RenderStream:
-    """Iterates a render's events; a cancel inside the actor surfaces as RenderCanceled."""
+    """Iterates a render's events; a cancel inside the actor surfaces as RenderCanceled, a
+    preempt as a last "preempted" event."""
 
     def __init__(self, group: ActorGroup, generator, request_id: str, followers=()):
         self.group, self.generator, self.request_id = group, generator, request_id
@@ -264,6 +271,9 @@ class RenderStream:
 
     def cancel(self) -> None:
         self.group.cancel(self.request_id)
+
+    def preempt(self) -> None:
+        self.group.preempt(self.request_id)
 
     def __iter__(self) -> Iterator[dict]:
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, select, update
 
 from farm.db.session import session_scope
 from farm.db.tables import Batch, Job, JobEvent, JobState, Segment, SegmentState, utcnow
@@ -86,7 +86,8 @@ def _retry_in(session, job: Job, now: datetime, lease_s: float, reason: str) -> 
                 session, seg.id, [seg.state], Segment.celery_id.is_not_distinct_from(seg.celery_id),
                 state=SegmentState.pending.value, celery_id=None, attempts=0, progress=0.0,
                 chunk_keys=[], error=None, worker=None, heartbeat_at=None, started_at=None,
-                finished_at=None, cached_from=None):
+                finished_at=None, cached_from=None, preemptions=0, preempt_requested_at=None,
+                resume_key=None, resume_sha256=None, resume_step=None, render_batch=None):
             raise JobStateConflict(job.id, was, f"job {job.id}'s segment {seg.index} "
                                    "changed while being retried; try again")
     if job.batch_id:  # its batch reports again once this job ends
@@ -211,7 +212,7 @@ def sweep(settings: Settings, now: datetime | None = None) -> dict[str, list[str
                           f"admission ({r.dispatched_at:%Y-%m-%d %H:%M:%S} UTC)", now)]
     expired = [r.id for r in ttl
                if r.created_at + timedelta(seconds=r.queue_ttl_s) <= now
-               and _end(settings, r.id, r.state, Job.dispatched_at.is_(None), JobState.expired,
+               and _end(settings, r.id, r.state, NEVER_STARTED, JobState.expired,
                         events.EXPIRED, f"expired: not admitted within queue_ttl_s="
                                         f"{r.queue_ttl_s:g} s", now)]
     if timed_out:
@@ -229,11 +230,15 @@ def timeout_candidates():
                    Job.dispatched_at.is_not(None)))
 
 
+NEVER_STARTED = and_(Job.dispatched_at.is_(None), Job.started_at.is_(None))
+
+
 def ttl_candidates():
-    """Jobs not yet sent with a queue_ttl_s."""
+    """Jobs never yet started with a queue_ttl_s (a job a preemption sent back to the queue,
+    issue #15, was admitted once: its TTL is spent)."""
     return (select(Job.id, Job.state, Job.queue_ttl_s, Job.created_at)
             .where(Job.state.in_(NOT_SENT), Job.queue_ttl_s.is_not(None),
-                   Job.dispatched_at.is_(None)))
+                   Job.dispatched_at.is_(None), Job.started_at.is_(None)))
 
 
 def _end(settings: Settings, job_id: str, state: str, condition, to: JobState, kind: str,

@@ -3,7 +3,7 @@
 After a tier's admission pass ends blocked (farm.jobs.admit: the job first in line found no
 room; every tick runs a pass, so every tick looks again), ``preempt_for_waiting`` asks
 scheduler.preemption.choose_victims which running segments yield their groups, and asks
-those (farm.jobs.service.request_preemption); each renders up to its next denoising step,
+those (farm.jobs.preemption_service.request_preemption); each renders up to its next denoising step,
 saves its state and goes back to pending, its job re-queued, and the next pass sends the
 urgent job first. Everything read goes through indexes: the line's first page
 (ix_jobs_admission_edf), the tier's holdings and its running segments (ix_jobs_in_flight,
@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from farm.db.session import session_scope
 from farm.db.tables import Job, Segment
-from farm.jobs import events, service as jobs
+from farm.jobs import events, preemption_service as preempting
 from farm.jobs.admit import gpus_per_group, holdings, job_groups, runnable_segments
 from farm.jobs.admit_queries import batched_jobs, look_ahead, running_rows
 from farm.policy import get_policy
@@ -66,12 +66,12 @@ def urgent_job(session, tier: str, job_id: str | None) -> Job | None:
 
 
 def ask(settings: Settings, chosen: list[Running]) -> list[Running]:
-    """Ask ``chosen`` to yield (farm.jobs.service.request_preemption, which counts those it
-    asked); those now asked. A victim may have ended or yielded since it was read: only
-    when fewer than all were asked is the database read again for which (the log must
-    name only those asked)."""
+    """Ask ``chosen`` to yield (farm.jobs.preemption_service.request_preemption, which
+    counts those it asked); those now asked. A victim may have ended or yielded since it was
+    read: only when fewer than all were asked is the database read again for which (the log
+    must name only those asked)."""
     ids = [v.segment_id for v in chosen]
-    count = jobs.request_preemption(settings.database_url, ids,
+    count = preempting.request_preemption(settings.database_url, ids,
                                     max_preemptions=settings.max_preemptions)
     if count == len(chosen) or count == 0:
         return chosen if count else []

@@ -171,19 +171,27 @@ def start_segment(db_url: str, seg_id: int, worker: str, max_attempts: int = 4,
     segment already started ``max_attempts`` times raises SegmentExhausted instead.
     """
     with session_scope(db_url) as session:
-        seg = session.get(Segment, seg_id)
-        if seg is None:
+        job_id = session.scalar(select(Segment.job_id).where(Segment.id == seg_id))
+        if job_id is None:
             raise JobNotFound(f"segment {seg_id}")
+        # The job's row locked first (issue #15): a sibling's yield (`yield_segment`) reads
+        # whether any segment runs and may send the job back to the queue; under the lock it
+        # sees this start, or this start sees its un-send (the task id cleared: refused).
+        _lock_job(session, job_id)
+        seg = session.get(Segment, seg_id)
         if task_id is not None and seg.celery_id != task_id:
             return False
         now = utcnow()
-        # Only a job admission has sent (never one waiting for its window).
+        # Only a job admission has sent (never one waiting for its window). A job sent again
+        # after a preemption (issue #15) keeps its first start: its webhook went out then.
+        first = session.scalar(select(Job.started_at).where(Job.id == seg.job_id)) is None
         started = session.execute(update(Job).where(Job.id == seg.job_id,
                                                     Job.state == JobState.queued.value,
                                                     Job.dispatched_at.is_not(None))
-                                  .values(state=JobState.running.value, started_at=now,
+                                  .values(state=JobState.running.value,
+                                          started_at=func.coalesce(Job.started_at, now),
                                           updated_at=now))
-        if started.rowcount == 1:
+        if started.rowcount == 1 and first:
             webhooks.job_started(session, seg.job_id)  # issue #13
         job_state = session.scalar(select(Job.state).where(Job.id == seg.job_id))
         if job_state != JobState.running.value:
@@ -195,7 +203,7 @@ def start_segment(db_url: str, seg_id: int, worker: str, max_attempts: int = 4,
                             Segment.attempts < max_attempts, *_fenced(task_id),
                             state=SegmentState.running.value, worker=worker, started_at=now,
                             heartbeat_at=now, attempts=Segment.attempts + 1, progress=0.0,
-                            error=None)
+                            error=None, preempt_requested_at=None)
 
 
 def beat_segment(db_url: str, seg_id: int, task_id: str | None) -> bool:
@@ -218,36 +226,47 @@ def report_segment_progress(db_url: str, seg_id: int, fraction: float,
     """Record a segment's progress and the job's, by the segment's current task only
     (``task_id``; None: unfenced, for callers outside Celery); returns the job's state (to
     see a cancel), None when there is no such segment."""
+    return report_progress_and_requests(db_url, seg_id, fraction, task_id)[0]
+
+
+def report_progress_and_requests(db_url: str, seg_id: int, fraction: float,
+                                 task_id: str | None) -> tuple[str | None, bool]:
+    """report_segment_progress, and whether the segment was asked to yield its group
+    (issue #15: read with the segment's job id, no extra round trip)."""
     with session_scope(db_url) as session:
         return record_progress(session, seg_id, fraction, task_id)
 
 
 def record_progress(session: Session, seg_id: int, fraction: float,
-                    task_id: str | None) -> str | None:
-    """report_segment_progress in the caller's transaction. Compare-and-set (issue #11): the
-    segment while running under ``task_id``; the job, only then, while running, to the mean
-    its segments have in this statement (a finish landing meanwhile is not undone)."""
-    job_id = session.scalar(select(Segment.job_id).where(Segment.id == seg_id))
-    if job_id is None:
-        return None
+                    task_id: str | None) -> tuple[str | None, bool]:
+    """report_progress_and_requests in the caller's transaction. Compare-and-set (issue
+    #11): the segment while running under ``task_id``; the job, only then, while running,
+    to the mean its segments have in this statement (a finish landing meanwhile is not
+    undone). (None, False) when there is no such segment."""
+    row = session.execute(select(Segment.job_id, Segment.preempt_requested_at)
+                          .where(Segment.id == seg_id)).first()
+    if row is None:
+        return None, False
+    job_id, requested = row
     if _cas_segment(session, seg_id, [SegmentState.running.value], *_fenced(task_id),
                     progress=fraction):
         mean = select(func.avg(Segment.progress)).where(Segment.job_id == job_id)
         if _cas_job(session, job_id, [JobState.running.value],
                     progress=RENDER_SHARE * mean.scalar_subquery()):
             webhooks.job_progressed(session, job_id)  # each tenth, once (issue #13)
-    return session.scalar(select(Job.state).where(Job.id == job_id))
+    return session.scalar(select(Job.state).where(Job.id == job_id)), requested is not None
 
 
 def finish_segment(db_url: str, seg_id: int, chunk_keys: list[str],
                    task_id: str | None = None) -> bool:
     """running -> done, only while the job is live (not for a job already failed or canceled)
-    and by the segment's current task."""
+    and by the segment's current task. A preempted segment's saved state is no longer
+    needed (issue #15): its resume fields and any late request to yield are cleared."""
     with session_scope(db_url) as session:
         return _cas_segment(session, seg_id, [SegmentState.running.value], _job_is_live(),
                             *_fenced(task_id),
                             state=SegmentState.done.value, chunk_keys=chunk_keys,
-                            progress=1.0, finished_at=utcnow())
+                            progress=1.0, finished_at=utcnow(), **NO_RESUME)
 
 
 def fail_segment(db_url: str, seg_id: int, error: str, task_id: str | None = None) -> bool:
@@ -403,15 +422,31 @@ def wake_jobs(db_url: str, job_ids: list[str]) -> int:
 
 
 def park_jobs(db_url: str, job_ids: list[str], cancel: bool) -> int:
-    """Queued jobs not yet sent, when their window closes: back to waiting (they keep their
-    place: priority and age are unchanged), or canceled if their batch says so."""
+    """Queued jobs never started, when their window closes: back to waiting (they keep their
+    place: priority and age are unchanged), or canceled if their batch says so. A job a
+    preemption sent back to the queue has started: it is never parked (issue #15)."""
     values = (dict(state=JobState.canceled.value, error="the batch window closed first",
                    finished_at=utcnow()) if cancel else dict(state=JobState.waiting.value))
     with session_scope(db_url) as session:
         parked = session.scalars(
             update(Job).where(Job.id.in_(job_ids), Job.state == JobState.queued.value,
-                              Job.dispatched_at.is_(None))
+                              Job.dispatched_at.is_(None), Job.started_at.is_(None))
             .values(updated_at=utcnow(), **values).returning(Job.id)).all()
         for job_id in parked if cancel else ():
             webhooks.job_ended(session, job_id)  # issue #13
         return len(parked)
+
+
+# ---- preemption at a step boundary (issue #15, item 1) -----------------------------------------
+
+# A segment's saved state and request to yield, cleared once it finishes.
+NO_RESUME = dict(resume_key=None, resume_sha256=None, resume_step=None, preempt_requested_at=None)
+
+
+def _lock_job(session: Session, job_id: str) -> None:
+    """The job's row locked to the end of the transaction (PostgreSQL: SELECT ... FOR
+    UPDATE). SQLite has no row locks (SQLAlchemy leaves FOR UPDATE out): there the
+    database's write lock, taken at a transaction's first write and held to its commit,
+    serializes the writers, and what a transaction reads after its first write (as
+    `_unsend_if_idle` does) already includes every other committed start."""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())

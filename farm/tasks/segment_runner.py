@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from ray.exceptions import RayError
 
-from farm.jobs import admit, events, service as jobs, stage_times
+from farm.jobs import admit, events, preemption_service as preempting, service as jobs, stage_times
 from farm.db.tables import Segment
 from farm.db.session import DATABASE_OUTAGE, retry_through_outage
 from farm.errors import WorkerLost
@@ -34,7 +34,8 @@ from farm.storage import Storage
 from farm.policy import get_policy
 from workers import ray_cluster
 from workers.actor import RenderCanceled
-from farm.tasks import seams, segment_lease
+from farm.tasks import preemption, seams, segment_lease
+from farm.tasks.preemption import Yielded
 from farm.tasks.segment_lease import LeaseLost, blame
 from workers.group import ACTOR_LOST, ActorGroup
 from workers.video import encode_chunk
@@ -121,16 +122,24 @@ def _request(job, segment: Segment, storage: Storage) -> dict:
                 cache=job.route.get("cache"))  # the route's step caching (issue #12)
 
 
-def _report_progress(db: str, seg_id: int, task_id: str | None, event: dict) -> str | None:
-    """The job's state after recording progress (by the segment's current task only); None
-    while the database is down (progress is advisory: the render goes on, and the next step
-    reports again)."""
+def _report_progress(db: str, seg_id: int, task_id: str | None,
+                     event: dict) -> tuple[str | None, bool]:
+    """The job's state after recording progress (by the segment's current task only), and
+    whether the segment was asked to yield its group (issue #15); (None, False) while the
+    database is down (progress is advisory: the render goes on, and the next step reports
+    again). A request seen after the last step is dropped: the denoising is done, there
+    is nothing left to save, and the segment finishes."""
     try:
-        return jobs.report_segment_progress(db, seg_id, event["step"] / event["steps"], task_id)
+        state, asked = jobs.report_progress_and_requests(db, seg_id,
+                                                         event["step"] / event["steps"], task_id)
+        if asked and event["step"] >= event["steps"]:
+            preempting.clear_preemption_request(db, seg_id, task_id)
+            asked = False
+        return state, asked
     except DATABASE_OUTAGE as exc:
         log.warning("segment %d: progress not recorded, database unavailable: %s", seg_id,
                     type(exc).__name__)
-        return None
+        return None, False
 
 
 def run_segment(settings: Settings, job_id: str, seg_id: int,
@@ -161,14 +170,16 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
     with Heartbeat(beat, settings.heartbeat_s, f"job {job_id} segment {segment.index}"):
         with segment_lease.lease_for_segment(settings, job, segment, held, stop_waiting):
             if held.lease is None:  # stopped while waiting for a group
-                return _stopped(db, job_id, seg_id, segment.index, superseded.is_set())
+                return _stopped(db, job_id, seg_id, segment.index, superseded.is_set(), task_id)
             events.record(db, job_id, events.SEGMENT_STARTED,
                           f"attempt {segment.attempts} on {held.name}", segment.index, worker)
             clock = StageClock()
             keys = _render_and_encode(settings, job, segment, task_id, superseded, on_progress,
                                       held, clock)
     if keys is None:
-        return _stopped(db, job_id, seg_id, segment.index, superseded.is_set())
+        return _stopped(db, job_id, seg_id, segment.index, superseded.is_set(), task_id)
+    if isinstance(keys, Yielded):
+        return {"segment_id": seg_id, "preempted": True, "step": keys.event["step"]}
     if not retry_through_outage(lambda: jobs.finish_segment(db, seg_id, keys, task_id),
                                 attempts=settings.db_outage_retries):
         log.info("job %s segment %d rendered after the job ended or by a superseded task; "
@@ -179,6 +190,7 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
                           task_id)
         return {"segment_id": seg_id, "finished": False}
     events.record(db, job_id, events.SEGMENT_DONE, f"{len(keys)} chunk(s)", segment.index, worker)
+    preemption.after_finish(settings, job, segment)
     _record_stages(db, job_id, clock)
     return {"segment_id": seg_id, "chunks": keys}
 
@@ -194,8 +206,11 @@ def _record_stages(db: str, job_id: str, clock: StageClock) -> None:
 
 def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str | None,
                        superseded: threading.Event, on_progress: ProgressFn | None,
-                       held: segment_lease.Held, clock: StageClock) -> list[str] | None:
-    """The segment's chunk keys; None when the render was stopped (job ended, superseded).
+                       held: segment_lease.Held, clock: StageClock
+                       ) -> list[str] | Yielded | None:
+    """The segment's chunk keys; None when the render was stopped (job ended, superseded);
+    Yielded when it gave its group up to a more urgent job (issue #15), its state stored and
+    the segment pending again. A preempted segment resumes from its stored state.
     An error of the group (an actor dying, a rank failing) names the group in ``where``: the
     failure policy then avoids that group, not this Celery worker (issue #11)."""
     settings.work_dir.mkdir(parents=True, exist_ok=True)
@@ -204,11 +219,13 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
         storage = Storage(settings.storage_url)
         encoder = ChunkEncoder(job, segment, settings, storage, work, clock)
         request = _request(job, segment, storage)
+        resume = preemption.saved_state(settings, storage, job, segment)
         try:
             with clock.timing("group"):
                 group = _actor_group(settings, job, held.lease.replica)
             where = _node_ips(group)  # asked here, where a lost actor is handled
-            stream = group.render(request)
+            stream = preemption.start_render(settings, storage, group, request, job, segment,
+                                             task_id, resume)
             window = RenderWindow()
             report = partial(_report_progress, settings.database_url, segment.id, task_id)
             keys = _consume(stream, encoder, report, lambda: superseded.is_set() or held.lost,
@@ -226,6 +243,8 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
             raise LeaseLost(f"lost the lease on {held.name}")
         if keys is None:
             return None
+        if isinstance(keys, Yielded):
+            return _give_way(settings, storage, job, segment, task_id, keys, work, held)
         events.record(settings.database_url, job.id, events.SEGMENT_RENDERED,
                       f"{window.describe(held.name)} on Ray node {where}",
                       segment.index)
@@ -234,6 +253,19 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
         return keys
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _give_way(settings: Settings, storage: Storage, job, segment: Segment,
+              task_id: str | None, yielded: Yielded, work: Path,
+              held: segment_lease.Held) -> Yielded | None:
+    """The state stored and the segment pending again, then the group's lease given back and
+    admission run: the urgent job takes the group (issue #15). None: the segment was no
+    longer this task's (the reconciler re-sent it), or its job ended, meanwhile: the caller
+    then stops it as any stopped render (`_stopped`, fenced by the task id)."""
+    stored = preemption.store_and_yield(settings, storage, job, segment, task_id, yielded, work)
+    held.release()
+    admit.release_soon(settings)
+    return yielded if stored else None
 
 
 def _node_ips(group) -> str:
@@ -273,11 +305,14 @@ class RenderWindow:
                 f"({self.ended - began:.2f} s)")
 
 
-def _consume(stream, encoder: ChunkEncoder, report: Callable[[dict], str | None],
+def _consume(stream, encoder: ChunkEncoder, report: Callable[[dict], tuple[str | None, bool]],
              stop: Callable[[], bool], on_progress: ProgressFn | None,
-             on_event: Callable[[dict], None], on_stream_end: Callable[[], None]) -> list[str]:
+             on_event: Callable[[dict], None], on_stream_end: Callable[[], None]
+             ) -> list[str] | Yielded:
     """Progress events recorded, frames encoded; the stream canceled if anything stops it.
     ``on_stream_end`` runs once the group has sent its last frame (the lease goes back).
+    A request to yield (issue #15), seen at a progress write, asks the group to stop after
+    its next step; the stream then ends with its saved state: returned as Yielded.
 
     Progress is written at most every PROGRESS_EVERY_S (and at the last step): the group
     runs at most two events ahead of this loop, so a database write per step of a fast
@@ -290,11 +325,16 @@ def _consume(stream, encoder: ChunkEncoder, report: Callable[[dict], str | None]
                 on_event(event)
                 state, now = None, time.monotonic()
                 if now - written >= PROGRESS_EVERY_S or event["step"] == event["steps"]:
-                    written, state = now, report(event)
+                    written, (state, yield_asked) = now, report(event)
                     if on_progress is not None:
                         on_progress(event["step"], event["steps"])
+                    if yield_asked:  # asked at each write while it stands (idempotent): a
+                        stream.preempt()  # split placement's low group may start after
                 if stop() or (state and state not in jobs.LIVE_JOB_STATES):
                     stream.cancel()  # canceled, failed by a sibling, superseded, lease lost
+            elif event["kind"] == "preempted":
+                completed = True  # the group stopped by itself, its state in the event
+                return Yielded(event)
             else:
                 on_event(event)  # the stage clock reads decode time and peak memory
                 encoder.add(event["frames"])
@@ -307,10 +347,16 @@ def _consume(stream, encoder: ChunkEncoder, report: Callable[[dict], str | None]
             stream.cancel()
 
 
-def _stopped(db: str, job_id: str, seg_id: int, index: int, superseded: bool) -> dict:
-    if superseded:
-        log.info("job %s segment %d stopped: re-sent to another task", job_id, index)
-        return {"segment_id": seg_id, "superseded": True}
-    jobs.fail_segment(db, seg_id, f"job ended while rendering: {jobs.get_job(db, job_id).state}")
-    log.info("job %s segment %d stopped: the job ended", job_id, index)
-    return {"segment_id": seg_id, "canceled": True}
+def _stopped(db: str, job_id: str, seg_id: int, index: int, superseded: bool,
+             task_id: str | None) -> dict:
+    """A render that stopped: its job ended, or the segment went to another task. The
+    segment is failed only while it is still this task's (``task_id``): the heartbeat may
+    not have seen a re-send yet (a refused yield is one), and the new task's segment must
+    not fail for this one's stop."""
+    if not superseded and jobs.fail_segment(
+            db, seg_id, f"job ended while rendering: {jobs.job_state(db, job_id)}", task_id):
+        log.info("job %s segment %d stopped: the job ended", job_id, index)
+        return {"segment_id": seg_id, "canceled": True}
+    log.info("job %s segment %d stopped: no longer this task's (re-sent to another)", job_id,
+             index)
+    return {"segment_id": seg_id, "superseded": True}
