@@ -232,6 +232,8 @@ def celery_workers(db_url, redis_db, tiny_model, ray_head):
     _wait_until(lambda: len(app.control.ping(timeout=1.0)) >= 3, 60, "celery workers",
                 workers[0].log)
     yield workers
+    for worker in workers:  # all at once: each finishes its warm shutdown in parallel
+        worker.terminate()
     for worker in workers:
         worker.stop()
 

@@ -43,8 +43,8 @@ from farm.tasks.failure_handling import record_final
 from farm.tasks.heartbeat import Heartbeat
 from farm.tasks.segment_lease import LeaseLost, blame
 from farm.tasks.segment_runner import (
-    PROGRESS_EVERY_S, ChunkEncoder, RenderWindow, _actor_group, _node_ips, _record_stages,
-    _request,
+    PROGRESS_EVERY_S, ChunkEncoder, RenderWindow, actor_group, node_ips, record_stages,
+    render_request,
 )
 from farm.tasks.stage_clock import StageClock
 from scheduler.routing import STITCH_QUEUE
@@ -143,9 +143,9 @@ def _render(settings: Settings, batch: list[Member], task_id: str | None,
             member_work = work / m.job_id  # chunk files are named per segment, not per job
             member_work.mkdir()
             m.encoder = ChunkEncoder(m.job, m.segment, settings, storage, member_work, m.clock)
-            requests.append(_request(m.job, m.segment, storage))
-        group = _actor_group(settings, batch[0].job, held.lease.replica)
-        where = _node_ips(group)
+            requests.append(render_request(m.job, m.segment, storage))
+        group = actor_group(settings, batch[0].job, held.lease.replica)
+        where = node_ips(group)
         stream = group.render_batch(requests, request_ids=[f"{task_id}:{m.seg_id}"
                                                            for m in batch])
         _consume(settings, stream, batch, task_id, held, window, on_progress)
@@ -248,7 +248,7 @@ def _finish(settings: Settings, m: Member, batch: list[Member], task_id: str | N
                   m.segment.index)
     events.record(db, m.job_id, events.SEGMENT_DONE, f"{len(keys)} chunk(s)", m.segment.index,
                   worker)
-    _record_stages(db, m.job_id, m.clock)
+    record_stages(db, m.job_id, m.clock)
     try:  # a stitch not sent (the broker is down) is the reconciler's: the job re-sends
         app.signature(STITCH_TASK, args=([{"segment_id": m.seg_id, "chunks": keys}],
                                          m.job_id)) \

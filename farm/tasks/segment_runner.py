@@ -90,7 +90,7 @@ class ChunkEncoder:
         self.keys.append(key)
 
 
-def _actor_group(settings: Settings, job, replica: int) -> ActorGroup:
+def actor_group(settings: Settings, job, replica: int) -> ActorGroup:
     variant = get_policy().catalog.model(job.model)
     model_dir = resolve_model_dir(settings, variant)
     ray_cluster.connect(settings.ray_address, tier_slots=settings.ray_tier_slots,
@@ -110,7 +110,7 @@ def _actor_group(settings: Settings, job, replica: int) -> ActorGroup:
         raise WorkerLost(f"actor for {variant.name} on {job.route['tier']} is gone: {exc}") from exc
 
 
-def _request(job, segment: Segment, storage: Storage) -> dict:
+def render_request(job, segment: Segment, storage: Storage) -> dict:
     """What the group renders; a continued segment starts from the last frame of the one
     before it (farm/tasks/seams.py, issue #11 item 7)."""
     variant = get_policy().catalog.model(job.model)
@@ -191,11 +191,11 @@ def run_segment(settings: Settings, job_id: str, seg_id: int,
         return {"segment_id": seg_id, "finished": False}
     events.record(db, job_id, events.SEGMENT_DONE, f"{len(keys)} chunk(s)", segment.index, worker)
     preemption.after_finish(settings, job, segment)
-    _record_stages(db, job_id, clock)
+    record_stages(db, job_id, clock)
     return {"segment_id": seg_id, "chunks": keys}
 
 
-def _record_stages(db: str, job_id: str, clock: StageClock) -> None:
+def record_stages(db: str, job_id: str, clock: StageClock) -> None:
     """The segment's stage times into the job's (advisory: a database outage loses them)."""
     try:
         stage_times.add_stages(db, job_id, clock.seconds(), clock.peak_memory_bytes)
@@ -218,12 +218,12 @@ def _render_and_encode(settings: Settings, job, segment: Segment, task_id: str |
     try:
         storage = Storage(settings.storage_url)
         encoder = ChunkEncoder(job, segment, settings, storage, work, clock)
-        request = _request(job, segment, storage)
+        request = render_request(job, segment, storage)
         resume = preemption.saved_state(settings, storage, job, segment)
         try:
             with clock.timing("group"):
-                group = _actor_group(settings, job, held.lease.replica)
-            where = _node_ips(group)  # asked here, where a lost actor is handled
+                group = actor_group(settings, job, held.lease.replica)
+            where = node_ips(group)  # asked here, where a lost actor is handled
             stream = preemption.start_render(settings, storage, group, request, job, segment,
                                              task_id, resume)
             window = RenderWindow()
@@ -268,7 +268,7 @@ def _give_way(settings: Settings, storage: Storage, job, segment: Segment,
     return yielded if stored else None
 
 
-def _node_ips(group) -> str:
+def node_ips(group) -> str:
     """The addresses of the Ray nodes holding the group's actors: the job's log names the
     host that rendered each segment (issue #14, farms across hosts)."""
     return ", ".join(sorted({info.get("node_ip", "?") for info in group.info()}))
