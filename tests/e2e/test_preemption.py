@@ -27,6 +27,7 @@ from farm.jobs import events, preemption_service as preempting, service as jobs
 from farm.policy import get_policy
 from tests.conftest import api_client
 from tests.e2e.test_render_flow import wait_for
+from tests.farm.test_fencing import running_job
 from workers import resume_state
 from workers.group import ActorGroup
 
@@ -230,8 +231,6 @@ def test_a_state_the_group_refuses_is_dropped_and_the_render_starts_over(split, 
     start_render logs RESUME_DISCARDED, clears the segment's resume fields, removes the
     file and renders from noise on the same group: the same frames as a straight render."""
     from farm.db.migrate import upgrade
-    from farm.jobs.submit import route_request
-    from farm.schemas import JobCreate
     from farm.storage import Storage
     from farm.tasks import preemption
     from sqlalchemy import update
@@ -239,14 +238,8 @@ def test_a_state_the_group_refuses_is_dropped_and_the_render_starts_over(split, 
     db = f"sqlite:///{tmp_path}/farm.db"  # its own database: the farm's admission never sees it
     upgrade(db)
     local = settings.model_copy(update={"database_url": db})
-    request = JobCreate(prompt=SPLIT["prompt"], frames=5, model="wan-tiny")
-    job = jobs.new_job(request, route_request(request, {}), "sha")
-    jobs.add_jobs(db, [job])
-    seg_id = job.segments[0].id
-    with session_scope(db) as session:
-        assert jobs.claim_for_dispatch(session, job.id)
-    jobs.set_celery_ids(db, job.id, "c1", {seg_id: "t1"})
-    assert jobs.start_segment(db, seg_id, "w", task_id="t1")
+    job_id, seg_id = running_job(db)  # a 5-frame wan-tiny segment, running under task t1
+    job = jobs.get_job(db, job_id)
 
     other = render_until(split.render(SPLIT | {"frames": 9}), "high")[-1]
     storage = Storage(f"file://{tmp_path}/store")
