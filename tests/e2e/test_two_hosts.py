@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -177,8 +178,7 @@ def two_hosts(tiny_model):
         stack.key = keys.create_key(pg.url, REMOTE_PROJECT, "two hosts")[1]
         yield stack
     finally:
-        for service in services.values():
-            service.terminate()
+        _stop_all(services.values())
         for pid in descendants(pids_with(temp_dir)):  # the head's Ray (its own temp dir)
             _kill(pid)
         link.destroy()  # and everything still in the namespace
@@ -187,6 +187,21 @@ def two_hosts(tiny_model):
                 server.destroy()
         if "servers" in s3_found:
             s3_found["servers"].close()
+
+
+def _stop_all(services, grace_s: float = 10.0) -> None:
+    """SIGTERM to every service at once, then SIGKILL to those still up after ``grace_s``:
+    before the broker goes, or a Celery worker left in its warm shutdown waits for it for
+    ever (a stitch worker outlived the suite before this)."""
+    services = list(services)
+    for service in services:
+        service.terminate()
+    deadline = time.monotonic() + grace_s
+    for service in services:
+        try:
+            service.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            service.kill()
 
 
 def _cmdline(pid: int) -> str:
