@@ -43,7 +43,9 @@ from farm.tasks.seams import last_frame_key
 
 log = logging.getLogger(__name__)
 
-KEY_VERSION = 1  # bump when what a key covers changes: every older entry stops matching
+# Bump when what a key covers changes: every older entry stops matching. 2: the last chunk
+# of a segment takes a remainder of under 4 frames (farm/tasks/segment_runner.TAIL_FRAMES).
+KEY_VERSION = 2
 _fingerprints: dict[tuple, str] = {}  # (folder, files' (name, size, mtime_ns)) -> sha256
 _recent: dict[Path, tuple[float, str]] = {}  # folder -> (monotonic time listed, sha256)
 RELIST_S = 5.0

@@ -46,8 +46,15 @@ ProgressFn = Callable[[int, int], None]
 PROGRESS_EVERY_S = 0.25  # how often a render's progress is written (and a cancel seen)
 
 
+# A chunk is encoded once this many frames wait beyond it, so a short remainder joins the
+# last chunk instead of costing an ffmpeg run of its own: Wan's decoder gives 4 frames per
+# latent frame and clips are 4k + 1 frames long, which left a 1-frame chunk at every end.
+TAIL_FRAMES = 4
+
+
 class ChunkEncoder:
-    """Buffers frames, drops the segment's leading skip frames, encodes every N to H.264."""
+    """Buffers frames, drops the segment's leading skip frames, encodes every N to H.264
+    (the last chunk takes up to N + TAIL_FRAMES - 1)."""
 
     def __init__(self, job, segment: Segment, settings: Settings, storage: Storage, work: Path,
                  clock: StageClock | None = None):
@@ -66,7 +73,7 @@ class ChunkEncoder:
             dropped = min(self.to_skip, len(frames))
             frames, self.to_skip = frames[dropped:], self.to_skip - dropped
         self.buffer.extend(frames)
-        while len(self.buffer) >= self.settings.encode_chunk_frames:
+        while len(self.buffer) >= self.settings.encode_chunk_frames + TAIL_FRAMES:
             self._encode(self.settings.encode_chunk_frames)
 
     def finish(self) -> list[str]:

@@ -64,7 +64,8 @@ def _stitch(settings: Settings, job_id: str, chord_id: str | None) -> dict:
         tmp = Path(tmp)
         chunks = [storage.get_file(key, tmp / Path(key).name)
                   for seg in job.segments for key in seg.chunk_keys]
-        video = concat(chunks, tmp / "video.mp4")
+        # One chunk is already the whole video (same encode, +faststart): no ffmpeg run.
+        video = chunks[0] if len(chunks) == 1 else concat(chunks, tmp / "video.mp4")
         info = probe(video)
         expected = (job.width, job.height, job.frames, "h264")
         got = (info.width, info.height, info.frames, info.codec)
