@@ -25,6 +25,7 @@ from workers.parallel.plan import (
 )
 from workers.parallel.placement import NotOnThisGroup, apply_placement, expert_loader
 from workers.peak_memory import peak_bytes, reset_peak
+from workers.progress_pace import pace, paced, without_pace
 from workers.batch_render import BatchRenderMixin
 from workers import resume_state
 from workers.wan_pipeline import DenoiseState, RenderRequest, WanT2V
@@ -285,7 +286,7 @@ class RenderWorker(BatchRenderMixin):
         workers/lightening/step_cache.py; None: every step runs) and build the request.
         Renders run one at a time here, so switching between requests is safe."""
         self.load()
-        request = dict(request)
+        request = without_pace(request)
         cache = request.pop("cache", None)
         if cache != self._cache:
             from workers.lightening import step_cache
@@ -323,6 +324,13 @@ class RenderWorker(BatchRenderMixin):
 
     def render(self, request: dict, request_id: str, latent_frames_per_chunk: int = 4,
                state: DenoiseState | None = None) -> Iterator[dict]:
+        """`_render_events`, with progress events at most every ``progress_every_s`` of
+        the request (workers/progress_pace.py; absent: every step)."""
+        yield from paced(self._render_events(request, request_id, latent_frames_per_chunk,
+                                             state), pace(request))
+
+    def _render_events(self, request: dict, request_id: str, latent_frames_per_chunk: int,
+                       state: DenoiseState | None) -> Iterator[dict]:
         """Stream of events: {"kind": "progress", step, steps, expert, at, began} per
         denoising step (``at``: time.time() after the step; ``began``: when this render
         started here, before its first step), then {"kind": "frames", "frames": uint8

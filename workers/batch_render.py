@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from workers.peak_memory import peak_bytes, reset_peak
+from workers.progress_pace import paced, pace
 from workers.wan_pipeline import DenoiseState, RenderRequest, WanT2V
 
 # What members of one batch must share (issue #15: "same variant, size, frames, steps and
@@ -90,6 +91,13 @@ class BatchRenderMixin:
 
     def render_batch(self, requests: list[dict], request_ids: list[str],
                      latent_frames_per_chunk: int = 4) -> Iterator[dict]:
+        """`_batch_events`, with progress events paced as `render`'s (the first request's
+        ``progress_every_s``; workers/progress_pace.py)."""
+        yield from paced(self._batch_events(requests, request_ids, latent_frames_per_chunk),
+                         pace(requests[0]) if requests else 0.0)
+
+    def _batch_events(self, requests: list[dict], request_ids: list[str],
+                      latent_frames_per_chunk: int) -> Iterator[dict]:
         """Stream of events, like `render`: {"kind": "progress", step, steps, expert, at,
         began, loaded, members} per denoising step for the whole batch (``members``: the
         indexes still rendering), {"kind": "dropped", "member": i} when member i's request

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 PROGRESS_EVERY_S = 0.25  # how often a render's progress is written (and a cancel seen)
+# How often the group sends a progress event at all (workers/progress_pace.py): fewer
+# objects through Ray for a fast model's steps, still several per progress write.
+PROGRESS_EVENT_S = 0.1
 
 
 # A chunk is encoded once this many frames wait beyond it, so a short remainder joins the
@@ -126,7 +129,8 @@ def render_request(job, segment: Segment, storage: Storage) -> dict:
                 frames=segment.render_frames, height=variant.native_height,
                 width=variant.native_width, steps=job.steps, guidance_high=job.guidance_high,
                 guidance_low=job.guidance_low, seed=segment.seed,
-                cache=job.route.get("cache"))  # the route's step caching (issue #12)
+                cache=job.route.get("cache"),  # the route's step caching (issue #12)
+                progress_every_s=PROGRESS_EVENT_S)
 
 
 def _report_progress(db: str, seg_id: int, task_id: str | None,
