@@ -1,6 +1,7 @@
 """The farm's throughput against a bare loop of the same renders and encodes (issue #11).
 
-    .venv/bin/python benchmarks/farm_throughput.py            # 8 jobs (about 4 minutes)
+    .venv/bin/python benchmarks/farm_throughput.py              # 8 jobs of 40 steps (~4 min)
+    .venv/bin/python benchmarks/farm_throughput.py --steps 200  # render-heavy jobs (~6 min)
     .venv/bin/python benchmarks/farm_throughput.py --jobs 4
 
 Three runs in one process, all with the shipped toy model on this machine's cores:
@@ -11,8 +12,8 @@ Three runs in one process, all with the shipped toy model on this machine's core
 2. the farm with one group of ``--threads`` threads: PostgreSQL (a throwaway database on
    127.0.0.1:5432), Redis (database 14, flushed), a Ray head whose cpu tier holds one group,
    a Celery render worker (DRIVERS_PER_SLOT processes a group), a stitch worker and beat;
-   the group is warmed by one job, then N jobs are submitted at once and timed until the
-   last one has succeeded;
+   the group is warmed by one job, then N jobs are submitted at once and timed from the
+   first submission to the last success;
 3. the same farm with two groups, torch threads = cores / groups (FARM_ACTOR_CPUS).
 
 ``--threads`` defaults to 1: on this machine (2 cores) the toy renders a job in 0.93 s on
@@ -22,6 +23,12 @@ farm's other processes waking up beside them (an actor on two threads took 1.95 
 Each group's duty cycle comes from the job logs: the `segment_rendered` events hold when
 the actor began each render (its own clock) and when the last frame left it; a group's
 duty is its render time over the wall time from its first render's start to its last's end.
+
+The farm's processes' CPU seconds per job, by role (benchmarks/proc_cpu.py, from /proc),
+show what the second group competes with on these cores: the work outside the actors
+(drivers and their ffmpeg encodes, the stitch, PostgreSQL, Redis, Ray) as a share of the
+actors' own. Jobs are submitted with ``cache: false`` and the "final" track, so every one
+renders the base model (the draft track would render wan-toy's 4-step student).
 
 Targets: farm (1 group) / bare <= 1.15; jobs per minute with 2 groups >= 1.6 x 1 group;
 duty >= 0.9 for each group. The last line is the 2-group / 1-group throughput ratio.
@@ -43,6 +50,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import proc_cpu  # noqa: E402  (benchmarks/, beside this file)
+
 TMP = Path(tempfile.mkdtemp(prefix="farm-throughput-"))
 RUN = uuid.uuid4().hex[:8]
 CORES = os.cpu_count() or 2
@@ -50,7 +59,8 @@ PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 REDIS_DB = 14
 PROMPTS = ["a red circle moving right", "a blue square moving left", "a green triangle moving up",
            "a yellow circle moving down"]
-JOB = dict(model="wan-toy", frames=17, steps=40, width=256, height=256, fps=8)
+# track "final": the base model itself (the draft track renders wan-toy's 4-step student)
+JOB = dict(model="wan-toy", track="final", frames=17, steps=40, width=256, height=256, fps=8)
 RENDERED = re.compile(r"rendered on (\S+) from ([\d.]+) to ([\d.]+)")
 
 
@@ -81,8 +91,11 @@ def farm_env(groups: int, db_name: str, threads: int) -> dict[str, str]:
     }
 
 
-def requests(n: int) -> list[dict]:
-    return [dict(JOB, prompt=PROMPTS[i % len(PROMPTS)], seed=100 + i) for i in range(n)]
+def requests(n: int, first_seed: int = 100) -> list[dict]:
+    """Jobs the result cache cannot answer: each renders (issue #13's cache is measured in
+    benchmarks/cache.py)."""
+    return [dict(JOB, prompt=PROMPTS[i % len(PROMPTS)], seed=first_seed + i, cache=False)
+            for i in range(n)]
 
 
 # ---- the bare loop ------------------------------------------------------------------------
@@ -153,32 +166,40 @@ class Farm:
                        self._start(farm, "beat")]
 
     def _start(self, *argv: str) -> subprocess.Popen:
-        log = (TMP / f"{argv[1]}-{self.groups}-{len(getattr(self, 'procs', []))}.log").open("w")
+        name = argv[1] + ("-" + argv[argv.index("-Q") + 1] if "-Q" in argv else "")
+        log = (TMP / f"{name}-{self.groups}.log").open("w")
         return subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
-    def run(self, jobs: list[dict]) -> tuple[float, dict[str, float]]:
-        """Submit every job at once; -> (seconds to the last success, duty per group)."""
-        submitted = self._submit_in_child(jobs)
-        started = time.perf_counter()
+    def run(self, jobs: list[dict]) -> tuple[float, dict[str, float], dict[str, float]]:
+        """Submit every job at once; -> (seconds from the first submission to the last
+        success, duty per group, CPU seconds per role of the farm's processes)."""
+        cpu_before = proc_cpu.snapshot()
+        submitted, first_submit = self._submit_in_child(jobs)
         self._wait(submitted)
-        return time.perf_counter() - started, self._duty(submitted)
+        seconds = time.time() - first_submit  # the child's clock: the same machine's
+        return seconds, self._duty(submitted), proc_cpu.cpu_by_role(cpu_before,
+                                                                    proc_cpu.snapshot())
 
     def warm(self) -> None:
         """One job per group, so every group has loaded the model before the timed run."""
-        self._wait(self._submit_in_child(requests(self.groups)))
+        self._wait(self._submit_in_child(requests(self.groups, first_seed=10_000))[0])
 
-    def _submit_in_child(self, jobs: list[dict]) -> list[str]:
-        """Submit through the job service in a child process that has the farm's settings."""
-        code = ("import json,sys\nfrom farm.jobs.submit import submit\n"
+    def _submit_in_child(self, jobs: list[dict]) -> tuple[list[str], float]:
+        """Submit through the job service in a child process that has the farm's settings;
+        -> (job ids, time.time() just before the first submission: the farm may start
+        rendering while the child still submits)."""
+        code = ("import json,sys,time\nfrom farm.jobs.submit import submit\n"
                 "from farm.schemas import JobCreate\nfrom farm.settings import get_settings\n"
-                "s=get_settings()\nprint(json.dumps([submit(s, JobCreate(**j)).id "
-                "for j in json.loads(sys.stdin.read())]))")
+                "s=get_settings()\njobs=[JobCreate(**j) for j in json.loads(sys.stdin.read())]"
+                "\nt0=time.time()\nids=[submit(s, j).id for j in jobs]\n"
+                "print(json.dumps([ids, t0]))")
         import json
 
         out = subprocess.run([sys.executable, "-c", code], input=json.dumps(jobs), env=self.env,
                              capture_output=True, text=True, check=True, cwd=ROOT)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        ids, first_submit = json.loads(out.stdout.strip().splitlines()[-1])
+        return ids, first_submit
 
     def _wait(self, ids: list[str], timeout_s: float = 900) -> None:
         from sqlalchemy import create_engine, text
@@ -209,7 +230,10 @@ class Farm:
         engine.dispose()
         windows: dict[str, list[tuple[float, float]]] = {}
         for message in messages:
-            group, began, ended = RENDERED.match(message).groups()
+            found = RENDERED.search(message)
+            if found is None:
+                raise RuntimeError(f"a segment_rendered event without its window: {message!r}")
+            group, began, ended = found.groups()
             windows.setdefault(group, []).append((float(began), float(ended)))
         return {group: sum(e - b for b, e in spans) /
                 (max(e for _, e in spans) - min(b for b, _ in spans))
@@ -231,7 +255,8 @@ class Farm:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
 
 
-def timed_farm(groups: int, threads: int, jobs: list[dict]) -> tuple[float, dict[str, float]]:
+def timed_farm(groups: int, threads: int,
+               jobs: list[dict]) -> tuple[float, dict[str, float], dict[str, float]]:
     farm = Farm(groups, threads)
     try:
         farm.warm()
@@ -243,18 +268,20 @@ def timed_farm(groups: int, threads: int, jobs: list[dict]) -> tuple[float, dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=JOB["steps"],
+                        help="denoising steps a job (the render's share of its CPU work)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the bare loop and of the one group")
     args = parser.parse_args()
-    jobs = requests(args.jobs)
+    jobs = [dict(job, steps=args.steps) for job in requests(args.jobs)]
     from workers.ray_cluster import quiet_ray_env
 
     quiet_ray_env()
     bare_s = bare_loop(jobs, args.threads)
-    one_s, one_duty = timed_farm(1, args.threads, jobs)
-    two_s, two_duty = timed_farm(2, max(1, CORES // 2), jobs)
+    one_s, one_duty, one_cpu = timed_farm(1, args.threads, jobs)
+    two_s, two_duty, two_cpu = timed_farm(2, max(1, CORES // 2), jobs)
     n = len(jobs)
-    print(f"{n} toy jobs ({JOB['frames']} frames, {JOB['steps']} steps, "
+    print(f"{n} toy jobs ({JOB['frames']} frames, {args.steps} steps, "
           f"{JOB['width']}x{JOB['height']}), {CORES} cores, bare and 1 group on "
           f"{args.threads} thread(s), 2 groups on {max(1, CORES // 2)} each")
     print(f"{'run':28s} {'seconds':>8s} {'jobs/min':>9s}  duty per group")
@@ -263,9 +290,25 @@ def main() -> None:
                              ("farm, 2 groups", two_s, two_duty)):
         shown = ", ".join(f"{g.rsplit(':', 1)[-1]} {d:.2f}" for g, d in duty.items())
         print(f"{name:28s} {secs:8.2f} {60 * n / secs:9.2f}  {shown}")
+    print_cpu(n, {"1 group": one_cpu, "2 groups": two_cpu})
     print(f"farm (1 group) / bare time: {one_s / bare_s:.2f} (target <= 1.15)")
     print(f"min duty: {min([*one_duty.values(), *two_duty.values()]):.2f} (target >= 0.90)")
     print(f"jobs per minute, 2 groups / 1 group: {one_s / two_s:.2f} (target >= 1.6)")
+
+
+def print_cpu(n: int, runs: dict[str, dict[str, float]]) -> None:
+    """CPU seconds a job per role, and the work outside the actors as a share of theirs: on
+    these cores, jobs finish at most cores / (1 + share) x as fast as one actor renders them."""
+    roles = sorted({role for cpu in runs.values() for role in cpu})
+    print(f"{'CPU seconds a job':28s} " + " ".join(f"{name:>9s}" for name in runs))
+    for role in roles:
+        print(f"{role:28s} " + " ".join(f"{cpu.get(role, 0.0) / n:9.3f}"
+                                        for cpu in runs.values()))
+    for name, cpu in runs.items():
+        render = cpu.get("actor (render)", 0.0)
+        share = (sum(cpu.values()) - render) / render
+        print(f"{name}: work outside the actors = {share:.2f} x theirs; "
+              f"the cores allow at most {CORES / (1 + share):.2f}x one actor's rate")
 
 
 if __name__ == "__main__":
