@@ -73,6 +73,9 @@ def derive_variant(
         prune_heads: float = typer.Option(None, help="fraction of attention heads removed"),
         drop_blocks: str = typer.Option(None, help="transformer blocks removed: K, or per "
                                         "expert high=K,low=K"),
+        recovery_steps: int = typer.Option(None, help="training steps of the recovery after "
+                                           "the last pruning stage (--prune-ffn: 300, "
+                                           "--drop-blocks: 600)"),
         student_layers: str = typer.Option(None, help="blocks of a shallower student: K, or "
                                            "per expert high=K,low=K"),
         distill_steps: int = typer.Option(None, help="steps of a few-step student"),
@@ -115,7 +118,7 @@ def derive_variant(
         if on_load:
             others = operations(None, prune_ffn, prune_heads, drop_blocks, student_layers,
                                 distill_steps, low_expert, light_decoder)
-            if quantize is None or others:
+            if quantize is None or others or recovery_steps is not None:
                 raise DeriveError("--on-load quantizes at load time: give --quantize and no "
                                   "other operation")
             check_not_quantized(variant, base_dir)
@@ -127,7 +130,7 @@ def derive_variant(
             folder, shape = base_dir, expert_shape(base_dir)
         else:
             ops = operations(quantize, prune_ffn, prune_heads, drop_blocks, student_layers,
-                             distill_steps, low_expert, light_decoder)
+                             distill_steps, low_expert, light_decoder, recovery_steps)
             lines = prompts.read_text().splitlines() if prompts else []
             derived = derive(base_dir, out, ops, seed, resume, [p for p in lines if p.strip()],
                              threads)
@@ -184,21 +187,30 @@ def check_not_quantized(variant, base_dir: Path) -> None:
 
 
 def operations(quantize, prune_ffn, prune_heads, drop_blocks, student_layers, distill_steps,
-               low_expert, light_decoder=None) -> list:
-    """The Operation objects the options ask for (workers/lightening/*.py)."""
+               low_expert, light_decoder=None, recovery_steps=None) -> list:
+    """The Operation objects the options ask for (workers/lightening/*.py); ``recovery_steps``
+    replaces the pruning operations' last recovery length."""
+    from workers.lightening.ops import DeriveError
+
+    final = {} if recovery_steps is None else {"final_steps": recovery_steps}
+    if final and recovery_steps < 1:
+        raise DeriveError(f"--recovery-steps {recovery_steps!r}: must be at least 1")
+    if final and prune_ffn is None and drop_blocks is None:
+        raise DeriveError("--recovery-steps sets the recovery after --prune-ffn or "
+                          "--drop-blocks; neither is given")
     ops = []
     if quantize is not None:
         from workers.lightening.quantize import Quantize
         ops.append(Quantize(quantize))
     if prune_ffn is not None:
         from workers.lightening.prune import PruneFfn
-        ops.append(PruneFfn(prune_ffn))
+        ops.append(PruneFfn(prune_ffn, **final))
     if prune_heads is not None:
         from workers.lightening.prune import PruneHeads
         ops.append(PruneHeads(prune_heads))
     if drop_blocks is not None:
         from workers.lightening.prune import DropBlocks
-        ops.append(DropBlocks(drop_blocks))
+        ops.append(DropBlocks(drop_blocks, **final))
     if student_layers is not None:
         from workers.lightening.prune import StudentLayers
         ops.append(StudentLayers(student_layers))

@@ -244,3 +244,16 @@ def test_as_many_blocks_as_the_expert_has_is_refused_before_training(op, option,
     with pytest.raises(DeriveError, match=f"{option}: the (high|low)-noise expert has 4 blocks"):
         derive_with(op, tmp_path)
     assert not (tmp_path / "scratch" / "high.pt").exists()
+
+
+def test_recovery_steps_reach_the_pruning_operations_and_bad_ones_are_named():
+    from farm.cli.models_cmds import operations
+
+    ffn, blocks = operations(None, 0.3, None, "high=2,low=1", None, None, None,
+                             recovery_steps=1500)
+    assert ffn.settings()["final_steps"] == blocks.settings()["final_steps"] == 1500
+    assert operations(None, None, None, "1", None, None, None)[0].settings()["final_steps"] == 600
+    with pytest.raises(DeriveError, match=r"--recovery-steps 0: must be at least 1"):
+        operations(None, None, None, "1", None, None, None, recovery_steps=0)
+    with pytest.raises(DeriveError, match=r"--recovery-steps .* neither is given"):
+        operations(None, None, None, None, None, 4, None, recovery_steps=100)
