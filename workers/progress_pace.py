@@ -1,11 +1,10 @@
 """How often a render's stream reports its denoising steps (issue #11: the farm's overhead).
 
 Every event of a render's stream is an object Ray serializes, stores and reports to the
-driver, which unpacks it: about 5 ms of CPU a step on the two sides together, measured on
-the toy (benchmarks/farm_throughput.py, 200 steps of 12 ms). A driver writes progress at
-most every 0.25 s anyway, so a request may ask for at most one progress event every
-``progress_every_s`` seconds; the others are held back, and the latest one held goes out
-before any other event, so the stream still shows its last step before its frames, its
+driver, which unpacks it, beside a fast model's steps on the same cores. A driver writes
+progress at most every 0.25 s anyway, so a request may ask for at most one progress event
+every ``progress_every_s`` seconds; the others are held back, and the latest one held goes
+out before any other event, so the stream still shows its last step before its frames, its
 handover or its end. A request without the field reports every step.
 """
 
