@@ -107,6 +107,7 @@ def bare_loop(jobs: list[dict], threads: int) -> float:
     import torch
 
     from farm.settings import Settings
+    from farm.tasks.segment_runner import TAIL_FRAMES
     from workers.toy import BUNDLED_DIR
     from workers.video import concat, encode_chunk
     from workers.wan_pipeline import RenderRequest, WanT2V
@@ -122,11 +123,17 @@ def bare_loop(jobs: list[dict], threads: int) -> float:
         req = RenderRequest(job["prompt"], "", job["frames"], native, native, job["steps"],
                             4.0, 4.0, job["seed"])
         frames = np.concatenate(list(pipeline.decode_chunks(pipeline.denoise(req))))
-        size = settings.encode_chunk_frames
-        chunks = [encode_chunk(frames[k:k + size], work / f"{i}-{k}.mp4", job["width"],
+        # The farm's chunks (farm/tasks/segment_runner.ChunkEncoder): N frames each, the
+        # last one taking a remainder of under TAIL_FRAMES; one chunk needs no join.
+        size, starts = settings.encode_chunk_frames, [0]
+        while len(frames) - starts[-1] >= size + TAIL_FRAMES:
+            starts.append(starts[-1] + size)
+        ends = starts[1:] + [len(frames)]
+        chunks = [encode_chunk(frames[a:b], work / f"{i}-{a}.mp4", job["width"],
                                job["height"], job["fps"], settings.x264_preset,
-                               settings.x264_crf) for k in range(0, len(frames), size)]
-        concat(chunks, work / f"{i}.mp4")
+                               settings.x264_crf) for a, b in zip(starts, ends)]
+        if len(chunks) > 1:
+            concat(chunks, work / f"{i}.mp4")
 
     one(-1, jobs[0])  # warm up, as the farm's groups are
     started = time.perf_counter()
@@ -174,12 +181,15 @@ class Farm:
     def run(self, jobs: list[dict]) -> tuple[float, dict[str, float], dict[str, float]]:
         """Submit every job at once; -> (seconds from the first submission to the last
         success, duty per group, CPU seconds per role of the farm's processes)."""
-        cpu_before = proc_cpu.snapshot()
+        cpu_before = self._cpu()
         submitted, first_submit = self._submit_in_child(jobs)
         self._wait(submitted)
         seconds = time.time() - first_submit  # the child's clock: the same machine's
-        return seconds, self._duty(submitted), proc_cpu.cpu_by_role(cpu_before,
-                                                                    proc_cpu.snapshot())
+        return seconds, self._duty(submitted), proc_cpu.cpu_by_role(cpu_before, self._cpu())
+
+    def _cpu(self) -> proc_cpu.Snapshot:
+        """Each service started its own session (``start_new_session``)."""
+        return proc_cpu.snapshot({proc.pid for proc in self.procs}, self.db_name)
 
     def warm(self) -> None:
         """One job per group, so every group has loaded the model before the timed run."""
@@ -305,7 +315,9 @@ def print_cpu(n: int, runs: dict[str, dict[str, float]]) -> None:
         print(f"{role:28s} " + " ".join(f"{cpu.get(role, 0.0) / n:9.3f}"
                                         for cpu in runs.values()))
     for name, cpu in runs.items():
-        render = cpu.get("actor (render)", 0.0)
+        render = cpu.get(proc_cpu.RENDER, 0.0)
+        if render <= 0:
+            raise RuntimeError(f"{name}: no CPU time of a render actor among {sorted(cpu)}")
         share = (sum(cpu.values()) - render) / render
         print(f"{name}: work outside the actors = {share:.2f} x theirs; "
               f"the cores allow at most {CORES / (1 + share):.2f}x one actor's rate")

@@ -1,10 +1,14 @@
-"""CPU seconds per role of the farm's processes, read from /proc (Linux only).
+"""CPU seconds per role of one farm's processes, read from /proc (Linux only).
 
-A snapshot maps each live process to (role, CPU seconds): its own user + system time plus
-that of the children it has reaped (an ffmpeg that a Celery driver ran and waited for lands
-in the driver's). ``cpu_by_role(before, after)`` sums the difference per role; a process
-that started between the snapshots counts whole, one that ended is lost (short-lived ones
-are reaped by a process that is still there, so their time is not).
+A snapshot maps each of the farm's live processes to (role, CPU seconds): its own user +
+system time plus that of the children it has reaped (an ffmpeg that a Celery driver ran
+and waited for lands in the driver's). The farm's processes are those of the given
+sessions (the benchmark starts each service with ``start_new_session``; Ray's raylet and
+actors stay in the head's session), the PostgreSQL backends of its database, and the Redis
+server (shared with whatever else uses it). ``cpu_by_role(before, after)`` sums the
+difference per role. A process that ended between the snapshots, reaped by a parent that
+is counted too, is in that parent's children's time whole: what it had spent before the
+first snapshot is subtracted. One reaped by a parent not counted is lost.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import os
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")  # clock ticks per second of /proc/<pid>/stat's times
+RENDER = "actor (render)"
 
-# (role, what the command line contains), first match wins.
+# (role, what the command line contains), first match wins. Ray names an actor's process
+# ray::<class>[.<method>]; its agents and idle workers are ray::<other names>.
 ROLES = (
-    ("actor (render)", "ray::"),
-    ("render driver (Celery)", "render."),
+    (RENDER, "ray::RenderWorker"),
+    ("render driver (Celery)", "-Q render."),
     ("stitch worker (Celery)", "-Q stitch"),
     ("beat (ticks)", " beat"),
     ("PostgreSQL", "postgres"),
@@ -25,34 +31,43 @@ ROLES = (
     ("Ray services", "ray"),
 )
 
+Snapshot = dict[int, tuple[str, float, int]]  # pid -> (role, CPU seconds, parent pid)
+
 
 def _role(cmdline: str) -> str | None:
     return next((role for role, needle in ROLES if needle in cmdline), None)
 
 
-def snapshot() -> dict[int, tuple[str, float]]:
-    """pid -> (role, CPU seconds so far) for every process with a known role."""
+def snapshot(sessions: set[int], database: str) -> Snapshot:
+    """The farm's processes (see the module's text) and their CPU seconds so far."""
     seen = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            # Fields after the command name's closing parenthesis: utime is the 14th of the
-            # whole line, so index 11 here; stime, cutime, cstime follow.
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+            # Fields after the command name's closing parenthesis: the parent is the 4th of
+            # the whole line (index 1 here), the session the 6th (index 3), utime the 14th
+            # (index 11); stime, cutime and cstime follow it.
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # ended while we looked
             continue
-        role = _role(cmdline)
+        ours = (int(fields[3]) in sessions or "redis-server" in cmdline
+                or (cmdline.startswith("postgres:") and database in cmdline))
+        role = _role(cmdline) if ours else None
         if role is not None:
-            seen[int(entry.name)] = (role, sum(int(f) for f in fields[11:15]) / TICKS)
+            seen[int(entry.name)] = (role, sum(int(f) for f in fields[11:15]) / TICKS,
+                                     int(fields[1]))
     return seen
 
 
-def cpu_by_role(before: dict[int, tuple[str, float]],
-                after: dict[int, tuple[str, float]]) -> dict[str, float]:
+def cpu_by_role(before: Snapshot, after: Snapshot) -> dict[str, float]:
     """CPU seconds each role spent between two snapshots."""
     spent: dict[str, float] = {}
-    for pid, (role, seconds) in after.items():
-        spent[role] = spent.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+    for pid, (role, seconds, _) in after.items():
+        spent[role] = spent.get(role, 0.0) + seconds - before.get(pid, (role, 0.0, 0))[1]
+    for pid, (role, seconds, parent) in before.items():
+        if pid not in after and parent in after:  # in its parent's children's time whole
+            spent[role] = spent.get(role, 0.0) - seconds
     return spent

@@ -239,8 +239,9 @@ class ActorGroup(BatchGroupMixin):
     def render(self, request: dict, latent_frames_per_chunk: int = 4,
                request_id: str | None = None, state=None) -> "RenderStream":
         request_id = request_id or uuid.uuid4().hex
-        # Backpressure: the actor runs at most two events ahead of the consumer, so a cancel
-        # seen by the consumer stops the render within a step, not after all of them.
+        # Backpressure: the actor runs at most two events ahead of the consumer (events come
+        # every step, or at most every request["progress_every_s"]), so a cancel seen by
+        # the consumer stops the render soon after, not after all of its steps.
         gen = self.actors[0].render.options(
             num_returns="streaming", _generator_backpressure_num_objects=2,
         ).remote(request, request_id, latent_frames_per_chunk, state)

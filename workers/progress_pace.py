@@ -17,9 +17,13 @@ FIELD = "progress_every_s"  # in a render request; the pipeline never sees it
 
 def pace(request: dict) -> float:
     """The request's seconds between progress events (0: every step)."""
-    seconds = float(request.get(FIELD) or 0.0)
-    if seconds < 0:
-        raise ValueError(f"{FIELD} must be >= 0, got {request.get(FIELD)!r}")
+    given = request.get(FIELD)
+    try:
+        seconds = float(given or 0.0)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"{FIELD} must be a number of seconds >= 0, got {given!r}")
     return seconds
 
 

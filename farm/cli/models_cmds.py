@@ -120,7 +120,7 @@ def derive_variant(
                                 distill_steps, low_expert, light_decoder)
             if quantize is None or others or recovery_steps is not None:
                 raise DeriveError("--on-load quantizes at load time: give --quantize and no "
-                                  "other operation")
+                                  "other operation (nor --recovery-steps)")
             check_not_quantized(variant, base_dir)
             from workers.lightening.quantize import Quantize
             op = Quantize(quantize, check_device=False)  # the workers' GPUs check fp8

@@ -43,7 +43,7 @@ from farm.tasks.failure_handling import record_final
 from farm.tasks.heartbeat import Heartbeat
 from farm.tasks.segment_lease import LeaseLost, blame
 from farm.tasks.segment_runner import (
-    PROGRESS_EVERY_S, ChunkEncoder, RenderWindow, actor_group, node_ips, record_stages,
+    WRITE_DUE_S, ChunkEncoder, RenderWindow, actor_group, node_ips, record_stages,
     render_request,
 )
 from farm.tasks.stage_clock import StageClock
@@ -169,7 +169,7 @@ def _render(settings: Settings, batch: list[Member], task_id: str | None,
 
 def _consume(settings: Settings, stream, batch: list[Member], task_id: str | None,
              held: segment_lease.Held, window: RenderWindow, on_progress) -> None:
-    """Progress written for every live member at most every PROGRESS_EVERY_S (a member
+    """Progress written for every live member about every PROGRESS_EVERY_S (a member
     whose job ended, or whose segment another task took, is dropped from the batch); each
     member's frames to its own encoder; the lease given back once the last frame left."""
     written, completed = 0.0, False
@@ -181,7 +181,7 @@ def _consume(settings: Settings, stream, batch: list[Member], task_id: str | Non
                 for m in batch:
                     m.clock.track(event)
                 now = time.monotonic()
-                if now - written >= PROGRESS_EVERY_S or event["step"] == event["steps"]:
+                if now - written >= WRITE_DUE_S or event["step"] == event["steps"]:
                     written = now
                     _report(settings, stream, batch, task_id, event)
                     if on_progress is not None:

@@ -45,8 +45,11 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 PROGRESS_EVERY_S = 0.25  # how often a render's progress is written (and a cancel seen)
 # How often the group sends a progress event at all (workers/progress_pace.py): fewer
-# objects through Ray for a fast model's steps, still several per progress write.
-PROGRESS_EVENT_S = 0.1
+# objects through Ray for a fast model's steps, still five per progress write.
+PROGRESS_EVENT_S = 0.05
+# A write is due this long after the last one: events come at most PROGRESS_EVENT_S apart,
+# so writes stay about PROGRESS_EVERY_S apart (never more than it plus a step).
+WRITE_DUE_S = PROGRESS_EVERY_S - PROGRESS_EVENT_S
 
 
 # A chunk is encoded once this many frames wait beyond it, so a short remainder joins the
@@ -325,17 +328,18 @@ def _consume(stream, encoder: ChunkEncoder, report: Callable[[dict], tuple[str |
     A request to yield (issue #15), seen at a progress write, asks the group to stop after
     its next step; the stream then ends with its saved state: returned as Yielded.
 
-    Progress is written at most every PROGRESS_EVERY_S (and at the last step): the group
+    Progress is written about every PROGRESS_EVERY_S (and at the last step): the group
     runs at most two events ahead of this loop, so a database write per step of a fast
-    model would hold the GPU back (issue #11: the farm's duty cycle). A cancel is seen at
-    the next write, within PROGRESS_EVERY_S."""
+    model would hold the GPU back (issue #11: the farm's duty cycle). The group sends an
+    event at most every PROGRESS_EVENT_S, or every step when steps are slower. A cancel
+    is seen at the next write: within PROGRESS_EVERY_S, or a step when steps are slower."""
     completed, written = False, 0.0
     try:
         for event in stream:
             if event["kind"] == "progress":
                 on_event(event)
                 state, now = None, time.monotonic()
-                if now - written >= PROGRESS_EVERY_S or event["step"] == event["steps"]:
+                if now - written >= WRITE_DUE_S or event["step"] == event["steps"]:
                     written, (state, yield_asked) = now, report(event)
                     if on_progress is not None:
                         on_progress(event["step"], event["steps"])

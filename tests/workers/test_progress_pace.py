@@ -24,9 +24,18 @@ def test_progress_is_thinned_and_the_last_step_is_never_lost():
     assert list(paced(iter(events), 0)) == events  # 0: every step
 
 
-def test_a_negative_pace_names_the_field():
-    with pytest.raises(ValueError, match=r"progress_every_s must be >= 0, got -1"):
-        pace({"progress_every_s": -1})
+@pytest.mark.parametrize("bad", [-1, "soon", float("nan")])
+def test_a_bad_pace_names_the_field_and_the_value(bad):
+    with pytest.raises(ValueError, match=r"progress_every_s must be a number of seconds "
+                                         r">= 0, got " + repr(bad)):
+        pace({"progress_every_s": bad})
+
+
+@pytest.mark.parametrize("last", ["handover", "preempted"])
+def test_the_held_step_goes_out_before_a_handover_or_a_preemption(last):
+    events = [progress(s, 0.01 * s) for s in range(1, 6)] + [{"kind": last}]
+    got = list(paced(iter(events), 1.0))
+    assert [e.get("step") for e in got] == [1, 5, None] and got[-1]["kind"] == last
 
 
 def test_a_paced_render_on_an_actor_gives_the_same_frames(ray_head, tiny_model):
