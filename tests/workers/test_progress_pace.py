@@ -1,4 +1,4 @@
-"""A render's progress events, thinned by the request's progress_every_s (workers/progress_pace.py)."""
+"""A render's progress events, thinned by progress_every_s (workers/progress_pace.py)."""
 
 from __future__ import annotations
 
