@@ -107,7 +107,7 @@ def bare_loop(jobs: list[dict], threads: int) -> float:
     import torch
 
     from farm.settings import Settings
-    from farm.tasks.segment_runner import TAIL_FRAMES
+    from farm.tasks.segment_runner import chunk_due
     from workers.toy import BUNDLED_DIR
     from workers.video import concat, encode_chunk
     from workers.wan_pipeline import RenderRequest, WanT2V
@@ -124,9 +124,9 @@ def bare_loop(jobs: list[dict], threads: int) -> float:
                             4.0, 4.0, job["seed"])
         frames = np.concatenate(list(pipeline.decode_chunks(pipeline.denoise(req))))
         # The farm's chunks (farm/tasks/segment_runner.ChunkEncoder): N frames each, the
-        # last one taking a remainder of under TAIL_FRAMES; one chunk needs no join.
+        # last one taking a short remainder; one chunk needs no join.
         size, starts = settings.encode_chunk_frames, [0]
-        while len(frames) - starts[-1] >= size + TAIL_FRAMES:
+        while chunk_due(len(frames) - starts[-1], size):
             starts.append(starts[-1] + size)
         ends = starts[1:] + [len(frames)]
         chunks = [encode_chunk(frames[a:b], work / f"{i}-{a}.mp4", job["width"],

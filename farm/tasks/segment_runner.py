@@ -58,6 +58,11 @@ WRITE_DUE_S = PROGRESS_EVERY_S - PROGRESS_EVENT_S
 TAIL_FRAMES = 4
 
 
+def chunk_due(waiting: int, chunk_frames: int) -> bool:
+    """Whether a chunk of ``chunk_frames`` is encoded now, with ``waiting`` frames buffered."""
+    return waiting >= chunk_frames + TAIL_FRAMES
+
+
 class ChunkEncoder:
     """Buffers frames, drops the segment's leading skip frames, encodes every N to H.264
     (the last chunk takes up to N + TAIL_FRAMES - 1)."""
@@ -79,7 +84,7 @@ class ChunkEncoder:
             dropped = min(self.to_skip, len(frames))
             frames, self.to_skip = frames[dropped:], self.to_skip - dropped
         self.buffer.extend(frames)
-        while len(self.buffer) >= self.settings.encode_chunk_frames + TAIL_FRAMES:
+        while chunk_due(len(self.buffer), self.settings.encode_chunk_frames):
             self._encode(self.settings.encode_chunk_frames)
 
     def finish(self) -> list[str]:
