@@ -20,6 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from scheduler.latents import latent_shape, vae_strides
+from workers.cpu_kernels import use_fast_cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class WanT2V:
         self.tokenizer = components["tokenizer"]
         self.text_encoder = components["text_encoder"]
         self.vae = components["vae"]
+        use_fast_cpu_kernels(self.vae)  # small CPU decodes: torch's slow paths (cpu_kernels.py)
         self.scheduler = components["scheduler"]
         self.transformer = components["transformer"]  # high-noise expert (or the only one)
         self.transformer_2 = components.get("transformer_2")  # low-noise expert
