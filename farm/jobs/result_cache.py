@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # Bump when what a key covers changes: every older entry stops matching. 2: the last chunk
 # of a segment takes a remainder of under 4 frames (farm/tasks/segment_runner.TAIL_FRAMES).
-KEY_VERSION = 2
+# 3: CPU decodes use oneDNN's conv3d (workers/cpu_kernels.py): frames may move by one level.
+KEY_VERSION = 3
 _fingerprints: dict[tuple, str] = {}  # (folder, files' (name, size, mtime_ns)) -> sha256
 _recent: dict[Path, tuple[float, str]] = {}  # folder -> (monotonic time listed, sha256)
 RELIST_S = 5.0
