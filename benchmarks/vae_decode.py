@@ -1,11 +1,12 @@
 """The farm's VAE decode with workers/cpu_kernels.py against diffusers' stock kernels, in one
 process, on one torch thread, for the shipped toy's VAE (wan-toy) and the draft's
-half-width decoder (wan-toy-draft).
+half-width decoder (wan-toy-draft); stock and fast decodes alternate.
 
-Sizes: 17 frames at 32x32 (what benchmarks/lightening.py renders) and at 320x192. (At the
-demo's 1280x720 torch already takes oneDNN for these convolutions: one decode took 125 s
-swapped and 120 s stock on one thread here, too slow to repeat in this script.) Both decoders get the same latents; the frames must be equal to within one
-uint8 level. Prints, per decoder and size, the median seconds of each and their ratio; the
+Sizes: 17 frames at 32x32 (what benchmarks/lightening.py renders) and at 320x192. At
+1280x720 torch already takes oneDNN for these convolutions and only the norm changes: one
+decode took 125 s swapped and 120 s stock on one thread here, too slow to repeat in this
+script. Both decoders get the same latents; the frames must be equal to within one uint8
+level. Prints, per decoder and size, the median seconds of each and their ratio; the
 last line is the ratio for wan-toy at 32x32 (fast / stock).
 
     .venv/bin/python benchmarks/vae_decode.py [--repeats 7]
@@ -40,13 +41,16 @@ def decode(vae: AutoencoderKLWan, z: torch.Tensor) -> np.ndarray:
     return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def median_s(vae, z, repeats: int) -> float:
-    times = []
+def median_s(vaes, z, repeats: int) -> list[float]:
+    """Median seconds of each VAE's decode, their runs alternating (the machine's drift
+    falls on both)."""
+    times = [[] for _ in vaes]
     for _ in range(repeats):
-        started = time.perf_counter()
-        decode(vae, z)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for vae, taken in zip(vaes, times):
+            started = time.perf_counter()
+            decode(vae, z)
+            taken.append(time.perf_counter() - started)
+    return [statistics.median(taken) for taken in times]
 
 
 def compare(variant: str, frames: int, height: int, width: int, repeats: int) -> float:
@@ -62,7 +66,7 @@ def compare(variant: str, frames: int, height: int, width: int, repeats: int) ->
     if diff > 1:
         raise SystemExit(f"{variant} {width}x{height}: frames differ by {diff} levels")
     reps = repeats if height <= 64 else max(1, repeats // 3)  # 2.5-12 s a decode
-    stock_s, fast_s = median_s(stock, z, reps), median_s(fast, z, reps)
+    stock_s, fast_s = median_s((stock, fast), z, reps)
     print(f"| {variant} | {frames}x{width}x{height} | {swapped} | {stock_s:.3f} | "
           f"{fast_s:.3f} | {fast_s / stock_s:.2f} | {diff} |", flush=True)
     return fast_s / stock_s

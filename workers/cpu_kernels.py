@@ -1,4 +1,4 @@
-"""Faster CPU kernels for the Wan VAE at small sizes: same modules, same results.
+"""Faster CPU kernels for the Wan VAE at small sizes: same modules, diffusers' results.
 
 Two of torch's CPU choices make the toy's VAE decode (and any small Wan VAE on CPU) several
 times slower than it needs to be (issue #12: decoding was 0.29 of the base's end-to-end
@@ -12,62 +12,66 @@ time, a floor under every variant's ratio):
   (B, C, T, H, W) tensor with a strided ``linalg_vector_norm``, about 15x slower than
   summing squares along that dimension.
 
-``use_fast_cpu_kernels(vae)`` swaps those two calls on the module's instances, only for
-float32 CPU tensors that need no gradient; anything else (bf16, CUDA, a decoder being
-trained) runs diffusers' own code. A 720P decode of the real VAE already takes oneDNN (its
-N*C*D*H is far above the cut), so this changes nothing there. Measured by
+``use_fast_cpu_kernels(vae)`` turns the VAE's ``WanCausalConv3d`` and ``WanRMS_norm``
+instances into the subclasses below, which take those faster calls only for float32 CPU
+tensors outside autograd and outside ``torch.compile`` (whose fake tensors oneDNN's call
+does not take), with oneDNN enabled; anything else (bf16, CUDA, a decoder being trained)
+runs diffusers' own code. Subclasses, not per-instance functions, so a swapped VAE still
+pickles, deep-copies and saves as before (same state_dict). At 1280x720 torch already picks
+oneDNN for these convolutions and only the norm changes. Measured by
 benchmarks/vae_decode.py; held to diffusers' results in tests/workers/test_cpu_kernels.py.
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
-
-PATCHED = "_farm_fast_cpu_kernels"  # marks a module already swapped (applying twice is a no-op)
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
 
-def _fast_path(x: torch.Tensor, *params) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32
-            and not x.requires_grad and not any(p.requires_grad for p in params))
+def _fast_path(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """float32 on CPU, oneDNN on, not being compiled, and no autograd graph to record."""
+    no_graph = not torch.is_grad_enabled() or not (
+        x.requires_grad or any(p.requires_grad for p in params))
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and no_graph
+            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling())
 
 
-def _conv3d_forward(self: torch.nn.Conv3d, x, weight, bias):
-    if _fast_path(x, weight, *(() if bias is None else (bias,))):
-        return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride,
-                                        self.dilation, self.groups)
-    return type(self)._conv_forward(self, x, weight, bias)  # the class's own, not a copy's
+class FastCausalConv3d(WanCausalConv3d):
+    """WanCausalConv3d; its convolution through oneDNN on the fast path (the causal padding
+    is done before, by WanCausalConv3d.forward, so ``self.padding`` is (0, 0, 0))."""
+
+    def _conv_forward(self, x, weight, bias):
+        params = (weight,) if bias is None else (weight, bias)
+        if x.dim() == 5 and _fast_path(x, *params):  # batched (B, C, T, H, W)
+            return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride,
+                                            self.dilation, self.groups)
+        return super()._conv_forward(x, weight, bias)
 
 
-def _rms_norm_forward(self: WanRMS_norm, x):
-    if not _fast_path(x, self.gamma):
-        return type(self).forward(self, x)
-    dim = 1 if self.channel_first else -1
-    # F.normalize: x / max(||x||_2, 1e-12) along ``dim``
-    length = x.square().sum(dim, keepdim=True).sqrt().clamp_min(1e-12)
-    return x / length * self.scale * self.gamma + self.bias
+class FastRMSNorm(WanRMS_norm):
+    """WanRMS_norm; F.normalize's ``x / max(||x||_2, 1e-12)`` as a sum of squares along the
+    norm's dimension on the fast path (one temporary the size of ``x``)."""
+
+    def forward(self, x):
+        if not _fast_path(x, self.gamma):
+            return super().forward(x)
+        length = x.square().sum(1 if self.channel_first else -1, keepdim=True).sqrt()
+        return x / length.clamp_min(1e-12) * self.scale * self.gamma + self.bias
+
+
+SWAPS = {WanCausalConv3d: FastCausalConv3d, WanRMS_norm: FastRMSNorm}
 
 
 def use_fast_cpu_kernels(module: torch.nn.Module) -> int:
-    """Swap the slow calls in ``module``'s Conv3d and WanRMS_norm instances; returns how many
-    modules were swapped. Bound to each instance, so a deep copy (or ``.to(dtype)``) of a
-    swapped module stays swapped and runs on its own weights. Needs oneDNN in this torch
-    build (else nothing is swapped)."""
+    """Turn ``module``'s WanCausalConv3d and WanRMS_norm instances (exactly those classes)
+    into their fast subclasses; returns how many changed (0 on a second call, or without
+    oneDNN in this torch build)."""
     if not torch.backends.mkldnn.is_available():
         return 0
     swapped = 0
     for sub in module.modules():
-        if getattr(sub, PATCHED, False):
-            continue
-        if (isinstance(sub, torch.nn.Conv3d) and sub.padding_mode == "zeros"
-                and isinstance(sub.padding, tuple)):  # not padding="same"
-            sub._conv_forward = types.MethodType(_conv3d_forward, sub)
-        elif isinstance(sub, WanRMS_norm):
-            sub.forward = types.MethodType(_rms_norm_forward, sub)
-        else:
-            continue
-        setattr(sub, PATCHED, True)
-        swapped += 1
+        fast = SWAPS.get(type(sub))
+        if fast is not None:
+            sub.__class__ = fast
+            swapped += 1
     return swapped

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # Bump when what a key covers changes: every older entry stops matching. 2: the last chunk
 # of a segment takes a remainder of under 4 frames (farm/tasks/segment_runner.TAIL_FRAMES).
-# 3: CPU decodes use oneDNN's conv3d (workers/cpu_kernels.py): frames may move by one level.
+# 3: CPU decodes use oneDNN's conv3d (workers/cpu_kernels.py): frames may move by one level
+# (GPU entries did not change, but one version covers every device).
 KEY_VERSION = 3
 _fingerprints: dict[tuple, str] = {}  # (folder, files' (name, size, mtime_ns)) -> sha256
 _recent: dict[Path, tuple[float, str]] = {}  # folder -> (monotonic time listed, sha256)

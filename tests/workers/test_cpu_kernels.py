@@ -3,18 +3,21 @@ sum-of-squares RMS norm, with diffusers' own results; anything else runs diffuse
 
 Held on the shipped toy's VAE (trained weights) and on tiny VAEs of the A14B (Wan2.1 VAE)
 and TI2V-5B (Wan2.2 VAE: patches, residual up blocks) layouts, through diffusers'
-``AutoencoderKLWan.decode`` and the farm's ``WanT2V``."""
+``AutoencoderKLWan.decode`` and the farm's ``WanT2V.decode_chunks``."""
 
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from torch.profiler import profile
 
-from workers.cpu_kernels import PATCHED, use_fast_cpu_kernels
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+
+from workers.cpu_kernels import FastCausalConv3d, FastRMSNorm, use_fast_cpu_kernels
 from workers.tiny_model import tiny_vae
 from workers.toy import BUNDLED_DIR
 from workers.wan_pipeline import WanT2V
@@ -62,7 +65,7 @@ def test_fast_kernels_decode_as_diffusers_does(which):
     assert "aten::linalg_vector_norm" not in fast_ops
 
 
-def test_bfloat16_and_training_run_diffusers_own_code():
+def test_bfloat16_training_and_compiling_run_diffusers_own_code():
     stock = _vae("t2v-a14b").eval()
     fast = copy.deepcopy(stock)
     use_fast_cpu_kernels(fast)
@@ -73,26 +76,55 @@ def test_bfloat16_and_training_run_diffusers_own_code():
     with torch.no_grad():
         assert torch.equal(fast_bf.decode(z.bfloat16()).sample,
                            stock_bf.decode(z.bfloat16()).sample)
-    # Weights that need gradients (a decoder in training): diffusers' path, the same bits
-    # out and the same gradients (the fast path's outputs differ in the last bits).
+    # Weights that need gradients (a decoder in training): diffusers' path (torch's own
+    # pick at this size, slow_conv3d), the same bits out and the same gradients.
     outputs, grads = [], []
     for vae in (stock, fast):
         vae.requires_grad_(True).zero_grad()
-        video = vae.decode(z).sample
+        with profile() as prof:
+            video = vae.decode(z).sample
+        assert "aten::slow_conv3d_forward" in {e.name for e in prof.events()}
         video.square().mean().backward()
         outputs.append(video.detach())
         grads.append(vae.decoder.conv_in.weight.grad)
     assert torch.equal(outputs[0], outputs[1])
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+    # Under no_grad the same weights (still requiring gradients) take the fast path, unless
+    # oneDNN is switched off.
+    assert "aten::mkldnn_convolution" in _ops(fast, z)[1]
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert "aten::mkldnn_convolution" not in _ops(fast, z)[1]
+    # torch.compile traces with fake tensors, which oneDNN's call does not take.
+    block = torch.nn.Sequential(WanCausalConv3d(4, 4, 3, padding=1), WanRMS_norm(4, images=False))
+    use_fast_cpu_kernels(block)
+    x = torch.randn(1, 4, 3, 8, 8)
     with torch.no_grad():
-        assert not torch.equal(fast.requires_grad_(False).decode(z).sample, outputs[0])
+        torch.testing.assert_close(torch.compile(block, backend="eager")(x), block(x))
 
 
-def test_applying_twice_swaps_nothing_more_and_the_pipeline_applies_it():
-    vae = _vae("t2v-a14b")
-    first = use_fast_cpu_kernels(vae)
-    convs = sum(isinstance(m, torch.nn.Conv3d) for m in vae.modules())
-    assert first >= convs and use_fast_cpu_kernels(vae) == 0
+def test_a_swapped_vae_is_still_the_same_module_to_copy_pickle_and_save():
+    vae = _vae("t2v-a14b").eval().requires_grad_(False)
+    keys = list(vae.state_dict())
+    convs = sum(type(m) is WanCausalConv3d for m in vae.modules())
+    norms = sum(type(m) is WanRMS_norm for m in vae.modules())
+    assert use_fast_cpu_kernels(vae) == convs + norms > 0
+    assert use_fast_cpu_kernels(vae) == 0  # a second call changes nothing
+    assert list(vae.state_dict()) == keys
+    z = _latents(vae)
+    with torch.no_grad():
+        expected = vae.decode(z).sample
+        for copied in (pickle.loads(pickle.dumps(vae)), copy.deepcopy(vae)):
+            assert isinstance(copied.decoder.conv_in, FastCausalConv3d)
+            assert torch.equal(copied.decode(z).sample, expected)
+
+
+def test_the_farm_pipeline_decodes_through_the_fast_kernels():
     pipe = WanT2V.from_folder(BUNDLED_DIR / "wan-toy")
-    assert getattr(pipe.vae.decoder.conv_in, PATCHED)
-    assert not getattr(pipe.transformer.patch_embedding, PATCHED, False)  # the VAE only
+    assert isinstance(pipe.vae.decoder.conv_in, FastCausalConv3d)
+    assert isinstance(pipe.vae.decoder.norm_out, FastRMSNorm)
+    assert type(pipe.transformer.patch_embedding) is torch.nn.Conv3d  # the VAE only
+    with profile() as prof:
+        frames = list(pipe.decode_chunks(_latents(pipe.vae)))
+    ops = {e.name for e in prof.events()}
+    assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
+    assert sum(f.shape[0] for f in frames) == 17
