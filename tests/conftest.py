@@ -83,6 +83,9 @@ os.environ.update({
     # A lost task is noticed within seconds (issue #6's fault suite), not a minute.
     "FARM_HEARTBEAT_S": "0.5",
     "FARM_LEASE_S": "4",
+    # A Ray node told to stop (SIGTERM) drains first, up to 30 s by default, waiting on the
+    # suite's long-lived actors: the tests' heads stop at once instead.
+    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 })
 
 # Before anything imports Ray: it reads these settings once, at import.
@@ -180,18 +183,27 @@ class Service:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
-    def terminate(self) -> None:
+    def terminate(self, group: bool = True) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            if group:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
 
-    def stop(self) -> None:
+    def stop(self, group: bool = True) -> None:
+        """SIGTERM (to the process group, or to the service alone: ``group=False``), then
+        SIGKILL to what is left of the group, at once or after 30 s."""
         if self.proc.poll() is None:
-            self.terminate()
+            self.terminate(group)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                pass
+            try:  # anything of the group still there (always, after a timeout)
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -209,7 +221,9 @@ def ray_head(settings):
     ray_cluster.connect(settings.ray_address)
     yield settings.ray_address
     ray.shutdown()
-    head.stop()
+    # SIGTERM to `ray start --block` alone: it stops its own processes (about 2 s). Sent to
+    # the whole group, its GCS went first and the head's call to drain the node waited on it.
+    head.stop(group=False)
 
 
 def _ray_up(address: str) -> bool:

@@ -172,6 +172,9 @@ def up(with_flower: bool = typer.Option(True, "--flower/--no-flower")) -> None:
     if settings.ray_address == "local":  # a head of our own, stopped with the rest
         commands.append(farm + ["ray", "start", "--block"])
         env["FARM_RAY_ADDRESS"] = f"{settings.ray_node_ip}:{settings.ray_head_port}"
+        # On SIGTERM a Ray node drains first, up to 30 s, for its actors' work to move to
+        # other nodes: here there are none and everything stops together.
+        env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     # Render queues and stitch on separate workers: stitching and beat's ticks never wait
     # behind a long render.
     renders = ",".join(render_queue(t) for t in get_policy().catalog.tiers)

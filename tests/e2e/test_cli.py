@@ -163,9 +163,13 @@ def test_ray_head_starts_on_a_machine_without_ray_state(tmp_path):
             env=env, capture_output=True, text=True, timeout=120)
         assert join.returncode == 0, join.stderr[-2000:]
         assert join.stdout.strip().splitlines()[-1] == "2.0"
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
+    finally:  # SIGTERM to `ray start --block` alone: it stops its processes (conftest.py)
+        head.send_signal(signal.SIGTERM)
         head.wait(timeout=60)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything it left
+        except ProcessLookupError:
+            pass
 
 
 def test_client_commands_say_when_the_api_cannot_be_reached():
