@@ -30,15 +30,15 @@ from diffusers import AutoencoderKLWan  # noqa: E402
 
 from workers.cpu_kernels import use_fast_cpu_kernels  # noqa: E402
 from workers.toy import BUNDLED_DIR  # noqa: E402
-from workers.wan_pipeline import decoded_frames  # noqa: E402
+from workers.wan_pipeline import _to_uint8, decoded_frames  # noqa: E402
 
 SIZES = ((17, 32, 32), (17, 192, 320))  # frames, height, width
 
 
 def decode(vae: AutoencoderKLWan, z: torch.Tensor) -> np.ndarray:
+    """(T, H, W, 3) uint8, as WanT2V.decode_chunks makes them (one chunk)."""
     with torch.no_grad():
-        video = torch.cat(list(decoded_frames(vae, z)), dim=2).clamp(-1, 1)
-    return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+        return _to_uint8(torch.cat(list(decoded_frames(vae, z)), dim=2), vae.config.patch_size)
 
 
 def median_s(vaes, z, repeats: int) -> list[float]:

@@ -167,12 +167,20 @@ def _wait_until(check, timeout: float, what: str, log: Path | None = None) -> No
     raise RuntimeError(f"{what} did not come up in {timeout}s\n{tail}")
 
 
+def signal_group(args: list[str]) -> bool:
+    """Whether a service's SIGTERM goes to its whole process group. Not for `ray start
+    --block`: it stops its own processes (about 2 s); sent to the whole group, its GCS went
+    first and the head's call to drain the node waited on it."""
+    return args[:2] != ["ray", "start"]
+
+
 class Service:
     """A farm command running as a child process, its output in a log file. ``env``:
     settings over the session's (another stack's database or broker)."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None):
         self.name, self.log = name, TMP / f"{name}.log"
+        self.signal_group = signal_group(args)
         self.proc = subprocess.Popen([str(BIN / "farm"), *args], stdout=self.log.open("a"),
                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                      start_new_session=True)
@@ -183,18 +191,18 @@ class Service:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
-    def terminate(self, group: bool = True) -> None:
+    def terminate(self) -> None:
         if self.proc.poll() is None:
-            if group:
+            if self.signal_group:
                 os.killpg(self.proc.pid, signal.SIGTERM)
             else:
                 self.proc.send_signal(signal.SIGTERM)
 
-    def stop(self, group: bool = True) -> None:
-        """SIGTERM (to the process group, or to the service alone: ``group=False``), then
-        SIGKILL to what is left of the group, at once or after 30 s."""
+    def stop(self) -> None:
+        """SIGTERM (see ``signal_group``), then SIGKILL to what is left of the group, at once
+        or after 30 s."""
         if self.proc.poll() is None:
-            self.terminate(group)
+            self.terminate()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -221,9 +229,7 @@ def ray_head(settings):
     ray_cluster.connect(settings.ray_address)
     yield settings.ray_address
     ray.shutdown()
-    # SIGTERM to `ray start --block` alone: it stops its own processes (about 2 s). Sent to
-    # the whole group, its GCS went first and the head's call to drain the node waited on it.
-    head.stop(group=False)
+    head.stop()
 
 
 def _ray_up(address: str) -> bool:

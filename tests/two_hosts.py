@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import BIN, RUN_ID, TMP, Service
+from tests.conftest import BIN, RUN_ID, TMP, Service, signal_group
 
 REMOTE_TIER = "cpu-remote"
 REMOTE_PROJECT = "remote"
@@ -83,6 +83,7 @@ class RemoteService(Service):
 
     def __init__(self, link: Link, name: str, args: list[str], env: dict[str, str]):
         self.name, self.log = name, TMP / f"{name}.log"
+        self.signal_group = signal_group(args)
         # `ip netns exec` execs the command: the pid is the farm process, its group ours.
         self.proc = subprocess.Popen(["ip", "netns", "exec", link.ns, str(BIN / "farm"), *args],
                                      stdout=self.log.open("a"), stderr=subprocess.STDOUT,

@@ -194,8 +194,8 @@ def _stop_all(services, grace_s: float = 10.0) -> None:
     before the broker goes, or a Celery worker left in its warm shutdown waits for it for
     ever (a stitch worker outlived the suite before this)."""
     services = list(services)
-    for service in services:  # `ray start --block` alone: it stops its own (tests/conftest.py)
-        service.terminate(group="ray" not in service.name)
+    for service in services:
+        service.terminate()
     deadline = time.monotonic() + grace_s
     for service in services:
         try:
